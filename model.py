@@ -625,21 +625,22 @@ class SVFAPClassifier(nn.Module):
 # 8. Importing the authors' released checkpoints
 
 
-def official_key_map(model):
-    """{release key: our key} for every tensor the release's layout can hold for this model."""
-    pre = "encoder." if isinstance(model, SVFAP) else ""  # the release prefixes pre-training encoder keys
+def official_key_map(model, pretraining_layout):
+    """{release key: our key} for every tensor of `model` that a release checkpoint can hold. The release
+    prefixes encoder keys with "encoder." in pre-training checkpoints and not in fine-tuned ones."""
+    pre = "encoder." if pretraining_layout else ""
     ours = list(model.state_dict())
     m = {f"{pre}patch_embed.proj.{p}": f"encoder.patch_embed.proj.{p}" for p in ("weight", "bias")}
-    for i, name in enumerate(model.encoder.block_names()):  # blocks.i runs over all stages
+    for i, name in enumerate(model.encoder.block_names()):  # blocks.i counts over all stages
         for k in ours:
             if k.startswith(f"encoder.{name}."):
                 m[f"{pre}blocks.{i}.{k[len(name) + 9:]}"] = k
-    for s, stage in enumerate(model.encoder.stages):
+    for s in range(1, len(model.encoder.stages)):  # stage s holds downsamples.{s-1}
         for k in ours:
             if k.startswith(f"encoder.stages.{s}.temporal_pyramid.conv."):
                 m[f"{pre}temporal_downsamples.{s - 1}.{k.rsplit('.', 1)[1]}"] = k
             if k.startswith(f"encoder.stages.{s}.spatial_attention."):
-                m[f"{pre}spatial_downsamples.{s - 1}.{k[len(f'encoder.stages.{s}.spatial_attention.'):]}"] = k
+                m[f"{pre}spatial_downsamples.{s - 1}.{k.split('spatial_attention.', 1)[1]}"] = k
     if isinstance(model, SVFAP):
         m.update({k: k for k in ours if k.startswith("decoder.") or k in ("encoder_to_decoder.weight", "mask_token")})
         m.update({f"encoder.norm.{p}": f"fusion_norm.{p}" for p in ("weight", "bias")})
@@ -656,14 +657,8 @@ def load_official_state_dict(model, state_dict):
         if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
             break
-    src = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-    if isinstance(model, SVFAPClassifier) and any(k.startswith("encoder.") for k in src):
-        # a pre-training checkpoint into the classifier: its encoder keys are prefixed
-        src = {k[len("encoder."):]: v for k, v in src.items() if k.startswith("encoder.")} | \
-              {k: v for k, v in src.items() if not k.startswith("encoder.")}
-    elif isinstance(model, SVFAP) and not any(k.startswith("encoder.") for k in src):
-        src = {("encoder." + k if not k.startswith(("fc_norm", "head")) else k): v for k, v in src.items()}
-    key_map = official_key_map(model)
+    src = {k.removeprefix("module."): v for k, v in state_dict.items()}  # saved from a DDP wrapper
+    key_map = official_key_map(model, pretraining_layout=any(k.startswith("encoder.") for k in src))
     ours = model.state_dict()
     loaded, unused = {}, []
     for k, v in src.items():
@@ -675,9 +670,8 @@ def load_official_state_dict(model, state_dict):
             raise ValueError(f"load_official_state_dict: {k} has shape {tuple(v.shape)} but {dst} in this model "
                              f"has {tuple(ours[dst].shape)}; does the checkpoint's preset match the model's config?")
         loaded[dst] = v
-    missing = sorted(set(ours) - set(loaded))
     model.load_state_dict(loaded, strict=False)
-    return missing, sorted(unused)
+    return sorted(set(ours) - set(loaded)), sorted(unused)
 
 
 # -----------------------------------------------------------------------------------------------------
