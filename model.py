@@ -183,7 +183,7 @@ def check_tube_mask(mask, cfg):
     """The encoder reshapes visible tokens to (B, T', S_vis, C); that is only right for a tube mask."""
     if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[1] != cfg.num_patches:
         raise ValueError(f"mask must be a bool tensor (B, {cfg.num_patches}), got {mask.dtype} {tuple(mask.shape)}")
-    if mask.device.type == "meta":
+    if mask.device.type == "meta" or torch.compiler.is_compiling():  # no values to read (or a graph break)
         return
     spatial = mask.view(mask.shape[0], cfg.grid[0], cfg.num_spatial)
     if not bool((spatial == spatial[:, :1]).all()) or not bool((spatial[:, 0].sum(1) == cfg.num_masked_spatial).all()):
@@ -450,14 +450,19 @@ class TPSBT(nn.Module):
     def forward(self, video, mask=None, return_all_stages=False):
         """video (B, c, T, H, W) normalised; mask (B, N) bool tube mask or None.
         Returns the last stage's tokens (B, T_last, S or S_vis, C), or the list of every stage's."""
+        cfg = self.cfg
+        expected = (cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size)
+        if video.dim() != 5 or tuple(video.shape[1:]) != expected:
+            raise ValueError(f"TPSBT expects video (B, {', '.join(map(str, expected))}) = (B, channels, frames, "
+                             f"height, width) for this config, got {tuple(video.shape)}")
         B = video.shape[0]
-        T, S, C = self.cfg.grid[0], self.cfg.num_spatial, self.cfg.embed_dim
+        T, S, C = cfg.grid[0], cfg.num_spatial, cfg.embed_dim
         pos = self.pos_embed.to(video.dtype).expand(B, -1, -1)  # (B, N, C)
         if mask is None:
             x = self.patch_embed(video) + pos  # (B, N, C)
         else:
-            check_tube_mask(mask, self.cfg)
-            S = S - self.cfg.num_masked_spatial
+            check_tube_mask(mask, cfg)
+            S = S - cfg.num_masked_spatial
             idx = token_order(mask)[:, :T * S]
             x = self.patch_embed(video, idx) + gather_tokens(pos, idx)
         x = x.view(B, T, S, C)  # (B, T', S_vis, C): a tube mask keeps the same S_vis positions per slice

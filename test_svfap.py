@@ -376,3 +376,8 @@ def test_release_checkpoints_load_and_reproduce_outputs_exactly():
 def test_base_sizes_match_the_paper():
     params, ft, pt = M.sizes(CONFIGS["base"])
     assert abs(params - 77.6) / 77.6 < 0.02 and abs(ft - 43.6) / 43.6 < 0.02 and abs(pt - 12.9) / 12.9 < 0.02
+
+
+def test_video_of_the_wrong_shape_is_refused_with_the_expected_shape():
+    with pytest.raises(ValueError, match=r"expects video \(B, 3, 16, 64, 64\)"):
+        SVFAPClassifier(TINY, 6)(torch.zeros(1, 3, 8, 64, 64))
