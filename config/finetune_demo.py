@@ -1,0 +1,27 @@
+# Fine-tuning the demo pre-training on the six demo expressions: the tiny preset, CPU, minutes.
+#   python pretrain.py config/pretrain_demo.py && python finetune.py config/finetune_demo.py
+#   python finetune.py config/finetune_demo.py --init_from=scratch --out_dir=out/finetune_demo_scratch
+#   python finetune.py config/finetune_demo.py --train_list=data/demo/train_10pct.txt   # 10% of the labels
+#   regression (valence, arousal):
+#   python finetune.py config/finetune_demo.py --task=regression --num_outputs=2 --class_names="('valence','arousal')" \
+#       --train_list=data/demo/regression_train.txt --val_list=data/demo/regression_val.txt \
+#       --test_list=data/demo/regression_test.txt --out_dir=out/finetune_demo_regression
+out_dir = "out/finetune_demo"
+init_from = "out/pretrain_demo/ckpt.pt"
+train_list = "data/demo/train.txt"
+val_list = "data/demo/val.txt"
+test_list = "data/demo/test.txt"
+num_classes = 6
+class_names = ("happy", "sad", "angry", "surprise", "disgust", "fear")  # data/demo/classes.txt
+model = "tiny"
+model_args = dict(drop_path=0.1)
+sampling_rate = 1  # a demo clip is 16 frames: one window,
+num_clips = 1  # so one clip per video covers it,
+num_crops = 1  # and the frames are square: one crop
+batch_size = 16
+eval_batch_size = 16
+epochs = 5
+warmup_epochs = 1
+base_lr = 4e-3  # higher than the paper's 1e-3: a short run on a small model
+num_workers = 1
+log_interval = 5
