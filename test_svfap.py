@@ -1,19 +1,28 @@
 """Tests for svfap. They read like the paper's claims; each asserts numbers or behaviour."""
 
+import fractions
+import json
 import math
 import os
 import re
 import subprocess
 import sys
+import warnings
 from dataclasses import replace
 
+import av
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.stats import pearsonr
 
+import data as D
+import finetune
+import metrics
 import model as M
-from model import CONFIGS, SVFAP, SVFAPClassifier, SVFAPConfig, tube_mask
+import pretrain
+from model import CONFIGS, IMAGENET_MEAN, IMAGENET_STD, SVFAP, SVFAPClassifier, SVFAPConfig, tube_mask
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = CONFIGS["tiny"]
@@ -381,3 +390,1220 @@ def test_base_sizes_match_the_paper():
 def test_video_of_the_wrong_shape_is_refused_with_the_expected_shape():
     with pytest.raises(ValueError, match=r"expects video \(B, 3, 16, 64, 64\)"):
         SVFAPClassifier(TINY, 6)(torch.zeros(1, 3, 8, 64, 64))
+
+
+# =====================================================================================================
+# metrics: Tests for metrics.py: every metric against an independent plain-Python computation, the prediction
+# file round trip, and the CLI's pooling of cross-validation folds.
+
+
+METRICS_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics.py")
+
+# -----------------------------------------------------------------------------
+# independent references: plain Python loops over lists, no numpy
+
+
+def metrics_loop_confusion(y_true, y_pred, num_classes):
+    cm = [[0] * num_classes for _ in range(num_classes)]
+    for t, p in zip(y_true, y_pred):
+        cm[t][p] += 1
+    return cm
+
+
+def metrics_loop_recalls(y_true, y_pred, num_classes):
+    """{class: recall} for the classes that occur in y_true."""
+    recalls = {}
+    for c in range(num_classes):
+        hits = [p == c for t, p in zip(y_true, y_pred) if t == c]
+        if hits:
+            recalls[c] = sum(hits) / len(hits)
+    return recalls
+
+
+def metrics_loop_weighted_f1(y_true, y_pred, num_classes):
+    total = 0.0
+    for c in range(num_classes):
+        tp = sum(1 for t, p in zip(y_true, y_pred) if t == c and p == c)
+        fp = sum(1 for t, p in zip(y_true, y_pred) if t != c and p == c)
+        fn = sum(1 for t, p in zip(y_true, y_pred) if t == c and p != c)
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        total += f1 * (tp + fn)
+    return total / len(y_true)
+
+
+def metrics_loop_ccc(x, y):
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    vx = sum((a - mx) ** 2 for a in x) / n
+    vy = sum((b - my) ** 2 for b in y) / n
+    cov = sum((a - mx) * (b - my) for a, b in zip(x, y)) / n
+    return 2 * cov / (vx + vy + (mx - my) ** 2)
+
+
+def metrics_random_classes(seed, n=300, num_classes=7):
+    """Imbalanced labels where class num_classes-1 never occurs in y_true and class 0 is never predicted,
+    plus a (n, C) score matrix whose argmax is y_pred."""
+    rng = np.random.default_rng(seed)
+    prior = 0.5 ** np.arange(num_classes - 1)  # class 0 is ~32x more frequent than class 5
+    y_true = rng.choice(num_classes - 1, size=n, p=prior / prior.sum())
+    # right about 60% of the time, never predicts class 0
+    y_pred = np.where(rng.random(n) < 0.6, y_true, rng.integers(0, num_classes, n))
+    y_pred = np.where(y_pred == 0, rng.integers(1, num_classes, n), y_pred)
+    scores = rng.random((n, num_classes))
+    scores[np.arange(n), y_pred] += 1.0
+    return y_true, y_pred, scores
+
+
+# -----------------------------------------------------------------------------
+# classification metrics
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_class_metrics_match_plain_python_loops(seed):
+    C = 7
+    y_true, y_pred, scores = metrics_random_classes(seed, num_classes=C)
+    t, p = y_true.tolist(), y_pred.tolist()
+    # the data has what the test is about: imbalance, a class missing from y_true and from y_pred
+    counts = np.bincount(y_true, minlength=C)
+    assert counts[C - 1] == 0 and 0 not in set(p) and counts.max() >= 10 * counts[counts > 0].min()
+
+    recalls = metrics_loop_recalls(t, p, C)
+    ref_uar = sum(recalls.values()) / len(recalls)
+    ref_war = sum(a == b for a, b in zip(t, p)) / len(t)
+    for pred in (y_pred, scores):  # labels and score matrices give the same numbers
+        assert metrics.confusion_matrix(y_true, pred, C).tolist() == metrics_loop_confusion(t, p, C)
+        assert metrics.war(y_true, pred, C) == pytest.approx(ref_war, abs=1e-12)
+        assert metrics.uar(y_true, pred, C) == pytest.approx(ref_uar, abs=1e-12)
+        assert metrics.weighted_f1(y_true, pred, C) == pytest.approx(metrics_loop_weighted_f1(t, p, C), abs=1e-12)
+        rec = metrics.per_class_recall(y_true, pred, C)
+        assert rec.shape == (C,) and np.isnan(rec[C - 1]) and rec[0] == 0.0
+        for c in range(C - 1):
+            assert rec[c] == pytest.approx(recalls[c], abs=1e-12)
+    # UAR really differs from WAR on imbalanced data, so the two are not confused
+    assert abs(ref_uar - ref_war) > 0.01
+
+
+def test_uar_counts_a_never_predicted_class_as_zero_and_skips_an_absent_one():
+    y_true = [0, 0, 0, 1]
+    y_pred = [0, 0, 0, 0]
+    assert metrics.uar(y_true, y_pred, num_classes=5) == 0.5  # (1 + 0) / 2; classes 2..4 absent
+    assert metrics.war(y_true, y_pred) == 0.75
+
+
+def test_score_matrix_fixes_num_classes_and_argmax_picks_the_label():
+    scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]])
+    assert metrics.confusion_matrix([1, 2], scores).tolist() == [[0, 0, 0], [0, 1, 0], [1, 0, 0]]
+    assert metrics.per_class_recall([1, 2], scores).shape == (3,)
+
+
+def test_torch_tensors_are_accepted():
+    torch = pytest.importorskip("torch")
+    y_true, y_pred, scores = metrics_random_classes(0)
+    assert metrics.uar(torch.from_numpy(y_true), torch.from_numpy(scores).float()) == \
+        pytest.approx(metrics.uar(y_true, y_pred, 7))
+
+
+# -----------------------------------------------------------------------------
+# regression metrics
+
+
+def metrics_correlated(seed, n=200, dims=3):
+    rng = np.random.default_rng(seed)
+    t = rng.random((n, dims))
+    p = 0.6 * t + 0.3 * rng.random((n, dims)) + 0.05  # correlated, biased, shrunk: CCC < PCC
+    return t, p
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pcc_matches_scipy_pearsonr(seed):
+    t, p = metrics_correlated(seed)
+    per_dim = metrics.pcc(t, p)
+    assert per_dim.shape == (3,)
+    for d in range(3):
+        ref = pearsonr(t[:, d], p[:, d])[0]
+        assert metrics.pcc(t[:, d], p[:, d]) == pytest.approx(ref, abs=1e-12)
+        assert per_dim[d] == pytest.approx(ref, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ccc_matches_plain_python_loop(seed):
+    t, p = metrics_correlated(seed)
+    per_dim = metrics.ccc(t, p)
+    for d in range(3):
+        ref = metrics_loop_ccc(t[:, d].tolist(), p[:, d].tolist())
+        assert metrics.ccc(t[:, d], p[:, d]) == pytest.approx(ref, abs=1e-12)
+        assert per_dim[d] == pytest.approx(ref, abs=1e-12)
+        assert per_dim[d] < metrics.pcc(t[:, d], p[:, d])  # bias and scale cost CCC, not PCC
+
+
+def test_ccc_is_one_only_for_agreement_and_pcc_ignores_shift():
+    x = np.random.default_rng(0).random(50)
+    assert metrics.ccc(x, x) == pytest.approx(1.0)
+    assert metrics.pcc(x, 2 * x + 1) == pytest.approx(1.0)
+    assert metrics.ccc(x, 2 * x + 1) < 0.5
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_personality_acc_matches_plain_python_loop(seed):
+    t, p = metrics_correlated(seed)
+    per_dim = metrics.personality_acc(t, p)
+    for d in range(3):
+        ref = 1 - sum(abs(a - b) for a, b in zip(p[:, d].tolist(), t[:, d].tolist())) / len(t)
+        assert metrics.personality_acc(t[:, d], p[:, d]) == pytest.approx(ref, abs=1e-12)
+        assert per_dim[d] == pytest.approx(ref, abs=1e-12)
+
+
+def test_constant_inputs_give_the_documented_values_without_nan_or_warnings():
+    x = np.random.default_rng(0).random(20)
+    const = np.full(20, 0.1)  # 0.1 is inexact in binary: a centred copy is ~1e-17, not 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert metrics.pcc(x, const) == 0.0 and metrics.pcc(const, x) == 0.0
+        assert metrics.pcc(const, const) == 0.0
+        assert metrics.ccc(x, const) == pytest.approx(0.0, abs=1e-15)
+        assert metrics.ccc(const, const) == 1.0  # same constant: perfect agreement
+        assert metrics.ccc(const, const + 1) == 0.0
+        assert metrics.pcc([1.0], [2.0]) == 0.0  # one sample is a constant
+        assert metrics.uar([2, 2], [2, 2], num_classes=3) == 1.0
+
+
+# -----------------------------------------------------------------------------
+# bad input
+
+
+CLASS_FUNCS = [metrics.war, metrics.uar, metrics.per_class_recall, metrics.confusion_matrix, metrics.weighted_f1]
+REG_FUNCS = [metrics.ccc, metrics.pcc, metrics.personality_acc]
+
+
+@pytest.mark.parametrize("fn", CLASS_FUNCS)
+@pytest.mark.parametrize("y_true, y_pred, kwargs, reason", [
+    ([], [], {}, "empty"),
+    ([0, 1, 1], [0, 1], {}, "3 samples but y_pred has 2"),
+    ([0, 1, 3], [0, 1, 1], {"num_classes": 3}, r"y_true\[2\] = 3 is outside the valid labels 0..2"),
+    ([0, 1, 2], [0, -1, 1], {"num_classes": 3}, r"y_pred\[1\] = -1 is outside"),
+    ([0, 1, 2], np.zeros((3, 4)), {"num_classes": 3}, "4 score columns but num_classes=3"),
+    ([0, np.nan, 1], [0, 1, 1], {}, r"y_true contains NaN \(first at sample 1\)"),
+    ([0, 1, 1], [[0.1, 0.9], [np.nan, 0], [0, 1]], {}, r"y_pred contains NaN \(first at sample 1\)"),
+    ([0, 1.5, 1], [0, 1, 1], {}, "whole-number class labels"),
+])
+def test_class_metrics_reject_bad_input_with_the_reason(fn, y_true, y_pred, kwargs, reason):
+    with pytest.raises(ValueError, match=reason):
+        fn(y_true, y_pred, **kwargs)
+
+
+@pytest.mark.parametrize("fn", REG_FUNCS)
+@pytest.mark.parametrize("y_true, y_pred, reason", [
+    ([], [], "empty"),
+    ([0.1, 0.2, 0.3], [0.1, 0.2], "3 samples but y_pred has 2"),
+    ([0.1, np.nan, 0.3], [0.1, 0.2, 0.3], "y_true contains NaN"),
+    ([0.1, 0.2, 0.3], [0.1, 0.2, np.nan], "y_pred contains NaN"),
+    (np.zeros((3, 2)), np.zeros((3, 3)), "equal shapes"),
+])
+def test_regression_metrics_reject_bad_input_with_the_reason(fn, y_true, y_pred, reason):
+    with pytest.raises(ValueError, match=reason):
+        fn(y_true, y_pred)
+
+
+def test_personality_acc_rejects_labels_outside_unit_interval():
+    with pytest.raises(ValueError, match=r"labels in \[0, 1\]"):
+        metrics.personality_acc([0.2, 1.5], [0.2, 0.9])
+
+
+# -----------------------------------------------------------------------------
+# prediction files
+
+
+def test_classification_predictions_round_trip_exactly(tmp_path):
+    y_true, _, scores = metrics_random_classes(1, n=40)
+    ids = [f"videos/clip {i},take \"{i}\".mp4" for i in range(40)]  # commas and quotes survive
+    names = ["neutral", "happy", "sad", "angry", "surprise", "disgust", "fear"]
+    path = tmp_path / "fold1" / "test_predictions.csv"
+    metrics.write_predictions(path, ids, y_true, scores, class_names=names, task="classification")
+    with open(path) as f:
+        assert f.readline().strip() == "id,target," + ",".join("score_" + c for c in names)
+    r = metrics.read_predictions(path)
+    assert r.task == "classification" and r.ids == ids and r.class_names == names
+    assert r.targets.dtype == np.int64 and (r.targets == y_true).all()
+    assert np.array_equal(r.scores, scores)  # bit-exact floats
+    assert os.listdir(path.parent) == ["test_predictions.csv"]  # no temp file left behind
+
+
+def test_task_is_inferred_and_index_names_read_back_as_none(tmp_path):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "p.csv"
+    metrics.write_predictions(path, ["a", "b"], torch.tensor([1, 0]), torch.tensor([[0.2, 0.8], [0.6, 0.4]]))
+    r = metrics.read_predictions(path)
+    assert r.task == "classification" and r.class_names is None and r.targets.tolist() == [1, 0]
+    assert np.allclose(r.scores, [[0.2, 0.8], [0.6, 0.4]])
+
+
+@pytest.mark.parametrize("dims, names", [(1, None), (3, ["arousal", "valence", "dominance"])])
+def test_regression_predictions_round_trip_exactly(tmp_path, dims, names):
+    t, p = metrics_correlated(0, n=30, dims=dims)
+    if dims == 1:
+        t, p = t[:, 0], p[:, 0]  # (N,) is accepted and stored as one dimension
+    path = tmp_path / "reg.csv"
+    metrics.write_predictions(path, range(30), t, p, class_names=names)
+    r = metrics.read_predictions(path)
+    assert r.task == "regression" and r.ids == [str(i) for i in range(30)] and r.class_names == names
+    assert r.targets.shape == r.scores.shape == (30, dims)
+    assert np.array_equal(r.targets, t.reshape(30, dims)) and np.array_equal(r.scores, p.reshape(30, dims))
+
+
+def test_failed_write_keeps_the_previous_file_and_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "p.csv"
+    metrics.write_predictions(path, ["a"], [0], [[0.9, 0.1]])
+    before = path.read_text()
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.write_predictions(path, ["a"], [0], [[np.nan, 0.1]])
+    with pytest.raises(ValueError, match="2 ids but 1 targets"):
+        metrics.write_predictions(path, ["a", "b"], [0], [[0.9, 0.1]])
+    with pytest.raises(ValueError, match="target 2 is outside 0..1"):
+        metrics.write_predictions(path, ["a"], [2], [[0.9, 0.1]])
+    assert path.read_text() == before and os.listdir(tmp_path) == ["p.csv"]
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("", "empty file"),
+    ("id,target,score_0\n", "no prediction rows"),
+    ("video,target,score_0\na,0,1.0\n", "first column must be 'id'"),
+    ("id,label,prob\na,0,1.0\n", "unrecognised header"),
+    ("id,target_a,pred_b\na,0,1.0\n", "unrecognised header"),
+    ("id,target,score_0,score_1\na,0,0.1,0.9\nb,1,0.5\n", r"p.csv:3: 3 fields but the header has 4"),
+    ("id,target,score_0,score_1\na,0,0.1,high\n", r"p.csv:2: column 'score_1' must be a number"),
+    ("id,target,score_0,score_1\na,2,0.1,0.9\n", r"p.csv:2: target '2' is not a class index in 0..1"),
+])
+def test_read_predictions_names_file_and_line_of_a_bad_file(tmp_path, text, reason):
+    path = tmp_path / "p.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=reason):
+        metrics.read_predictions(path)
+
+
+# -----------------------------------------------------------------------------
+# pooling cross-validation folds and the CLI
+
+
+def metrics_run_cli(*files):
+    return subprocess.run([sys.executable, METRICS_PY, *map(str, files)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def metrics_two_folds():
+    """Fold 1: class 0 is big and right, class 1 is one wrong sample; fold 2 the mirror image.
+    Each fold has UAR 0.5, but pooled every class has recall 10/11."""
+    y1 = [0] * 10 + [1]
+    p1 = [0] * 10 + [0]
+    y2 = [0] + [1] * 10
+    p2 = [1] + [1] * 10
+    return (y1, p1), (y2, p2)
+
+
+def test_cli_prints_the_pooled_uar_not_the_mean_of_fold_uars(tmp_path):
+    folds = metrics_two_folds()
+    files = []
+    for k, (y, p) in enumerate(folds):
+        path = tmp_path / f"fold{k + 1}.csv"
+        metrics.write_predictions(path, [f"f{k}_{i}" for i in range(len(y))], y, np.eye(2)[p],
+                                  class_names=["neutral", "happy"])
+        files.append(path)
+    mean_of_folds = np.mean([metrics.uar(y, p) for y, p in folds])
+    pooled = metrics.uar(sum((y for y, _ in folds), []), sum((p for _, p in folds), []))
+    assert mean_of_folds == pytest.approx(0.5) and pooled == pytest.approx(10 / 11)
+
+    out = metrics_run_cli(*files)
+    assert out.returncode == 0, out.stderr
+    printed_uar = float(re.search(r"^UAR\s+([\d.]+)\s*$", out.stdout, re.M).group(1))
+    printed_war = float(re.search(r"^WAR\s+([\d.]+)\s*$", out.stdout, re.M).group(1))
+    assert printed_uar == round(100 * pooled, 2) == 90.91
+    assert printed_war == 90.91
+    assert abs(printed_uar - 100 * mean_of_folds) > 40
+    # the per-class table and the confusion matrix are labelled with the class names
+    assert re.search(r"^neutral\s+11\s+90\.91$", out.stdout, re.M)
+    assert re.search(r"^happy\s+1\s+10$", out.stdout, re.M)  # confusion row: 1 wrong, 10 right
+
+
+def test_cli_pools_regression_folds_and_labels_personality_acc(tmp_path):
+    t, p = metrics_correlated(2, n=60, dims=2)
+    names = ["extraversion", "openness"]
+    metrics.write_predictions(tmp_path / "a.csv", range(30), t[:30], p[:30], class_names=names)
+    metrics.write_predictions(tmp_path / "b.csv", range(30, 60), t[30:], p[30:], class_names=names)
+    out = metrics_run_cli(tmp_path / "a.csv", tmp_path / "b.csv")
+    assert out.returncode == 0, out.stderr
+    c, r, a = metrics.ccc(t, p), metrics.pcc(t, p), metrics.personality_acc(t, p)
+    row = re.search(r"^openness\s+(\S+)\s+(\S+)\s+(\S+)$", out.stdout, re.M).groups()
+    assert [float(v) for v in row] == [round(c[1], 4), round(r[1], 4), round(a[1], 4)]
+    mean = re.search(r"^mean\s+(\S+)\s+(\S+)\s+(\S+)$", out.stdout, re.M).groups()
+    assert float(mean[0]) == round(c.mean(), 4)
+    assert "ACC = personality accuracy" in out.stdout
+
+
+def test_format_report_is_what_the_cli_prints(tmp_path):
+    y_true, _, scores = metrics_random_classes(3, n=50)
+    path = tmp_path / "p.csv"
+    metrics.write_predictions(path, range(50), y_true, scores)
+    out = metrics_run_cli(path)
+    assert out.returncode == 0 and out.stdout == metrics.format_report(metrics.read_predictions(path), str(path)) + "\n"
+    absent = 7 - len(set(y_true.tolist()))  # class 6 never occurs in y_true, rare ones may not either
+    assert absent >= 1 and f"{absent} without samples, left out of UAR" in out.stdout
+
+
+@pytest.mark.parametrize("second, reason", [
+    ("classes3", "has 3 classes but .*fold1.csv has 2"),
+    ("renamed", r"names its classes \['happy', 'neutral'\]"),
+    ("regression", "holds regression predictions but .*fold1.csv holds classification"),
+])
+def test_cli_refuses_files_that_disagree(tmp_path, second, reason):
+    first = tmp_path / "fold1.csv"
+    metrics.write_predictions(first, ["a", "b"], [0, 1], [[0.9, 0.1], [0.2, 0.8]], class_names=["neutral", "happy"])
+    other = tmp_path / "fold2.csv"
+    if second == "classes3":
+        metrics.write_predictions(other, ["c"], [2], [[0.1, 0.1, 0.8]], class_names=["neutral", "happy", "sad"])
+    elif second == "renamed":
+        metrics.write_predictions(other, ["c"], [0], [[0.9, 0.1]], class_names=["happy", "neutral"])
+    else:
+        metrics.write_predictions(other, ["c"], [0.5], [0.4], task="regression")
+    out = metrics_run_cli(first, other)
+    assert out.returncode != 0 and out.stdout == ""
+    assert "fold2.csv" in out.stderr and re.search(reason, out.stderr) and "Traceback" not in out.stderr
+
+
+def test_cli_reports_a_missing_file_without_a_traceback(tmp_path):
+    out = metrics_run_cli(tmp_path / "nope.csv")
+    assert out.returncode != 0 and "nope.csv" in out.stderr and "Traceback" not in out.stderr
+
+
+# =====================================================================================================
+# data: Tests for data.py. Every input is generated here with PyAV: small clips in several containers and codecs,
+# frame folders, broken files. The reference for "the right frames" is a plain full sequential decode.
+
+
+# -----------------------------------------------------------------------------------------------------
+# helpers: synthetic clips written through PyAV, and the reference decode
+
+
+def data_frames(n, width, height, seed=0):
+    """n distinct RGB frames: drifting gradients, a moving white square and fixed noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    noise = rng.integers(0, 40, (height, width, 3))
+    frames = []
+    for t in range(n):
+        img = np.stack([(xx * 4 + t * 9) % 256, (yy * 5 + t * 3) % 256, (xx + yy + t * 17) % 256], -1)
+        x0 = (t * 3) % max(width - 10, 1)
+        img[10:20, x0:x0 + 10] = 255
+        frames.append(((img + noise) % 256).astype(np.uint8))
+    return frames
+
+
+def data_write_video(path, frames, codec="libx264", fmt=None, gop=6, pix_fmt="yuv420p", audio_first=False,
+                     b_frames=None):
+    height, width = frames[0].shape[:2]
+    with av.open(str(path), "w", format=fmt) as container:
+        audio = container.add_stream("aac", rate=16000) if audio_first else None
+        stream = container.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        stream.codec_context.gop_size = gop
+        if b_frames is not None:
+            stream.codec_context.max_b_frames = b_frames
+        for t, img in enumerate(frames):
+            if audio is not None and t % 2 == 0:
+                samples = av.AudioFrame.from_ndarray(np.zeros((2, 1024), np.float32), format="fltp", layout="stereo")
+                samples.sample_rate, samples.pts = 16000, t // 2 * 1024
+                for packet in audio.encode(samples):
+                    container.mux(packet)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for s in (audio, stream):
+            if s is not None:
+                for packet in s.encode():
+                    container.mux(packet)
+    return str(path)
+
+
+def data_write_image(path, img):
+    """One JPEG (mjpeg, yuvj444p: odd sizes allowed) or PNG file."""
+    codec, pix_fmt = ("png", "rgb24") if str(path).endswith(".png") else ("mjpeg", "yuvj444p")
+    ctx = av.CodecContext.create(codec, "w")
+    ctx.width, ctx.height, ctx.pix_fmt = img.shape[1], img.shape[0], pix_fmt
+    ctx.time_base = fractions.Fraction(1, 25)
+    frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format=pix_fmt)
+    with open(path, "wb") as f:
+        f.write(b"".join(bytes(p) for p in ctx.encode(frame) + ctx.encode(None)))
+
+
+def data_write_folder(folder, frames, ext="jpg"):
+    os.makedirs(folder)
+    for i, img in enumerate(frames):
+        data_write_image(os.path.join(folder, f"{i + 1:05d}.{ext}"), img)
+    return str(folder)
+
+
+def data_reference(path):
+    """Full sequential decode with PyAV's defaults, independent of data.py's reader."""
+    if os.path.isdir(path):
+        names = sorted(os.listdir(path))
+        out = []
+        for name in names:
+            with av.open(os.path.join(path, name)) as c:
+                out.append(next(c.decode(video=0)).to_ndarray(format="rgb24"))
+        return np.stack(out)
+    with av.open(path) as c:
+        stream = next(s for s in c.streams if s.type == "video")
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(stream)])
+
+
+def data_index_sets(n, seed=0):
+    """Frame index lists a reader must get right: windows anywhere (past several keyframes with gop 6),
+    16x4 windows, scattered, unsorted and repeated indices, single frames, the last frame, everything."""
+    rng = np.random.default_rng(seed)
+    sets = [list(range(n)), [0], [n - 1], [n - 1, 0, n // 2, n // 2], list(range(n - 1, -1, -7))]
+    for start in (0, 1, 5, 6, 7, n // 2, max(n - 16, 0)):
+        sets.append(list(range(start, min(start + 12, n))))
+    for _ in range(6):
+        start = int(rng.integers(0, max(n - 61, 0) + 1))
+        sets.append(D.clip_indices(start, 16, 4, n))
+        sets.append(sorted(rng.choice(n, size=min(9, n), replace=False).tolist()))
+    return sets
+
+
+# every readable input: (writer, kwargs) -> built once per test session
+DATA_READABLE = {
+    "mp4_h264_bframes": lambda d: data_write_video(d / "a.mp4", data_frames(80, 64, 48)),
+    "mkv_mpeg4_bframes": lambda d: data_write_video(d / "b.mkv", data_frames(70, 64, 48, 1), codec="mpeg4",
+                                                    fmt="matroska", gop=8, b_frames=2),
+    "webm_vp8_66x50": lambda d: data_write_video(d / "c.webm", data_frames(60, 66, 50, 2), codec="libvpx",
+                                                 fmt="webm", gop=8),
+    "mp4_audio_stream_first": lambda d: data_write_video(d / "d.mp4", data_frames(50, 64, 48, 3), audio_first=True),
+    "mpegts_h264": lambda d: data_write_video(d / "e.ts", data_frames(60, 64, 48, 4), fmt="mpegts"),
+    "raw_h264_no_timestamps": lambda d: data_write_video(d / "f.h264", data_frames(40, 64, 48, 5), fmt="h264"),
+    "mp4_odd_67x51_yuv444p": lambda d: data_write_video(d / "g.mp4", data_frames(40, 67, 51, 6), pix_fmt="yuv444p"),
+    "mkv_odd_67x51_mpeg4": lambda d: data_write_video(d / "h.mkv", data_frames(40, 67, 51, 7), codec="mpeg4",
+                                                      fmt="matroska", gop=5),
+    "short_20_frames": lambda d: data_write_video(d / "i.mp4", data_frames(20, 64, 48, 8)),
+    "jpeg_folder_66x50": lambda d: data_write_folder(d / "jpg", data_frames(24, 66, 50, 9)),
+    "jpeg_folder_odd_67x51": lambda d: data_write_folder(d / "jpg_odd", data_frames(12, 67, 51, 10)),
+    "png_folder_40x72": lambda d: data_write_folder(d / "png", data_frames(10, 40, 72, 11), ext="png"),
+}
+
+
+@pytest.fixture(scope="module")
+def data_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data_inputs")
+    return {name: make(root) for name, make in DATA_READABLE.items()}
+
+
+@pytest.fixture(scope="module")
+def data_broken(tmp_path_factory):
+    """Unreadable inputs: truncated mp4 (its index is at the end), random bytes, empty, missing."""
+    root = tmp_path_factory.mktemp("data_broken")
+    good = data_write_video(root / "good.mp4", data_frames(40, 64, 48))
+    with open(good, "rb") as f:
+        content = f.read()
+    paths = {"truncated": root / "truncated.mp4", "random": root / "random.mp4", "empty": root / "empty.mkv",
+             "missing": root / "missing.mp4"}
+    paths["truncated"].write_bytes(content[: len(content) * 6 // 10])
+    paths["random"].write_bytes(np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes())
+    paths["empty"].write_bytes(b"")
+    return {k: str(v) for k, v in paths.items()}
+
+
+# -----------------------------------------------------------------------------------------------------
+# reader: exactly the frames of a full sequential decode
+
+
+@pytest.mark.parametrize("name", list(DATA_READABLE))
+def test_reader_frames_equal_full_sequential_decode(data_inputs, name):
+    path = data_inputs[name]
+    D._cache.clear()
+    reference = data_reference(path)
+    assert D.count_frames(path, exact=False) == len(reference)
+    for indices in data_index_sets(len(reference)):
+        clip = D.read_video_clip(path, indices)
+        assert clip.dtype == np.uint8 and clip.shape == (len(indices),) + reference.shape[1:]
+        assert np.array_equal(clip, reference[indices]), f"{name}: frames differ at {indices}"
+    if not os.path.isdir(path):  # containers with timestamps were read by seeking, verified, with no fallback
+        index = D._cache_get(D._stat_key(path))
+        assert (index.exact, index.seekable) == ((True, False) if name == "raw_h264_no_timestamps" else (False, True))
+    assert D.count_frames(path) == len(reference)  # exact: decodes everything
+    if not os.path.isdir(path):  # the decoded index seeks as well, and gives the same frames
+        assert D._cache_get(D._stat_key(path)).exact
+        for indices in data_index_sets(len(reference), seed=1):
+            assert np.array_equal(D.read_video_clip(path, indices), reference[indices])
+
+
+def test_reader_picks_video_stream_when_stream_0_is_audio(data_inputs):
+    with av.open(data_inputs["mp4_audio_stream_first"]) as c:
+        assert c.streams[0].type == "audio" and c.streams[1].type == "video"
+    assert D.count_frames(data_inputs["mp4_audio_stream_first"]) == 50
+
+
+def test_reader_seeks_instead_of_decoding_from_the_start(data_inputs, monkeypatch):
+    """A window near the end of a gop-6 file decodes about one gop plus the window, not the whole file."""
+    path = data_inputs["mp4_h264_bframes"]
+    D._cache.clear()
+    D.count_frames(path, exact=False)
+    decoded = []
+    real = D._decode
+
+    def counting(*args):
+        for frame in real(*args):
+            decoded.append(frame.pts)
+            yield frame
+
+    monkeypatch.setattr(D, "_decode", counting)
+    clip = D.read_video_clip(path, range(70, 76))
+    assert np.array_equal(clip, data_reference(path)[70:76])
+    assert 0 < len(decoded) <= 6 + 6 + 3  # from keyframe 66: at most 4 lead-in frames + the 6 wanted (+ slack)
+
+
+def test_reader_recovers_when_its_index_is_wrong(data_inputs):
+    """An index that contradicts the decoder (here: timestamps shifted by one frame) is detected and
+    replaced by the decoded truth; the frames returned are still those of a sequential decode."""
+    path = data_inputs["mkv_mpeg4_bframes"]
+    reference = data_reference(path)
+    D._cache.clear()
+    key = D._stat_key(path)
+    good = D._frame_index(path, key)
+    assert not good.exact and good.seekable
+    D._cache_put(key, D.FrameIndex(good.num_frames, good.pts + (good.pts[1] - good.pts[0]), good.key_positions,
+                                   exact=False, seekable=True))
+    assert np.array_equal(D.read_video_clip(path, [30, 34, 38]), reference[[30, 34, 38]])
+    assert D._cache_get(key).exact  # rebuilt by decoding
+    assert np.array_equal(D.read_video_clip(path, range(50, 60)), reference[50:60])
+
+    # a phantom frame at position 41 (as if a packet decoded to nothing): the gap is seen while decoding
+    pts = np.insert(good.pts, 41, (good.pts[40] + good.pts[41]) // 2)
+    keys = good.key_positions + (good.key_positions >= 41)
+    D._cache_put(key, D.FrameIndex(good.num_frames + 1, pts, keys, exact=False, seekable=True))
+    assert np.array_equal(D.read_video_clip(path, [38, 42, 46]), reference[[38, 42, 46]])
+    assert D._cache_get(key).exact and D._cache_get(key).num_frames == len(reference)
+
+
+def test_reader_out_of_range_names_file_and_valid_range(data_inputs):
+    path = data_inputs["short_20_frames"]
+    with pytest.raises(D.VideoReadError, match=r"i\.mp4.*frame 20 requested.*valid indices 0\.\.19"):
+        D.read_video_clip(path, [5, 20])
+    folder = data_inputs["jpeg_folder_66x50"]
+    with pytest.raises(D.VideoReadError, match=r"jpg.*frame 24 requested"):
+        D.read_video_clip(folder, [24])
+    with pytest.raises(ValueError, match="frame_indices"):
+        D.read_video_clip(path, [-1])
+
+
+@pytest.mark.parametrize("kind", ["truncated", "random", "empty", "missing"])
+def test_unreadable_file_raises_video_read_error_naming_it(data_broken, kind):
+    path = data_broken[kind]
+    with pytest.raises(D.VideoReadError, match=os.path.basename(path)) as err:
+        D.read_video_clip(path, [0])
+    assert isinstance(err.value, RuntimeError)
+    with pytest.raises(D.VideoReadError, match=os.path.basename(path)):
+        D.count_frames(path)
+
+
+def test_frame_folder_in_natural_order_and_unequal_sizes_rejected(tmp_path):
+    frames = data_frames(12, 32, 24)
+    folder = tmp_path / "unpadded"
+    os.makedirs(folder)
+    for i, img in enumerate(frames):  # frame_2 must come before frame_10
+        data_write_image(folder / f"frame_{i}.png", img)
+    assert np.array_equal(D.read_video_clip(str(folder), [2, 10, 11]), np.stack([frames[2], frames[10], frames[11]]))
+    data_write_image(folder / "frame_12.png", data_frames(1, 30, 24)[0])
+    with pytest.raises(D.VideoReadError, match=r"frame_12\.png.*30x24"):
+        D.read_video_clip(str(folder), [0, 12])
+    os.makedirs(tmp_path / "no_images")
+    with pytest.raises(D.VideoReadError, match="no frame images"):
+        D.read_video_clip(str(tmp_path / "no_images"), [0])
+
+
+# -----------------------------------------------------------------------------------------------------
+# annotation files
+
+
+def test_annotations_resolve_paths_and_name_bad_lines(tmp_path):
+    listing = tmp_path / "split.txt"
+    listing.write_text("clips/a.mp4 3\n\n/abs/b.mp4 0.5 -1 2e-1\n/data/ycs/AC/Dataset/DFEW/Clip/jpg_256/02522 4\n")
+    rows = D.read_annotations(listing)
+    assert rows[0] == (str(tmp_path / "clips" / "a.mp4"), [3.0])
+    assert rows[1] == ("/abs/b.mp4", [0.5, -1.0, 0.2])
+    rows = D.read_annotations(listing, root="/videos", replace_prefix=("/data/ycs/AC/Dataset/DFEW", "/mnt/dfew"))
+    assert rows[0][0] == "/videos/clips/a.mp4" and rows[2][0] == "/mnt/dfew/Clip/jpg_256/02522"
+    assert D.read_annotations(listing, replace_prefix="/abs=/x")[1][0] == "/x/b.mp4"
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a.mp4 1\nb.mp4 2\nmy clip.mp4 3\n")
+    with pytest.raises(ValueError, match=r"bad\.txt, line 3: 'clip\.mp4' is not a number"):
+        D.read_annotations(bad)
+    bad.write_text("a.mp4 1\nb.mp4\n")
+    with pytest.raises(ValueError, match=r"bad\.txt, line 2: .* has no label"):
+        D.read_annotations(bad)
+    with pytest.raises(FileNotFoundError, match="nowhere.txt"):
+        D.read_annotations(tmp_path / "nowhere.txt")
+
+
+def test_dataset_checks_labels_per_task(tmp_path):
+    listing = tmp_path / "l.txt"
+    listing.write_text("a.mp4 0\nb.mp4 2.5\n")
+    with pytest.raises(ValueError, match=r"l\.txt, line 2: classification needs one integer"):
+        D.VideoDataset(listing, "train")
+    listing.write_text("a.mp4 0.1 0.2\nb.mp4 0.3\n")
+    with pytest.raises(ValueError, match=r"line 2: 1 regression values, but line 1 has 2"):
+        D.VideoDataset(listing, "train", task="regression")
+    with pytest.raises(ValueError, match="mode="):
+        D.VideoDataset(listing, "finetune")
+
+
+# -----------------------------------------------------------------------------------------------------
+# sampling and spatial transforms
+
+
+def test_sampling_rules():
+    assert D.window_span(16, 4) == 61
+    assert D.clip_indices(10, 4, 4, 100) == [10, 14, 18, 22]
+    # shorter than the window: same stride, the last frame repeats
+    assert D.clip_indices(0, 16, 4, 20) == [0, 4, 8, 12, 16] + [19] * 11
+    assert D.uniform_clip_starts(100, 61, 2) == [0, 39] and D.uniform_clip_starts(100, 61, 1) == [19]
+    assert D.uniform_clip_starts(30, 61, 3) == [0, 0, 0]
+    g = torch.Generator().manual_seed(0)
+    starts = [D.random_clip_start(100, 61, g) for _ in range(400)]
+    assert min(starts) == 0 and max(starts) == 39
+
+
+def test_multiscale_crop_uses_the_paper_scales():
+    g = torch.Generator().manual_seed(0)
+    sides = {int(360 * s) for s in D.MULTISCALE_SCALES}
+    boxes = [D.multiscale_crop_box(360, 640, generator=g) for _ in range(300)]
+    for top, left, h, w in boxes:
+        assert h in sides and w in sides and 0 <= top and top + h <= 360 and 0 <= left and left + w <= 640
+    assert {h for _, _, h, _ in boxes} == sides and len({(t, l) for t, l, _, _ in boxes}) > 10
+
+
+def test_train_transform_shape_flip_and_normalisation():
+    ramp = np.broadcast_to(np.linspace(0, 255, 48).astype(np.uint8)[None, None, :, None], (8, 40, 48, 3)).copy()
+    clip = D.frames_to_tensor(ramp)
+    g = torch.Generator().manual_seed(0)
+    outs = [D.train_transform(clip, 32, generator=g) for _ in range(30)]
+    assert all(o.shape == (3, 8, 32, 32) and o.dtype == torch.float32 for o in outs)
+    slopes = [float(o[0, 0, 0, -1] - o[0, 0, 0, 0]) for o in outs]
+    assert any(s > 0 for s in slopes) and any(s < 0 for s in slopes)  # flipped and not flipped
+    up = D.train_transform(clip, 96, generator=g)  # upscaling path
+    assert up.shape == (3, 8, 96, 96) and abs(float(up[0, 0, 0, 1:].diff().abs().max())) < 0.2
+    lo = (0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
+    hi = (1 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
+    assert all(lo - 1e-4 <= float(o[0].min()) and float(o[0].max()) <= hi + 1e-4 for o in outs)
+
+
+def test_eval_views_resize_short_side_and_spread_crops():
+    ramp = np.broadcast_to(np.linspace(0, 255, 96).astype(np.uint8)[None, None, :, None], (4, 48, 96, 3)).copy()
+    views = D.eval_views(D.frames_to_tensor(ramp), 32, 3)
+    assert [tuple(v.shape) for v in views] == [(3, 4, 32, 32)] * 3
+    means = [float(v.mean()) for v in views]
+    assert means[0] < means[1] < means[2]  # left, centre, right of a left-to-right ramp
+    tall = D.frames_to_tensor(np.transpose(ramp, (0, 2, 1, 3)).copy())
+    assert [tuple(v.shape) for v in D.eval_views(tall, 32, 1)] == [(3, 4, 32, 32)]
+
+
+# -----------------------------------------------------------------------------------------------------
+# the dataset
+
+
+def data_listing(tmp_path, lines, name="list.txt"):
+    path = tmp_path / name
+    path.write_text("".join(f"{p} {v}\n" for p, v in lines))
+    return path
+
+
+def test_dataset_items_have_the_agreed_shapes(data_inputs, tmp_path):
+    files = [data_inputs[k] for k in ("mp4_h264_bframes", "webm_vp8_66x50", "jpeg_folder_66x50",
+                                      "mkv_odd_67x51_mpeg4", "short_20_frames")]
+    listing = data_listing(tmp_path, [(f, i % 3) for i, f in enumerate(files)])
+    train = D.VideoDataset(listing, "train", img_size=32, num_frames=8, sampling_rate=2)
+    for i in range(len(train)):
+        video, target = train[i]
+        assert video.shape == (3, 8, 32, 32) and video.dtype == torch.float32 and torch.isfinite(video).all()
+        assert target.dtype == torch.int64 and target.dim() == 0 and int(target) == i % 3
+    ev = D.VideoDataset(listing, "eval", img_size=32, num_frames=8, sampling_rate=2, num_clips=3, num_crops=2)
+    views, target, index = ev[4]
+    assert views.shape == (6, 3, 8, 32, 32) and int(target) == 1 and index == 4
+    cfg = SVFAPConfig(img_size=32, patch_size=8, num_frames=8, embed_dim=64, num_heads=4, decoder_dim=64,
+                      decoder_heads=4)
+    pre = D.VideoDataset(listing, "pretrain", img_size=32, num_frames=8, sampling_rate=2, repeated_sampling=3,
+                         mask_cfg=cfg)
+    video, mask = pre[0]
+    assert video.shape == (3, 3, 8, 32, 32) and mask.shape == (3, cfg.num_patches) and mask.dtype == torch.bool
+    assert (mask.sum(1) == cfg.grid[0] * cfg.num_masked_spatial).all()
+    with pytest.raises(ValueError, match="mask_cfg"):
+        D.VideoDataset(listing, "pretrain", img_size=64, mask_cfg=cfg)
+    reg = D.VideoDataset(data_listing(tmp_path, [(files[0], "0.5 -0.25")], "reg.txt"), "train", img_size=32,
+                         task="regression")
+    assert reg[0][1].dtype == torch.float32 and reg[0][1].tolist() == [0.5, -0.25]
+
+
+def test_repeated_sampling_draws_k_windows_from_one_range(data_inputs, tmp_path):
+    listing = data_listing(tmp_path, [(data_inputs["mp4_h264_bframes"], 0)])
+    ds = D.VideoDataset(listing, "pretrain", img_size=32, num_frames=8, sampling_rate=2, repeated_sampling=4,
+                        mask_cfg=SVFAPConfig(img_size=32, patch_size=8, num_frames=8))
+    span = D.window_span(8, 2)
+    torch.manual_seed(0)
+    for _ in range(50):
+        clips = ds._choose_training(80)
+        flat = [i for c in clips for i in c]
+        assert len(clips) == 4 and max(flat) - min(flat) < 2 * span and max(flat) < 80
+        assert all(c == D.clip_indices(c[0], 8, 2, 80) for c in clips)
+
+
+def test_eval_normalisation_and_crop_box(tmp_path):
+    """A 224x224 frame that is (200, 100, 50) inside VoxCeleb2's box (rows 0-160, columns 32-192) and
+    black outside: after the crop box every pixel is that colour, normalised with ImageNet mean/std."""
+    img = np.zeros((224, 224, 3), np.uint8)
+    img[0:160, 32:192] = (200, 100, 50)
+    folder = data_write_folder(tmp_path / "box", [img] * 6, ext="png")
+    listing = data_listing(tmp_path, [(folder, 0)])
+    ds = D.VideoDataset(listing, "eval", img_size=32, num_frames=4, sampling_rate=1, num_clips=1, num_crops=2,
+                        crop_box=D.VOXCELEB2_CROP_BOX)
+    views, _, _ = ds[0]
+    expected = [(c / 255 - m) / s for c, m, s in zip((200, 100, 50), IMAGENET_MEAN, IMAGENET_STD)]
+    for ch in range(3):
+        assert torch.allclose(views[:, ch], torch.full_like(views[:, ch], expected[ch]), atol=1e-5)
+    no_box = D.VideoDataset(listing, "eval", img_size=32, num_frames=4, sampling_rate=1, num_clips=1, num_crops=1)
+    assert float(no_box[0][0].min()) < expected[0] - 1  # black borders are there without the box
+    bad_box = D.VideoDataset(listing, "eval", img_size=32, crop_box=(0, 300, 0, 100))
+    with pytest.raises(ValueError, match=r"crop_box .* does not fit its 224x224 frames"):
+        bad_box[0]
+
+
+def test_eval_clips_spread_in_time_and_short_video_repeats_last_frame(tmp_path):
+    frames = [np.full((24, 24, 3), 10 * t, np.uint8) for t in range(20)]  # brightness = time
+    folder = data_write_folder(tmp_path / "ramp", frames, ext="png")
+    listing = data_listing(tmp_path, [(folder, 0)])
+    ds = D.VideoDataset(listing, "eval", img_size=24, num_frames=4, sampling_rate=2, num_clips=3, num_crops=1)
+    views, _, _ = ds[0]  # starts 0, 6, 13 (span 7 in 20 frames)
+    first_frames = views[:, 0, 0, 0, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]
+    assert torch.allclose(first_frames * 255, torch.tensor([0.0, 60.0, 130.0]), atol=1e-3)
+    long = D.VideoDataset(listing, "eval", img_size=24, num_frames=16, sampling_rate=4, num_clips=1, num_crops=1)
+    clip = long[0][0][0, 0, :, 0, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]  # frames 0, 4, ..., 16, then 19 x 11
+    assert torch.allclose(clip * 255, torch.tensor([0.0, 40, 80, 120, 160] + [190.0] * 11), atol=1e-3)
+
+
+def test_training_skips_and_counts_broken_files_eval_names_them(data_inputs, data_broken, tmp_path):
+    good = data_inputs["mp4_h264_bframes"]
+    lines = [(good, 0), (data_broken["truncated"], 1), (good, 2), (data_broken["random"], 1),
+             (data_broken["missing"], 2), (good, 0)]
+    listing = data_listing(tmp_path, lines)
+    ds = D.VideoDataset(listing, "train", img_size=32, num_frames=8, sampling_rate=2, max_fail_fraction=0.5)
+    torch.manual_seed(0)
+    with pytest.warns(RuntimeWarning, match=r"skipping unreadable sample: .*truncated\.mp4"):
+        video, target = ds[1]
+    assert video.shape == (3, 8, 32, 32) and 1 <= ds.skipped <= 3 and ds.tried == ds.skipped + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(len(ds)):
+            ds[i]
+    assert ds.skipped >= 3 and ds.tried == ds.skipped + len(ds) + 1
+
+    ev = D.VideoDataset(listing, "eval", img_size=32, num_frames=8, sampling_rate=2)
+    assert ev[0][0].shape == (4, 3, 8, 32, 32)
+    with pytest.raises(D.VideoReadError, match=r"random\.mp4.*line 4 of .*list\.txt; evaluation never skips"):
+        ev[3]
+
+    all_bad = data_listing(tmp_path, [(data_broken[k], 0) for k in ("truncated", "random", "missing")], "bad.txt")
+    ds = D.VideoDataset(all_bad, "train", img_size=32, num_frames=8, sampling_rate=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match=r"6 of 6 samples tried .* max_fail_fraction=0\.05"):
+            ds[0]
+
+
+def test_dataset_in_dataloader_workers(data_inputs, data_broken, tmp_path):
+    files = [data_inputs[k] for k in ("mp4_h264_bframes", "mkv_mpeg4_bframes", "jpeg_folder_66x50",
+                                      "mpegts_h264", "webm_vp8_66x50", "mp4_audio_stream_first")]
+    listing = data_listing(tmp_path, [(f, i % 2) for i, f in enumerate(files)] + [(data_broken["random"], 0)])
+    ds = D.VideoDataset(listing, "train", img_size=32, num_frames=8, sampling_rate=2, max_fail_fraction=0.5)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, shuffle=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batches = list(loader)
+    assert [b[0].shape for b in batches] == [(4, 3, 8, 32, 32), (3, 3, 8, 32, 32)]
+    assert all(torch.isfinite(b[0]).all() for b in batches)
+    readable = data_listing(tmp_path, [(f, i % 2) for i, f in enumerate(files)], "readable.txt")
+    ev = D.VideoDataset(readable, "eval", img_size=32, num_frames=8, sampling_rate=2)
+    loader = torch.utils.data.DataLoader(ev, batch_size=3, num_workers=2)
+    got = [(v.shape, t.tolist(), i.tolist()) for v, t, i in loader]
+    assert got == [((3, 4, 3, 8, 32, 32), [0, 1, 0], [0, 1, 2]), ((3, 4, 3, 8, 32, 32), [1, 0, 1], [3, 4, 5])]
+
+
+# =====================================================================================================
+# train: Tests of pretrain.py and finetune.py: the scripts run as users run them (subprocess, torchrun), on a
+# model of ~0.1M parameters and 32x32x8 videos made here with PyAV, a few iterations each.
+
+
+TRAIN_REPO = os.path.dirname(os.path.abspath(__file__))
+# a model small enough for seconds-long runs: 8 frames of 32x32, 4x4x4 = 64 tokens, 4 of 16 positions visible
+TRAIN_MODEL_ARGS = ["--model=tiny", "--model_args.img_size=32", "--model_args.num_frames=8",
+                    "--model_args.embed_dim=32", "--model_args.num_heads=2", "--model_args.stage_depths=(1,1,1)",
+                    "--model_args.num_bottleneck_tokens=4", "--model_args.bottleneck_hidden=16",
+                    "--model_args.decoder_dim=32", "--model_args.decoder_heads=2", "--model_args.decoder_depth=1",
+                    "--model_args.mask_ratio=0.75"]
+TRAIN_COMMON = ["--device=cpu", "--sampling_rate=1", "--num_workers=0", "--log_interval=1", "--batch_size=4",
+                "--warmup_epochs=1"]
+
+
+def train_write_video(path, label, seed, size=32, frames=8):
+    """A smooth colour ramp with a bright square moving right (label 0), down (1) or not at all (2)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    base = np.stack([a * x + b * y + c for a, b, c in rng.uniform(-0.5, 0.5, (3, 3)) + [0, 0, 0.5]], -1)
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for t in range(frames):
+            img = base.copy()
+            top, left = 8 + (3 * t if label == 1 else 0), 8 + (3 * t if label == 0 else 0)
+            img[top % 24:top % 24 + 8, left % 24:left % 24 + 8] = 1.0
+            frame = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory):
+    """12 videos; lists: pretrain (all), train (all), val (first 6), test (last 5: an odd count, so two
+    processes get unequal shards)."""
+    root = tmp_path_factory.mktemp("train_data")
+    os.makedirs(root / "videos")
+    lines = []
+    for i in range(12):
+        train_write_video(str(root / "videos" / f"v{i:02d}.mp4"), i % 3, seed=i)
+        lines.append(f"videos/v{i:02d}.mp4 {i % 3}")
+    lists = {"pretrain": [f"{line.split()[0]} 0" for line in lines], "train": lines, "val": lines[:6],
+             "test": lines[7:], "empty": []}
+    for name, rows in lists.items():
+        (root / f"{name}.txt").write_text("".join(row + "\n" for row in rows))
+    return root
+
+
+def train_run(script, *args, env=None, nproc=1, check=True):
+    """Run a script as a user does (torchrun for nproc > 1); returns the CompletedProcess."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    done = subprocess.run(launcher + [script, *map(str, args)], cwd=TRAIN_REPO, env=run_env, capture_output=True,
+                          text=True, timeout=300)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} failed ({done.returncode}):\n"
+                             f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+def train_pretrain_args(data, out_dir, *extra):
+    return [*TRAIN_MODEL_ARGS, *TRAIN_COMMON, f"--train_list={data / 'pretrain.txt'}", f"--out_dir={out_dir}",
+            "--base_lr=0.3", "--epochs=3", "--vis_clips=2", f"--vis_list={data / 'val.txt'}", *extra]
+
+
+def train_finetune_args(data, out_dir, *extra):
+    return [*TRAIN_MODEL_ARGS, *TRAIN_COMMON, f"--train_list={data / 'train.txt'}", f"--val_list={data / 'val.txt'}",
+            f"--test_list={data / 'test.txt'}", f"--out_dir={out_dir}", "--num_classes=3",
+            "--class_names=('right','down','still')", "--base_lr=0.1", "--epochs=2", "--eval_batch_size=2",
+            "--num_clips=2", "--num_crops=1", *extra]
+
+
+def train_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(out_dir):
+    return {r["iter"]: r["loss"] for r in train_log(out_dir) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def train_pretrained(train_data, tmp_path_factory):
+    """An uninterrupted pre-training run: 3 epochs x 3 iterations, a checkpoint every 2 iterations."""
+    out = tmp_path_factory.mktemp("pretrain_full")
+    train_run("pretrain.py", *train_pretrain_args(train_data, out, "--ckpt_every=2"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def train_finetuned(train_data, train_pretrained, tmp_path_factory):
+    """Fine-tuning from the pre-training checkpoint, single process; val list == test list here."""
+    out = tmp_path_factory.mktemp("finetune")
+    done = train_run("finetune.py", *train_finetune_args(train_data, out, f"--init_from={train_pretrained / 'ckpt.pt'}",
+                                                        f"--test_list={train_data / 'val.txt'}"))
+    return out, done.stdout
+
+
+# --- the scripts' claims ------------------------------------------------------------
+
+
+def test_short_pretraining_lowers_the_loss(train_pretrained):
+    losses = list(train_losses(train_pretrained).values())
+    assert len(losses) == 9
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.02, losses
+
+
+def test_resume_reproduces_the_run(train_data, train_pretrained, tmp_path):
+    """Stop mid-epoch (iteration 4 of 9), resume with another worker count: the same following losses."""
+    train_run("pretrain.py", *train_pretrain_args(train_data, tmp_path, "--max_iters=4"))
+    train_run("pretrain.py", *train_pretrain_args(train_data, tmp_path, "--init_from=resume", "--num_workers=1"))
+    full, resumed = train_losses(train_pretrained), train_losses(tmp_path)
+    assert sorted(resumed) == list(range(1, 10))
+    for it in range(5, 10):
+        assert abs(resumed[it] - full[it]) <= 1e-6, (it, resumed[it], full[it])
+
+
+def test_finetuning_resume_reproduces_drop_path_mixup_and_erasing(train_data, train_pretrained, train_finetuned,
+                                                                   tmp_path):
+    """The generators of drop path, mixup / cutmix and random erasing continue where they stopped."""
+    args = train_finetune_args(train_data, tmp_path, f"--init_from={train_pretrained / 'ckpt.pt'}",
+                               f"--test_list={train_data / 'val.txt'}")  # as the train_finetuned run
+    train_run("finetune.py", *args, "--max_iters=2")
+    train_run("finetune.py", *args, "--init_from=resume", "--num_workers=1")
+    full, resumed = train_losses(train_finetuned[0]), train_losses(tmp_path)
+    assert len(full) == 6 and sorted(resumed) == sorted(full)
+    assert all(abs(resumed[it] - full[it]) <= 1e-6 for it in range(3, 7)), (full, resumed)
+    assert json.load(open(tmp_path / "results.json")) == json.load(open(train_finetuned[0] / "results.json"))
+
+
+def test_crash_while_writing_a_checkpoint_leaves_the_last_one_loadable(train_data, tmp_path):
+    done = train_run("pretrain.py", *train_pretrain_args(train_data, tmp_path, "--ckpt_every=2", "--vis_clips=0"),
+                     env={"SVFAP_DEBUG_CRASH_IN_SAVE": "2"}, check=False)  # dies half-way through the 2nd save
+    assert done.returncode == 13
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert os.path.getsize(tmp_path / "ckpt.pt.tmp") < os.path.getsize(tmp_path / "ckpt.pt")  # the torn write
+
+
+def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(train_data, tmp_path):
+    args = train_pretrain_args(train_data, tmp_path, "--ckpt_every=2", "--model_args.norm_pix_loss=False")
+    done = train_run("pretrain.py", *args, env={"SVFAP_DEBUG_NAN_AT_ITER": "3"}, check=False)
+    assert done.returncode == 3
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "non-finite loss (nan) at iteration 3" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert max(train_losses(tmp_path)) == 2
+    # the reconstruction video is named for how it was de-normalised
+    assert os.path.isfile(tmp_path / "recon_iter0000002_plain.mp4")
+
+
+def test_checkpoint_holds_everything_to_rebuild_and_resume(train_pretrained):
+    ckpt = torch.load(train_pretrained / "ckpt.pt", weights_only=True)
+    assert {"model", "optimizer", "scaler", "config", "model_config", "epoch", "iter_num", "rng"} <= set(ckpt)
+    assert ckpt["iter_num"] == 9 and ckpt["epoch"] == 3 and ckpt["model_config"]["embed_dim"] == 32
+    assert {"torch", "numpy", "python", "cuda"} <= set(ckpt["rng"][0])
+
+
+def test_reconstruction_video_shows_three_panels(train_pretrained):
+    path = train_pretrained / "recon_iter0000009_denorm-with-true-patch-stats.mp4"
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 8
+    h, w, _ = frames[0].shape
+    assert w == 3 * h // 2  # 2 clips stacked, 3 panels side by side, square clips
+    # the masked-input panel is grey where masked: 12 of 16 positions
+    middle = frames[0][: h // 2, w // 3: 2 * w // 3].astype(int)
+    assert np.mean(np.abs(middle - 128) < 6) > 0.6
+
+
+def test_finetuning_from_pretraining_loads_every_encoder_tensor(train_pretrained, train_finetuned):
+    state = torch.load(train_pretrained / "ckpt.pt", weights_only=True)["model"]
+    n_encoder = sum(k.startswith("encoder.") for k in state)
+    out, stdout = train_finetuned
+    assert f"loaded {n_encoder}/{n_encoder} encoder tensors" in stdout and "NOT loaded" not in stdout
+
+
+def test_shared_val_and_test_lists_are_reported_loudly(train_finetuned):
+    out, stdout = train_finetuned
+    assert "WARNING: val_list and test_list hold the same videos" in stdout
+    results = json.load(open(out / "results.json"))
+    assert results["val_test_overlap"] and results["test_last"] and results["last_epoch"] == 2
+    predictions = {f for f in os.listdir(out) if f.endswith(".csv")}
+    assert {"val_predictions.csv", "test_predictions.csv"} <= predictions
+
+
+def test_predict_prints_probabilities_that_sum_to_one(train_data, train_finetuned):
+    out, _ = train_finetuned
+    videos = [train_data / "videos" / "v00.mp4", train_data / "videos" / "v04.mp4"]
+    done = train_run("finetune.py", f"--ckpt={out / 'best.pt'}", "--device=cpu", *[f"--predict={v}" for v in videos])
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2
+    for line, video in zip(lines, videos):
+        name, rest = line.split(": ", 1)
+        assert name == str(video)
+        cells = rest.split("  -> ")[0].split()
+        probs = dict(zip(cells[::2], map(float, cells[1::2])))
+        assert list(probs) == ["right", "down", "still"]
+        assert abs(sum(probs.values()) - 1) < 1e-3 and all(0 <= p <= 1 for p in probs.values())
+
+
+def test_two_processes_train_and_evaluate_like_one(train_data, tmp_path):
+    """torchrun x 2 (gloo): pre-train, fine-tune; its test scores equal a single-process evaluation of the
+    same checkpoint (5 test videos: shards of 3 and 2, nothing padded, nothing dropped)."""
+    train_run("pretrain.py", *train_pretrain_args(train_data, tmp_path / "pre", "--epochs=1", "--vis_clips=0"), nproc=2)
+    assert len(train_losses(tmp_path / "pre")) == 3
+    done = train_run("finetune.py", *train_finetune_args(train_data, tmp_path / "ft", "--epochs=1",
+                                                         f"--init_from={tmp_path / 'pre' / 'ckpt.pt'}"), nproc=2)
+    loaded = re.search(r"loaded (\d+)/(\d+) encoder tensors", done.stdout)
+    assert loaded and loaded[1] == loaded[2] and "NOT loaded" not in done.stdout
+    train_run("finetune.py", *train_finetune_args(train_data, tmp_path / "one", "--eval_only=True",
+                                                  f"--ckpt={tmp_path / 'ft' / 'best.pt'}", "--eval_batch_size=3"))
+    import metrics
+    ddp = metrics.read_predictions(tmp_path / "ft" / "test_predictions.csv")
+    one = metrics.read_predictions(tmp_path / "one" / "eval_test_predictions.csv")
+    assert len(ddp.ids) == 5 and ddp.ids == one.ids and (ddp.targets == one.targets).all()
+    np.testing.assert_allclose(ddp.scores, one.scores, atol=1e-6)
+    ddp_metrics = json.load(open(tmp_path / "ft" / "results.json"))["test"]
+    one_metrics = json.load(open(tmp_path / "one" / "results_eval.json"))["test"]
+    assert ddp_metrics == one_metrics
+
+
+def test_bad_inputs_each_give_one_clear_line(train_data, tmp_path, capsys, monkeypatch):
+    base = [*TRAIN_MODEL_ARGS, *TRAIN_COMMON, f"--out_dir={tmp_path}"]
+    good_list = f"--train_list={train_data / 'pretrain.txt'}"
+    # one as users meet it: a subprocess, stopped when the data is opened
+    done = train_run("pretrain.py", *base, f"--train_list={train_data / 'empty.txt'}", check=False)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("pretrain.py: error: train_list: ") and "holds no" in lines[0]
+    cases = {  # name: (arguments, extra environment, words the one line must hold)
+        "missing list": ([*base, "--train_list=no/such/list.txt"], {},
+                         "train_list=no/such/list.txt: annotation file not found"),
+        "unknown preset": ([*base, good_list, "--model=huge"], {}, "model='huge' is not a preset"),
+        "batch vs world size": ([*base, good_list, "--batch_size=3"], {"RANK": "0", "WORLD_SIZE": "2"},
+                                "batch_size=3 must be a positive multiple of world_size"),
+        "unknown key": ([*base, good_list, "--batchsize=4"], {},
+                        "unknown config key 'batchsize'; did you mean batch_size?"),
+        "wrong type": ([*base, good_list, "--epochs=1.5"], {}, "epochs must be an integer, got 1.5"),
+        "unknown model field": ([*base, good_list, "--model_args.depth=2"], {}, "unknown config key 'depth'"),
+        "missing resume": ([*base, good_list, "--init_from=resume"], {}, "init_from=resume continues from"),
+    }
+    # the rest in this process, through the same entry point: they stop before any process group or seed
+    for name, (args, env, words) in cases.items():
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            with pytest.raises(SystemExit) as stop:
+                pretrain.run(pretrain.main, args, "pretrain.py")
+        out, err = capsys.readouterr()
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert stop.value.code == 2 and len(lines) == 1, (name, err)
+        assert lines[0].startswith("pretrain.py: error: ") and words in lines[0], (name, lines[0])
+
+
+# --- the helpers, in-process -------------------------------------------------------------
+
+
+def train_defaults(module):
+    return {k: getattr(module, k) for k in module.CONFIG_KEYS}
+
+
+def test_config_file_then_arguments_override_the_defaults(tmp_path):
+    path = tmp_path / "cfg.py"
+    path.write_text("batch_size = 32\nepochs = 2 * 5\nmodel_args = dict(mask_ratio=0.75)\nbeta1, beta2 = 0.8, 0.9\n")
+    c = pretrain.load_config(train_defaults(pretrain), [str(path), "--epochs=3", "--model_args.decoder_depth=2",
+                                                        "--compile=true", "--out_dir=123", "--base_lr=1"])
+    assert (c["batch_size"], c["epochs"], c["beta1"], c["compile"], c["out_dir"]) == (32, 3, 0.8, True, "123")
+    assert c["model_args"] == {"mask_ratio": 0.75, "decoder_depth": 2} and c["base_lr"] == 1.0
+    mc = pretrain.build_model_config("tiny", c["model_args"])
+    assert mc.mask_ratio == 0.75 and mc.decoder_depth == 2
+    c = finetune.load_config(train_defaults(finetune), ["--predict=a.mp4", "--predict=b.mp4"])
+    assert c["predict"] == ["a.mp4", "b.mp4"]
+    path.write_text("batch_sise = 3\n")
+    with pytest.raises(pretrain.ConfigError, match=r"cfg.py: unknown config key 'batch_sise'; did you mean batch_size"):
+        pretrain.load_config(train_defaults(pretrain), [str(path)])
+    with pytest.raises(pretrain.ConfigError, match="model_args.mask_ratio must be a number"):
+        pretrain.build_model_config("tiny", {"mask_ratio": "high"})
+    with pytest.raises(pretrain.ConfigError, match="SVFAPConfig.mask_ratio=1.0"):
+        pretrain.build_model_config("tiny", {"mask_ratio": 1.0})
+
+
+def test_every_preset_config_loads():
+    for script, names in ((pretrain, ["pretrain_demo", "pretrain_voxceleb2_base", "pretrain_voxceleb2_small"]),
+                          (finetune, ["finetune_demo", "finetune_dfew", "finetune_ferv39k", "finetune_mafw"])):
+        for name in names:
+            c = script.load_config(train_defaults(script), [os.path.join(TRAIN_REPO, "config", f"{name}.py")])
+            pretrain.build_model_config(c["model"], c["model_args"])
+    dfew = finetune.load_config(train_defaults(finetune), [os.path.join(TRAIN_REPO, "config", "finetune_dfew.py")])
+    assert dfew["class_names"] == ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear")
+    recipe = (dfew["base_lr"], dfew["min_lr"], dfew["layer_decay"], dfew["model_args"]["drop_path"], dfew["mixup"])
+    assert recipe == (1e-3, 1e-6, 0.75, 0.1, 0.8)
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine():
+    lrs = [pretrain.lr_at(it, 1.0, 0.01, 10, 110) for it in range(110)]
+    np.testing.assert_allclose(lrs[:10], np.arange(1, 11) / 10)
+    assert lrs[10] == 1.0 and abs(lrs[60] - (0.01 + 0.99 * 0.5)) < 1e-12
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] > 0.01
+
+
+def test_weight_decay_skips_norms_biases_and_the_mask_token_and_layers_decay():
+    from model import SVFAP, SVFAPClassifier, CONFIGS
+    model = SVFAP(CONFIGS["tiny"])
+    groups = pretrain.param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert "mask_token" in no_decay and "encoder.stages.0.blocks.0.attn.q_bias" in no_decay
+    assert all(p.ndim > 1 for g in groups if g["weight_decay"] for p in g["params"])
+    clf = SVFAPClassifier(CONFIGS["tiny"], 6)
+    groups = pretrain.param_groups(clf, 0.05, layer_decay=0.75)
+    scale = {n: g["lr_scale"] for g in groups for n, p in clf.named_parameters() if any(p is q for q in g["params"])}
+    top = clf.num_lr_layers - 1
+    assert scale["head.weight"] == 1.0 and scale["encoder.patch_embed.proj.weight"] == 0.75 ** top
+    assert sum(len(g["params"]) for g in groups) == len(list(clf.parameters()))
+
+
+def test_mixup_and_cutmix_keep_targets_a_distribution():
+    torch.manual_seed(0)
+    video = torch.randn(4, 3, 8, 32, 32)
+    soft = finetune.smooth_one_hot(torch.tensor([0, 1, 2, 1]), 3, 0.1)
+    assert torch.allclose(soft.sum(1), torch.ones(4)) and abs(soft[0, 0].item() - (0.9 + 0.1 / 3)) < 1e-6
+    for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0)):
+        mixed, target = finetune.mixup_cutmix(video, soft, mixup, cutmix)
+        assert mixed.shape == video.shape and torch.allclose(target.sum(1), torch.ones(4))
+        lam = ((target[0, 0] - soft[3, 0]) / (soft[0, 0] - soft[3, 0])).item()  # clip 0's partner is clip 3
+        if cutmix:  # the partner's share of the target is the area pasted from it
+            assert abs((mixed[0] != video[0]).float().mean().item() - (1 - lam)) < 1e-6
+        else:
+            assert torch.allclose(mixed[0], lam * video[0] + (1 - lam) * video[3], atol=1e-6)
+    erased = finetune.random_erasing(video, 1.0)
+    changed = (erased != video).any(1).float().mean(dim=(-1, -2))  # (B, T) fraction of pixels per frame
+    assert ((changed >= 0.015) & (changed <= 0.34)).all()
+
+
+def test_release_checkpoint_with_its_argparse_namespace_loads_safely(tmp_path, capsys):
+    """A checkpoint in the release's layout, holding its argparse.Namespace as the release's do, loads with
+    weights_only=True and fills every encoder tensor of the classifier."""
+    import argparse
+    from types import SimpleNamespace
+    from model import SVFAP, official_key_map
+    c = SimpleNamespace(model="tiny", model_args={"stage_depths": (1, 1, 1)}, task="classification",
+                        num_classes=7, num_outputs=1)
+    mc = pretrain.build_model_config(c.model, c.model_args)
+    source = SVFAP(mc)
+    ours = source.state_dict()
+    release = {key: ours[our_key] for key, our_key in official_key_map(source, pretraining_layout=True).items()}
+    path = tmp_path / "release.pth"
+    torch.save({"model": release, "epoch": 99, "args": argparse.Namespace(model="pretrain_videomae", lr=1.5e-4)}, path)
+    c.init_from = str(path)
+    model = finetune.build_classifier(c, master=True)
+    n = len(model.encoder.state_dict())
+    assert f"loaded {n}/{n} encoder tensors" in capsys.readouterr().out
+    for key, value in model.encoder.state_dict().items():
+        assert torch.equal(value, ours["encoder." + key])
+
+
+# =====================================================================================================
+# the project: README and CI agree
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    ci = open(os.path.join(HERE, ".ci", "run")).read()
+    command = next(line.strip() for line in ci.splitlines() if "pytest" in line and not line.startswith("#"))
+    assert f"    $ {command}\n" in open(os.path.join(HERE, "README.md")).read()
