@@ -58,6 +58,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
+from data import VideoDataset, write_mp4
 from model import CONFIGS, IMAGENET_MEAN, IMAGENET_STD, SVFAP, SVFAPConfig, count_macs, no_weight_decay, tube_mask
 
 # -----------------------------------------------------------------------------
@@ -582,22 +583,6 @@ def reconstruction_frames(model, video, mask):
     return (frames.permute(1, 2, 3, 0) * 255).round().to(torch.uint8).cpu().numpy()
 
 
-def write_mp4(path, frames, fps=6):
-    """frames uint8 (T, H, W, 3) -> H.264 mp4 through PyAV, written to a temporary file then renamed."""
-    import av
-    tmp = path + ".tmp.mp4"
-    with av.open(tmp, mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.options = {"crf": "18"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    os.replace(tmp, path)
-
-
 def reconstruction_video_name(iter_num, cfg):
     kind = "denorm-with-true-patch-stats" if cfg.norm_pix_loss else "plain"
     return f"recon_iter{iter_num:07d}_{kind}.mp4"
@@ -609,7 +594,6 @@ def reconstruction_video_name(iter_num, cfg):
 
 def make_pretrain_dataset(c, key, mode, mc, **kw):
     """data.VideoDataset of the list in config key `key`; load errors become one ConfigError line."""
-    from data import VideoDataset
     list_file = getattr(c, key)
     try:
         ds = VideoDataset(list_file, mode, img_size=mc.img_size, num_frames=mc.num_frames,
