@@ -577,10 +577,10 @@ def multiscale_crop_box(height, width, scales=MULTISCALE_SCALES, generator=None)
     return qy * ((height - crop_h) // 4), qx * ((width - crop_w) // 4), crop_h, crop_w
 
 
-def train_transform(clip, img_size, generator=None):
+def train_transform(clip, img_size, generator=None, scales=MULTISCALE_SCALES):
     """Training augmentation: multi-scale crop, resize to img_size x img_size, random horizontal flip,
-    normalise. uint8 (T, 3, H, W) -> float (3, T, img_size, img_size)."""
-    top, left, crop_h, crop_w = multiscale_crop_box(clip.shape[-2], clip.shape[-1], generator=generator)
+    normalise. uint8 (T, 3, H, W) -> float (3, T, img_size, img_size). scales=(1.0,): flip only."""
+    top, left, crop_h, crop_w = multiscale_crop_box(clip.shape[-2], clip.shape[-1], scales, generator=generator)
     out = resize(clip[..., top:top + crop_h, left:left + crop_w], (img_size, img_size))
     if bool(torch.rand((), generator=generator) < 0.5):
         out = out.flip(-1)
@@ -631,7 +631,7 @@ class VideoDataset(torch.utils.data.Dataset):
 
     def __init__(self, annotation_file, mode, img_size=160, num_frames=16, sampling_rate=4, crop_box=None,
                  root=None, replace_prefix=None, num_clips=2, num_crops=2, repeated_sampling=1, mask_cfg=None,
-                 max_fail_fraction=0.05, task="classification"):
+                 max_fail_fraction=0.05, task="classification", crop_scales=MULTISCALE_SCALES):
         if mode not in MODES:
             raise ValueError(f"VideoDataset: mode={mode!r}; valid modes: {MODES}")
         if task not in TASKS:
@@ -658,6 +658,7 @@ class VideoDataset(torch.utils.data.Dataset):
         self.crop_box = tuple(crop_box) if crop_box is not None else None
         self.num_clips, self.num_crops, self.repeated_sampling = num_clips, num_crops, repeated_sampling
         self.mask_cfg, self.max_fail_fraction = mask_cfg, max_fail_fraction
+        self.crop_scales = tuple(crop_scales)
         rows = _parse_annotation_lines(annotation_file, root, replace_prefix)
         self.samples = [(p, v) for _, p, v in rows]
         self.line_numbers = [n for n, _, _ in rows]
@@ -715,10 +716,10 @@ class VideoDataset(torch.utils.data.Dataset):
         path = self.samples[index][0]
         if self.mode == "pretrain":
             clips = self._read_clips(path, self._choose_training)
-            video = torch.stack([train_transform(c, self.img_size) for c in clips])  # (k, 3, T, H, W)
+            video = torch.stack([train_transform(c, self.img_size, scales=self.crop_scales) for c in clips])  # (k, 3, T, H, W)
             return video, tube_mask(self.repeated_sampling, self.mask_cfg)
         clips = self._read_clips(path, self._choose_training)  # one random window: repeated_sampling is 1 here
-        return train_transform(clips[0], self.img_size), self.targets[index]
+        return train_transform(clips[0], self.img_size, scales=self.crop_scales), self.targets[index]
 
     def __getitem__(self, index):
         if self.mode == "eval":

@@ -55,7 +55,7 @@ import metrics
 from model import SVFAPClassifier, SVFAPConfig, count_macs, load_official_state_dict
 from pretrain import (ConfigError, NonFiniteLoss, EpochSeededDataset, autocast, build_model_config, check_batch,
                       check_list_file, gather_rng_states, iters_per_epoch, load_checkpoint, load_config, log_json,
-                      lr_at, make_train_loader, mfu, param_groups, resolve_dtype, run, save_checkpoint,
+                      lr_at, make_pretrain_dataset, make_train_loader, mfu, param_groups, resolve_dtype, run, save_checkpoint,
                       seed_everything, set_lr, set_rng_state, setup_distributed, train_iteration, trim_log,
                       world_size_from_env)
 
@@ -79,6 +79,7 @@ data_root = ""  # relative paths in the lists resolve against this ("" = the lis
 replace_prefix = ()  # (old, new) rewrites absolute path prefixes: --replace_prefix="('/their/dir', '/my/dir')"
 crop_box = ()  # (top, bottom, left, right) of the face in the stored frames; () = the whole frame
 sampling_rate = 4
+crop_scales = (1.0, 0.875, 0.75, 0.66)  # multi-scale crop of training clips; (1.0,) = flip only
 num_clips = 2  # evaluation: clips spread uniformly in time ...
 num_crops = 2  # ... x spatial crops per video, scores averaged
 num_workers = 8
@@ -106,6 +107,7 @@ warmup_epochs = 5.0  # may be a fraction: warm-up is counted in iterations
 base_lr = 1e-3  # lr = base_lr * batch_size / 256
 min_lr = 1e-6
 layer_decay = 0.75  # layer-wise lr decay: the patch embedding's lr is lr * 0.75^(num_lr_layers - 1)
+head_lr_scale = 1.0  # lr multiplier of fc_norm and head (100 lets a model trained from scratch learn)
 weight_decay = 0.05
 beta1 = 0.9
 beta2 = 0.999
@@ -183,17 +185,7 @@ def soft_cross_entropy(logits, soft_target):
 
 def make_dataset(c, key, mode, mc, **kw):
     """data.VideoDataset of the list in config key `key`, its labels checked against the task."""
-    from data import VideoDataset
-    list_file = getattr(c, key)
-    try:
-        ds = VideoDataset(list_file, mode, img_size=mc.img_size, num_frames=mc.num_frames,
-                          sampling_rate=c.sampling_rate, crop_box=tuple(c.crop_box) or None,
-                          root=c.data_root or None, replace_prefix=tuple(c.replace_prefix) or None,
-                          max_fail_fraction=c.max_fail_fraction, task=c.task, **kw)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{key}: {e}") from None
-    if len(ds) == 0:
-        raise ConfigError(f"{key}={list_file}: the list holds no videos")
+    ds = make_pretrain_dataset(c, key, mode, mc, task=c.task, **kw)
     for i, (path, values) in enumerate(ds.samples):
         if c.task == "classification":
             ok = len(values) >= 1 and values[0] == int(values[0]) and 0 <= values[0] < c.num_classes
@@ -462,7 +454,7 @@ def main(argv):
     lr = c.base_lr * c.batch_size / 256
 
     model.to(d.device)
-    optimizer = torch.optim.AdamW(param_groups(model, c.weight_decay, c.layer_decay), lr=lr,
+    optimizer = torch.optim.AdamW(param_groups(model, c.weight_decay, c.layer_decay, c.head_lr_scale), lr=lr,
                                   betas=(c.beta1, c.beta2), fused=d.device.type == "cuda")
     scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
     iter_num, best = 0, {"value": -math.inf, "epoch": None, "metrics": None}

@@ -77,6 +77,7 @@ data_root = ""  # relative paths in the lists resolve against this ("" = the lis
 replace_prefix = ()  # (old, new) rewrites absolute path prefixes: --replace_prefix="('/their/dir', '/my/dir')"
 crop_box = ()  # (top, bottom, left, right) of the face in the stored frames; () = the whole frame
 sampling_rate = 4  # take every 4th frame: 16 frames span a 64-frame window
+crop_scales = (1.0, 0.875, 0.75, 0.66)  # multi-scale crop of training clips; (1.0,) = flip only
 repeated_sampling = 1  # clips drawn from each decoded video (each one is a sample of the batch)
 num_workers = 8
 max_fail_fraction = 0.05  # stop if more than this fraction of the videos cannot be decoded
@@ -412,11 +413,13 @@ def lr_at(it, lr, min_lr, warmup_iters, total_iters):
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def param_groups(model, weight_decay, layer_decay=1.0):
+def param_groups(model, weight_decay, layer_decay=1.0, head_lr_scale=1.0):
     """AdamW groups. Weight decay only on weight matrices and kernels: not on norms, biases, the mask
     token (model.no_weight_decay; the position tables are fixed buffers, not parameters). With
     layer_decay < 1 (fine-tuning), one group per layer of model.lr_layer_id with
-    lr_scale = layer_decay ** (num_lr_layers - 1 - layer): the patch embedding learns slowest."""
+    lr_scale = layer_decay ** (num_lr_layers - 1 - layer): the patch embedding learns slowest.
+    head_lr_scale multiplies the lr of the classifier's fc_norm and head: the head starts at 0.001 x its
+    initial scale, and a model trained from scratch learns nothing until the head has grown."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -426,8 +429,10 @@ def param_groups(model, weight_decay, layer_decay=1.0):
         if layer_decay != 1.0:
             layer = model.lr_layer_id(name)
             scale = layer_decay ** (model.num_lr_layers - 1 - layer)
-        group = groups.setdefault((layer, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0,
-                                                   "lr_scale": scale, "layer": layer})
+        head = name.startswith(("head.", "fc_norm."))
+        scale *= head_lr_scale if head else 1.0
+        group = groups.setdefault((layer, decay, head), {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                                                         "lr_scale": scale, "layer": layer})
         group["params"].append(p)
     return [groups[k] for k in sorted(groups)]
 
@@ -599,7 +604,7 @@ def make_pretrain_dataset(c, key, mode, mc, **kw):
         ds = VideoDataset(list_file, mode, img_size=mc.img_size, num_frames=mc.num_frames,
                           sampling_rate=c.sampling_rate, crop_box=tuple(c.crop_box) or None,
                           root=c.data_root or None, replace_prefix=tuple(c.replace_prefix) or None,
-                          max_fail_fraction=c.max_fail_fraction, **kw)
+                          max_fail_fraction=c.max_fail_fraction, crop_scales=tuple(c.crop_scales), **kw)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}: {e}") from None
     if len(ds) == 0:

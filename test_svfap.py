@@ -1719,3 +1719,16 @@ def test_demo_valence_arousal_follow_the_class():
     v = {c: np.mean([demo_clip_plan(0, i, 0, k)["valence"] for i in range(50)]) for k, c in enumerate(DEMO_CLASSES)}
     a = {c: np.mean([demo_clip_plan(0, i, 0, k)["arousal"] for i in range(50)]) for k, c in enumerate(DEMO_CLASSES)}
     assert v["happy"] > 0.4 and v["sad"] < -0.4 and a["surprise"] > 0.4 and a["sad"] < -0.2
+
+
+def test_head_lr_scale_speeds_up_only_fc_norm_and_head():
+    model = SVFAPClassifier(TINY, 6)
+    groups = pretrain.param_groups(model, 0.05, layer_decay=0.75, head_lr_scale=100.0)
+    owner = {id(p): n for n, p in model.named_parameters()}
+    for g in groups:
+        names = [owner[id(p)] for p in g["params"]]
+        head = [n.startswith(("head.", "fc_norm.")) for n in names]
+        assert all(head) or not any(head), names
+        top = 0.75 ** (model.num_lr_layers - 1 - g["layer"])
+        assert g["lr_scale"] == pytest.approx(top * (100.0 if head[0] else 1.0))
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
