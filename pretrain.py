@@ -716,7 +716,7 @@ def main(argv):
             "rng": rng})
         if vis is not None:
             path = os.path.join(c.out_dir, reconstruction_video_name(iter_num, mc))
-            write_mp4(path, reconstruction_frames(raw_model, *vis))
+            write_mp4(path, reconstruction_frames(raw_model, *vis), fps=6)  # slow enough to watch 16 frames
 
     warmup_iters = round(c.warmup_epochs * n_iter_epoch)
     last_good = (f"the last good checkpoint {ckpt_path} (iteration {iter_num}) is untouched" if iter_num
