@@ -57,7 +57,7 @@ from pretrain import (ConfigError, NonFiniteLoss, EpochSeededDataset, autocast, 
                       check_list_file, gather_rng_states, iters_per_epoch, load_checkpoint, load_config, log_json,
                       lr_at, make_pretrain_dataset, make_train_loader, mfu, param_groups, resolve_dtype, run, save_checkpoint,
                       seed_everything, set_lr, set_rng_state, setup_distributed, train_iteration, trim_log,
-                      world_size_from_env)
+                      world_size_from_env, write_json)
 
 # -----------------------------------------------------------------------------
 # config: defaults are the paper's fine-tuning recipe (section 7); config/finetune_*.py name the data
@@ -232,11 +232,6 @@ def evaluate(model, dataset, d, c, amp):
     return idx, scores, targets
 
 
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-
-
 def compute_metrics(task, targets, scores):
     if task == "classification":
         return {"uar": metrics.uar(targets, scores), "war": metrics.war(targets, scores)}
@@ -407,6 +402,7 @@ def overlap_warning(val, test):
 
 
 def main(argv):
+    t_start = time.time()
     c = SimpleNamespace(**load_config({k: globals()[k] for k in CONFIG_KEYS}, argv))
     if c.predict:
         return predict_videos(c)
@@ -595,6 +591,7 @@ def main(argv):
         if d.master:
             chosen = "test_predictions_best.csv" if "test_best" in results else "test_predictions_last.csv"
             os.replace(os.path.join(c.out_dir, chosen), os.path.join(c.out_dir, "test_predictions.csv"))
+    results["wall_time_s"] = time.time() - t_start  # this process: start-up, training, evaluation
     if d.master:
         write_json(os.path.join(c.out_dir, "results.json"), results)
         print(summary(c, results, warning))

@@ -14,10 +14,16 @@ percentages with two decimals and CCC/PCC/ACC with four decimals, as the paper p
 
 Usage:
   python metrics.py out/dfew/fold1/test_predictions.csv ... out/dfew/fold5/test_predictions.csv
+  python metrics.py --summary "from scratch=out/compare/scratch_seed*" "pre-trained=out/compare/pre_seed*"
+      one row per NAME=GLOB: the runs (finetune.py or pretrain.py out_dirs) that GLOB matches, their test
+      UAR and WAR as mean +- sample standard deviation and min..max, and the wall time of a run (the
+      "wall_time_s" of each run's results.json); a Markdown table, as the README shows it
 """
 
 import argparse
 import csv
+import glob
+import json
 import os
 import sys
 import tempfile
@@ -456,12 +462,80 @@ def format_report(pred, title=None):
     return "\n".join(lines)
 
 
+# -----------------------------------------------------------------------------
+# summary of repeated runs (seeds)
+
+
+def _spread(values):
+    """'mean +- sd (min..max)' of percentages; sd is the sample standard deviation (n - 1)."""
+    v = np.asarray(values, dtype=np.float64)
+    sd = v.std(ddof=1) if len(v) > 1 else 0.0
+    return f"{v.mean():.2f} ± {sd:.2f} ({v.min():.2f}..{v.max():.2f})"
+
+
+def summarize_runs(groups):
+    """Markdown table of repeated runs. groups: [(name, [run_dir, ...])]. A run_dir with a
+    test_predictions.csv (finetune.py) adds its UAR / WAR; its results.json gives wall_time_s."""
+    rows = [["runs", "n", "test UAR % mean ± sd (min..max)", "test WAR % mean ± sd (min..max)",
+             "UAR % of each run", "wall time per run"]]
+    for name, dirs in groups:
+        if not dirs:
+            raise ValueError(f"{name}: no run directories match")
+        uars, wars, times = [], [], []
+        for d in dirs:
+            pred_path = os.path.join(d, "test_predictions.csv")
+            if os.path.exists(pred_path):
+                p = read_predictions(pred_path)
+                if p.task != "classification":
+                    raise ValueError(f"{pred_path}: --summary reports UAR and WAR, but this file holds regression")
+                uars.append(100 * uar(p.targets, p.scores))
+                wars.append(100 * war(p.targets, p.scores))
+            results_path = os.path.join(d, "results.json")
+            if not os.path.exists(results_path):
+                raise ValueError(f"{d}: no results.json; did the run finish?")
+            with open(results_path) as f:
+                t = json.load(f).get("wall_time_s")
+            if t is None:
+                raise ValueError(f"{results_path}: no wall_time_s")
+            times.append(t / 60)
+        if uars and len(uars) != len(dirs):
+            raise ValueError(f"{name}: {len(dirs) - len(uars)} of {len(dirs)} runs have no test_predictions.csv")
+        t = np.asarray(times)
+        time_cell = f"{t.mean():.1f} min" + (f" ({t.min():.1f}..{t.max():.1f})" if len(t) > 1 else "")
+        rows.append([name, str(len(dirs)), _spread(uars) if uars else "-", _spread(wars) if wars else "-",
+                     " ".join(f"{u:.2f}" for u in uars) or "-", time_cell])
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("---" if c == 0 else "---:" for c in range(len(rows[0]))) + "|")
+    return "\n".join(lines)
+
+
+def _summary_groups(specs):
+    groups = []
+    for spec in specs:
+        name, sep, pattern = spec.rpartition("=")
+        if not sep or not name or not pattern:
+            raise ValueError(f"--summary {spec!r}: expected NAME=GLOB, e.g. \"scratch=out/compare/scratch_seed*\"")
+        groups.append((name, sorted(d for d in glob.glob(pattern) if os.path.isdir(d))))
+    return groups
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Report metrics of prediction files written by finetune.py. Several files (e.g. "
                     "cross-validation folds) are pooled first, then the metrics are computed once.")
-    parser.add_argument("files", nargs="+", metavar="FILE", help="prediction CSV files")
+    parser.add_argument("files", nargs="*", metavar="FILE", help="prediction CSV files")
+    parser.add_argument("--summary", nargs="+", metavar="NAME=GLOB",
+                        help="table rows of repeated runs: each row is the run directories GLOB matches")
     args = parser.parse_args(argv)
+    if bool(args.files) == bool(args.summary):
+        parser.error("give prediction files, or --summary NAME=GLOB ..., not both")
+    if args.summary:
+        try:
+            print(summarize_runs(_summary_groups(args.summary)))
+        except (OSError, ValueError) as e:
+            print(f"metrics.py: error: {e}", file=sys.stderr)
+            return 1
+        return 0
     try:
         preds = [read_predictions(f) for f in args.files]
         pooled = pool_predictions(preds, args.files)

@@ -22,10 +22,11 @@ batch_size / (world_size * grad_accum) videos per micro-step. lr = base_lr * cli
 clips per step = batch_size * repeated_sampling.
 
 Outputs in out_dir: ckpt.pt (the latest checkpoint, written atomically), log.jsonl (one JSON object per
-logged iteration), and with each checkpoint recon_iterNNNNNNN_*.mp4: validation clips as
-original | masked input | reconstruction. With norm_pix_loss the reconstruction is de-normalised with the
-true patches' mean and std (the file name says "denorm-with-true-patch-stats"): that uses information the
-model never saw, so the picture flatters the model.
+logged iteration), results.json at the end (iterations, last loss, wall time), and with each checkpoint
+recon_iterNNNNNNN_*.mp4: validation clips as original | masked input | reconstruction. With norm_pix_loss
+the reconstruction is de-normalised with the true patches' mean and std (the file name says
+"denorm-with-true-patch-stats"): that uses information the model never saw, so the picture flatters the
+model.
 
 `--init_from=resume` continues from out_dir/ckpt.pt at the iteration where it stopped, mid-epoch too, and
 gives the losses the uninterrupted run would have given: the data order depends only on (seed, epoch),
@@ -140,8 +141,10 @@ def check_type(key, value, default, source):
     else:
         ok = isinstance(value, type(default))
     if not ok:
+        hint = (f"; on the command line write --{key}.FIELD=VALUE or --{key}=\"{{'field': value}}\""
+                if isinstance(default, dict) else "")
         raise ConfigError(f"{source}: {key} must be {_type_name(default)}, got {value!r} "
-                          f"({type(value).__name__})")
+                          f"({type(value).__name__}){hint}")
     return value
 
 
@@ -526,6 +529,11 @@ def log_json(path, record):
         f.write(json.dumps(record) + "\n")
 
 
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
 def trim_log(path, iter_num):
     """On resume, drop log lines of iterations after the checkpoint: they are about to be run again."""
     if not os.path.isfile(path):
@@ -613,6 +621,7 @@ def make_pretrain_dataset(c, key, mode, mc, **kw):
 
 
 def main(argv):
+    t_start = time.time()
     c = SimpleNamespace(**load_config({k: globals()[k] for k in CONFIG_KEYS}, argv))
     # checks that need no process group come first, so a bad setting costs no start-up
     if c.init_from not in ("scratch", "resume"):
@@ -722,6 +731,7 @@ def main(argv):
     last_good = (f"the last good checkpoint {ckpt_path} (iteration {iter_num}) is untouched" if iter_num
                  else "no checkpoint had been written yet")
     bar = tqdm(total=stop_iter, initial=iter_num, disable=not d.master, desc="pretrain", dynamic_ncols=True)
+    loss = None
     try:
         while iter_num < stop_iter:
             epoch, start = divmod(iter_num, n_iter_epoch)
@@ -756,6 +766,9 @@ def main(argv):
     finally:
         bar.close()
     if d.master:
+        # wall time of this process (start-up and training); metrics.py --summary reads it
+        write_json(os.path.join(c.out_dir, "results.json"), {"iterations": iter_num, "last_loss": loss,
+                                                             "wall_time_s": time.time() - t_start})
         print(f"done: {iter_num} iterations; checkpoint {ckpt_path}, log {log_path}")
 
 

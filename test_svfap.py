@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import warnings
@@ -777,6 +778,37 @@ def test_cli_reports_a_missing_file_without_a_traceback(tmp_path):
     assert out.returncode != 0 and "nope.csv" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_summary_of_seeds_gives_mean_sample_sd_and_range_of_each_group(tmp_path):
+    """--summary: one Markdown row per NAME=GLOB; UAR / WAR of each run from its test_predictions.csv,
+    mean and sample sd (n - 1) computed here by hand, wall time from results.json."""
+    runs = {"pre": [(10, 0), (8, 2), (6, 4)], "scratch": [(5, 5), (5, 5), (4, 6)]}  # (right, wrong) per run
+    for name, counts in runs.items():
+        for seed, (right, wrong) in enumerate(counts):
+            d = tmp_path / f"{name}_seed{seed}"
+            d.mkdir()
+            y = [0] * 5 + [1] * 5  # balanced, so UAR = WAR = right / 10
+            p = [t if i < right else 1 - t for i, t in enumerate(y[:right] + y[right:])]
+            metrics.write_predictions(d / "test_predictions.csv", range(10), y, np.eye(2)[p])
+            (d / "results.json").write_text(json.dumps({"wall_time_s": 60.0 * (seed + 1)}))
+    pt = tmp_path / "pretrain"
+    pt.mkdir()
+    (pt / "results.json").write_text(json.dumps({"wall_time_s": 600.0}))
+    out = metrics_run_cli("--summary", f"pre-trained={tmp_path}/pre_seed*", f"from scratch={tmp_path}/scratch_seed*",
+                          f"pre-training={pt}")
+    assert out.returncode == 0, out.stderr
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in out.stdout.splitlines()[2:]}
+    # pre: 100, 80, 60 -> mean 80, sd sqrt(((20^2) * 2) / 2) = 20; scratch: 50, 50, 40 -> 46.67, sd 5.77
+    assert rows["pre-trained"] == ["3", "80.00 ± 20.00 (60.00..100.00)", "80.00 ± 20.00 (60.00..100.00)",
+                                   "100.00 80.00 60.00", "2.0 min (1.0..3.0)"]
+    assert rows["from scratch"][1] == "46.67 ± 5.77 (40.00..50.00)"
+    assert rows["pre-training"] == ["1", "-", "-", "-", "10.0 min"]
+    missing = metrics_run_cli("--summary", f"x={tmp_path}/nothing*")
+    assert missing.returncode != 0 and "x: no run directories match" in missing.stderr
+    (tmp_path / "pre_seed0" / "results.json").unlink()
+    unfinished = metrics_run_cli("--summary", f"pre={tmp_path}/pre_seed*")
+    assert unfinished.returncode != 0 and "pre_seed0: no results.json" in unfinished.stderr
+
+
 # =====================================================================================================
 # data: Tests for data.py. Every input is generated here with PyAV: small clips in several containers and codecs,
 # frame folders, broken files. The reference for "the right frames" is a plain full sequential decode.
@@ -1369,7 +1401,9 @@ def test_finetuning_resume_reproduces_drop_path_mixup_and_erasing(train_data, tr
     full, resumed = train_losses(train_finetuned[0]), train_losses(tmp_path)
     assert len(full) == 6 and sorted(resumed) == sorted(full)
     assert all(abs(resumed[it] - full[it]) <= 1e-6 for it in range(3, 7)), (full, resumed)
-    assert json.load(open(tmp_path / "results.json")) == json.load(open(train_finetuned[0] / "results.json"))
+    results, results_full = (json.load(open(d / "results.json")) for d in (tmp_path, train_finetuned[0]))
+    assert results.pop("wall_time_s") > 0 and results_full.pop("wall_time_s") > 0
+    assert results == results_full
 
 
 def test_crash_while_writing_a_checkpoint_leaves_the_last_one_loadable(train_data, tmp_path):
@@ -1599,6 +1633,39 @@ def test_release_checkpoint_with_its_argparse_namespace_loads_safely(tmp_path, c
     assert f"loaded {n}/{n} encoder tensors" in capsys.readouterr().out
     for key, value in model.encoder.state_dict().items():
         assert torch.equal(value, ours["encoder." + key])
+
+
+def test_make_compare_runs_every_seed_and_setting_and_skips_finished_runs(train_data, tmp_path):
+    """`make compare` (the README's demo comparison) on tiny data and a seconds-long budget: every
+    (seed, setting) run happens, the table has one row per group with n = 2, and a second `make` redoes
+    nothing."""
+    data = tmp_path / "data"
+    data.mkdir()
+    os.symlink(train_data / "videos", data / "videos")
+    for name, source in (("pretrain", "pretrain"), ("train", "train"), ("val", "val"), ("test", "test")):
+        (data / f"{name}.txt").write_text((train_data / f"{source}.txt").read_text())
+    (data / "train_10pct.txt").write_text("".join((train_data / "train.txt").read_text().splitlines(True)[:4]))
+    py = sys.executable
+    common = shlex.join([*TRAIN_MODEL_ARGS, *TRAIN_COMMON, "--epochs=1"])  # make hands the commands to sh
+    out = tmp_path / "compare"
+    make = ["make", "-s", "-j2", "compare", f"OUT={out}", f"DATA={data}", "SEEDS=0 1", f"PYTHON={py}",
+            f"PRETRAIN={py} pretrain.py {common} --base_lr=0.3 --vis_clips=0 --train_list={data}/pretrain.txt",
+            f"FINETUNE={py} finetune.py {common} --num_classes=3 --eval_batch_size=2 --num_clips=1 --num_crops=1",
+            "FEW_ARGS=--batch_size=2"]
+    done = subprocess.run(make, cwd=TRAIN_REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = (out / "results.md").read_text()
+    assert done.stdout.endswith(table)
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in table.splitlines()[2:]}
+    assert list(rows) == ["pre-training on pretrain.txt", "train.txt (all labels), pre-trained",
+                          "train.txt (all labels), from scratch", "train_10pct.txt (10% of the labels), pre-trained",
+                          "train_10pct.txt (10% of the labels), from scratch"]
+    assert all(r[0] == "2" for r in rows.values()) and rows["pre-training on pretrain.txt"][1] == "-"
+    for name in ("full_pretrained_seed1", "10pct_scratch_seed0"):
+        assert json.load(open(out / name / "results.json"))["wall_time_s"] > 0
+    assert "loaded" in (out / "10pct_pretrained_seed1.log").read_text()  # from pretrain_seed1's checkpoint
+    again = subprocess.run(make, cwd=TRAIN_REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "==" not in again.stdout and again.stdout == table
 
 
 # =====================================================================================================

@@ -14,7 +14,7 @@ test_list = "data/demo/test.txt"
 num_classes = 6
 class_names = ("happy", "sad", "angry", "surprise", "disgust", "fear")  # data/demo/classes.txt
 model = "tiny"
-model_args = dict(drop_path=0.0)
+model_args = dict(drop_path=0.0, patch_size=16)  # the patch size of config/pretrain_demo.py
 sampling_rate = 1  # a demo clip is 16 frames: one window,
 num_clips = 1  # so one clip per video covers it,
 num_crops = 1  # and the frames are square: one crop
