@@ -35,7 +35,6 @@ Outputs in out_dir: ckpt.pt (latest, for resume), best.pt, log.jsonl, val_predic
 test_predictions.csv, test_predictions_last.csv, results.json.
 """
 
-import json
 import math
 import os
 import sys

@@ -787,7 +787,7 @@ def test_summary_of_seeds_gives_mean_sample_sd_and_range_of_each_group(tmp_path)
             d = tmp_path / f"{name}_seed{seed}"
             d.mkdir()
             y = [0] * 5 + [1] * 5  # balanced, so UAR = WAR = right / 10
-            p = [t if i < right else 1 - t for i, t in enumerate(y[:right] + y[right:])]
+            p = [t if i < right else 1 - t for i, t in enumerate(y)]  # the first `right` predictions are right
             metrics.write_predictions(d / "test_predictions.csv", range(10), y, np.eye(2)[p])
             (d / "results.json").write_text(json.dumps({"wall_time_s": 60.0 * (seed + 1)}))
     pt = tmp_path / "pretrain"
