@@ -1272,7 +1272,10 @@ def _make_clip(job):
     out, seed, clip_id, identity, label, size, num_frames = job
     ident = demo_identity(seed, identity)
     plan = demo_clip_plan(seed, clip_id, identity, label, num_frames)
-    write_mp4(os.path.join(out, "videos", f"{clip_id:05d}.mp4"), render_demo_clip(ident, plan, size, num_frames))
+    # asm=0: x264's SIMD kernels (AVX-512 here) gave other bytes in 1 of ~20 clips when two encoders ran at
+    # once (measured; AVX2 and lower, and plain C, never did); its C code gives the same bytes on any CPU.
+    write_mp4(os.path.join(out, "videos", f"{clip_id:05d}.mp4"), render_demo_clip(ident, plan, size, num_frames),
+              options={"x264-params": "asm=0"})
     return plan["valence"], plan["arousal"]
 
 
