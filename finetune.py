@@ -11,6 +11,10 @@ MAFW, ...) or regression (dimensional emotion, personality), as section 5 and 7 
     python finetune.py config/finetune_demo.py --eval_only=True --ckpt=out/finetune_demo/best.pt
     # per-class probabilities (or regression values) of face videos, averaged over the evaluation views
     python finetune.py --predict=a.mp4 --predict=b.mp4 --ckpt=out/finetune_demo/best.pt
+    # clip features of every line of a list (labels optional), for a linear probe or retrieval
+    python finetune.py --extract=LIST --ckpt=CKPT --out_dir=DIR
+    # what the K bottleneck tokens of each TPSBT stage look at in one video
+    python finetune.py --explain=VIDEO --ckpt=CKPT --out=bottleneck.png
 
 Configuration works as in pretrain.py (a config file, then --key=value; see its docstring). Paths
 containing "{fold}" take the value of --fold.
@@ -31,10 +35,18 @@ The authors' release validated on the test set (DFEW's val lists are copies of i
 "best epoch" was chosen on test: when val and test share videos this script says so loudly and reports
 the last epoch's test metrics beside the best-on-val ones.
 
+Broken files: training skips an unreadable video (and counts it); evaluation never does, so every entry
+of val_list and test_list is checked at start-up, before the first step, and the run stops naming them.
+
+--extract writes DIR/features.npy, float32 (N, C), one row per line of LIST in list order, each row the clip
+embedding averaged over the evaluation views, and DIR/features.csv (row, path). CKPT may be a finetune.py
+checkpoint (the pooled features after fc_norm, the head's input), a pretrain.py checkpoint (the mean-pooled
+last-stage tokens of the encoder), or a checkpoint of the authors' release (shape from `model`; fc_norm
+output when it holds fc_norm, else the mean-pooled tokens).
+
 Outputs in out_dir: ckpt.pt (latest, for resume), best.pt, log.jsonl, val_predictions.csv (best epoch),
 test_predictions.csv, test_predictions_last.csv, results.json.
 """
-
 import math
 import os
 import sys
@@ -46,17 +58,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import metrics
-from model import SVFAPClassifier, SVFAPConfig, count_macs, load_official_state_dict
-from pretrain import (ConfigError, NonFiniteLoss, EpochSeededDataset, autocast, build_model_config, check_batch,
-                      check_list_file, gather_rng_states, iters_per_epoch, load_checkpoint, load_config, log_json,
-                      lr_at, make_pretrain_dataset, make_train_loader, mfu, param_groups, resolve_dtype, run, save_checkpoint,
-                      seed_everything, set_lr, set_rng_state, setup_distributed, train_iteration, trim_log,
-                      world_size_from_env, write_json)
+from data import atomic_path, device_transform
+from model import SVFAPClassifier, SVFAPConfig, load_official_state_dict
+from pretrain import (ConfigError, autocast, build_model_config, check_list_file, fit, load_checkpoint, load_config,
+                      log_json, make_dataset, make_optimizer, param_groups, resume_checkpoint, run, save_checkpoint,
+                      setup, write_json)
 
 # -----------------------------------------------------------------------------
 # config: defaults are the paper's fine-tuning recipe (section 7); config/finetune_*.py name the data
@@ -65,10 +75,13 @@ _names_before_config = set(globals())
 out_dir = "out/finetune"
 init_from = "scratch"  # "scratch" | "resume" | path of a pretrain.py checkpoint | path of a release checkpoint
 ckpt_every = 0  # also save every N iterations (0: at the end of every epoch and of the run only)
-log_interval = 10  # iterations between lines of out_dir/log.jsonl
+log_interval = 10  # iterations between lines of out_dir/log.jsonl (the only steps that read values back)
 eval_only = False  # evaluate `ckpt` on val_list and test_list, no training
-ckpt = ""  # checkpoint for eval_only and predict
+ckpt = ""  # checkpoint for eval_only, predict, extract and explain
 predict = []  # videos to score with `ckpt`: --predict=VIDEO, repeatable
+extract = ""  # a list of videos to write clip features of (out_dir/features.npy)
+explain = ""  # a video to draw the bottleneck tokens' spatial attention of (to `out`)
+out = "bottleneck.png"  # the picture of --explain
 # data
 train_list = ""  # "<path> <label>" per line, or "<path> <v1> <v2> ..." for regression (section 8)
 val_list = ""  # "" = no validation: the last epoch is the model
@@ -116,19 +129,118 @@ device = "auto"
 dtype = "auto"
 compile = False
 seed = 0
-peak_tflops = 312.0
+peak_tflops = 0.0
 CONFIG_KEYS = [k for k in globals() if k not in _names_before_config and not k.startswith("_")]
 # -----------------------------------------------------------------------------
 
 METRICS = {"classification": ("uar", "war"), "regression": ("ccc", "pcc")}
 
 
-# --- losses: label smoothing, mixup and cutmix -------------------------------------
+def main(argv):
+    t_start = time.time()
+    c = load_config({k: globals()[k] for k in CONFIG_KEYS}, argv)
+    if c.predict or c.extract or c.explain:
+        return (predict_videos if c.predict else extract_features if c.extract else explain_video)(c)
+    apply_fold(c)
+    if c.eval_only:
+        return evaluate_checkpoint(c)
+    check_task(c)
+    for key in ("train_list", "val_list", "test_list"):
+        if key == "train_list" or getattr(c, key):
+            check_list_file(key, getattr(c, key))
+    if c.init_from not in ("scratch", "resume") and not os.path.isfile(c.init_from):
+        raise ConfigError(f"init_from={c.init_from}: no such checkpoint file (valid: scratch, resume or the path "
+                          f"of a pretrain.py or authors' release checkpoint)")
+    checkpoint = resume_checkpoint(c)
+    d = setup(c)
+    n_out = num_model_outputs(c)
+    # model first: a pretrain.py checkpoint decides the encoder's shape, and with it the clip size
+    model = (SVFAPClassifier(SVFAPConfig.from_dict(checkpoint["model_config"]), n_out) if checkpoint
+             else build_classifier(c, d.master)).to(d.device)
+    mc = model.cfg
+    train_set = make_dataset(c, "train_list", "train", mc, task=c.task, num_outputs=n_out)
+    eval_sets = {split: eval_dataset(c, f"{split}_list", mc) for split in ("val", "test") if getattr(c, f"{split}_list")}
+    warning = overlap_warning(eval_sets["val"], eval_sets["test"]) if len(eval_sets) == 2 else ""
+    if warning and d.master:
+        print("!" * 100 + "\n" + warning + "\n" + "!" * 100)
+    lr = c.base_lr * c.batch_size / 256
+    optimizer = make_optimizer(param_groups(model, c.weight_decay, c.layer_decay, c.head_lr_scale), lr, c, d)
+    best = checkpoint["best"] if checkpoint else {"value": -math.inf, "epoch": None, "metrics": None}
+    best_path = os.path.join(c.out_dir, "best.pt")
+    if d.master:
+        print(f"fine-tuning ({c.task}, {n_out} outputs, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+              f"params) on {len(train_set)} videos from {c.train_list}; lr {lr:.3g} = {c.base_lr:g} x "
+              f"{c.batch_size}/256, layer decay {c.layer_decay}")
+
+    def loss_fn(net, batch):
+        frames, boxes, target = batch  # (b, T, 3, H, W) uint8, (b, 5), (b,) class indices or (b, D) values
+        video = device_transform(frames, boxes, mc.img_size)  # (b, 3, T, H, W)
+        if c.random_erase > 0:  # an input augmentation of the release's data pipeline, so before mixup
+            video = random_erasing(video, c.random_erase)
+        if c.task == "regression":
+            return F.mse_loss(net(video).float(), target.float())
+        soft = smooth_one_hot(target, n_out, c.label_smoothing)
+        if c.mixup > 0 or c.cutmix > 0:
+            video, soft = mixup_cutmix(video, soft, c.mixup, c.cutmix)
+        return soft_cross_entropy(net(video).float(), soft)
+
+    def validate(epoch, iter_num):
+        """Evaluate val; keep best.pt and val_predictions.csv when best_metric improves."""
+        model.eval()
+        idx, scores = evaluate(view_scores(model, c.task), eval_sets["val"], d, c)
+        model.train()
+        targets = list_targets(eval_sets["val"], idx, c.task)
+        m = compute_metrics(c.task, targets, scores)
+        improved = m[c.best_metric] > best["value"]
+        if improved:
+            best.update(value=m[c.best_metric], epoch=epoch, metrics=m)
+        if d.master:
+            if improved:
+                save_checkpoint(best_path, {"model": model.state_dict(), "config": vars(c),
+                                            "model_config": mc.to_dict(), "best": best})
+                write_predictions(os.path.join(c.out_dir, "val_predictions.csv"), eval_sets["val"], idx, scores, c)
+            log_json(os.path.join(c.out_dir, "log.jsonl"), {"iter": iter_num, "epoch": epoch, "val": m})
+            tqdm.write(f"epoch {epoch}: val {format_metrics(m)}" + ("  (best so far)" if improved else ""))
+
+    example = (torch.zeros(1, mc.in_chans, mc.num_frames, mc.img_size, mc.img_size, device=d.device),)
+    epochs_done, _ = fit(c, d, model, optimizer, lr, train_set, loss_fn, checkpoint, c.batch_size, example,
+                         after_epoch=validate if "val" in eval_sets else None, extra_state=lambda: {"best": best})
+    last_epoch = math.ceil(epochs_done)
+    model.eval()
+    results = {"best_metric": c.best_metric, "best_epoch": best["epoch"], "val": best["metrics"],
+               "last_epoch": last_epoch, "val_test_overlap": bool(warning)}
+    if "test" in eval_sets:  # the model of the last epoch, then the best val epoch's when that differs
+        runs = [("last", None)] + ([("best", best_path)] if best["epoch"] not in (None, last_epoch) else [])
+        for name, path in runs:
+            if path:
+                if d.ddp:
+                    dist.barrier()  # rank 0 wrote best.pt
+                model.load_state_dict(load_checkpoint(path)["model"])
+            idx, scores = evaluate(view_scores(model, c.task), eval_sets["test"], d, c)
+            results[f"test_{name}"] = compute_metrics(c.task, list_targets(eval_sets["test"], idx, c.task), scores)
+            if d.master:
+                write_predictions(os.path.join(c.out_dir, f"test_predictions_{name}.csv"), eval_sets["test"], idx,
+                                  scores, c)
+        results["test"] = results.get("test_best", results["test_last"])
+        if d.master:
+            chosen = "test_predictions_best.csv" if "test_best" in results else "test_predictions_last.csv"
+            os.replace(os.path.join(c.out_dir, chosen), os.path.join(c.out_dir, "test_predictions.csv"))
+    results["wall_time_s"] = time.time() - t_start  # this process: start-up, training, evaluation
+    if d.master:
+        write_json(os.path.join(c.out_dir, "results.json"), results)
+        print(summary(c, results, warning))
+
+
+# --- losses: label smoothing, random erasing, mixup and cutmix ---------------------------------------
 
 
 def smooth_one_hot(target, num_classes, smoothing):
     """(B,) class indices -> (B, C) targets: 1 - smoothing + smoothing/C on the class, smoothing/C elsewhere."""
     return F.one_hot(target, num_classes).float() * (1.0 - smoothing) + smoothing / num_classes
+
+
+def soft_cross_entropy(logits, soft_target):
+    return torch.sum(-soft_target * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
 def mixup_cutmix(video, soft_target, mixup_alpha, cutmix_alpha, switch_prob=0.5):
@@ -175,60 +287,55 @@ def random_erasing(video, prob, min_area=0.02, max_area=1 / 3, min_aspect=0.3):
     return video
 
 
-def soft_cross_entropy(logits, soft_target):
-    return torch.sum(-soft_target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+# --- evaluation ------------------------------------------------------------------------------------
 
 
-# --- data -----------------------------------------------------------------------------
-
-
-def make_dataset(c, key, mode, mc, **kw):
-    """data.VideoDataset of the list in config key `key`, its labels checked against the task."""
-    ds = make_pretrain_dataset(c, key, mode, mc, task=c.task, **kw)
-    for i, (path, values) in enumerate(ds.samples):
-        if c.task == "classification":
-            ok = len(values) >= 1 and values[0] == int(values[0]) and 0 <= values[0] < c.num_classes
-            rule = f"a class index in 0..{c.num_classes - 1} (num_classes={c.num_classes})"
-        else:
-            ok = len(values) == c.num_outputs
-            rule = f"{c.num_outputs} numbers (num_outputs={c.num_outputs})"
-        if not ok:
-            raise ConfigError(f"{key}={list_file}: entry {i + 1} ({path}) has label(s) {values}; expected {rule}")
+def eval_dataset(c, key, mc):
+    """An "eval" dataset of the list in config key `key`; every entry must be readable (evaluation never
+    skips a video), which is checked now rather than after the last training epoch."""
+    ds = make_dataset(c, key, "eval", mc, num_clips=c.num_clips, num_crops=c.num_crops, task=c.task,
+                      num_outputs=num_model_outputs(c) if key != "extract" else 0)
+    bad = ds.unreadable()
+    if bad:
+        shown = "; ".join(f"line {n}: {path} ({reason})" for n, path, reason in bad[:20])
+        raise ConfigError(f"{key}={getattr(c, key)}: {len(bad)} of {len(ds)} entries cannot be read (evaluation "
+                          f"never skips a video; fix or remove them): {shown}" + ("; ..." if len(bad) > 20 else ""))
     return ds
 
 
-@torch.no_grad()
-def evaluate(model, dataset, d, c, amp):
-    """Scores of every video of an "eval" dataset, on every rank: (indices (N,), scores (N, C or D), targets).
+def view_scores(model, task):
+    """Per-view scores: softmax probabilities (classification, as the release's merge step averages them) or
+    the regression outputs."""
+    return lambda video: model(video).float().softmax(-1) if task == "classification" else model(video).float()
 
-    Each process takes every world_size-th video, without the padding DistributedSampler would add (that
-    would count some videos twice), then (index, scores) rows are gathered and sorted by index."""
-    was_training = model.training
-    model.eval()
-    indices = list(range(d.rank, len(dataset), d.world_size))
-    loader = DataLoader(Subset(dataset, indices), batch_size=c.eval_batch_size, shuffle=False,
-                        num_workers=c.num_workers, pin_memory=d.device.type == "cuda",
-                        generator=torch.Generator())  # without it, starting the loader draws from the global generator
+
+@torch.no_grad()
+def evaluate(score_fn, dataset, d, c):
+    """(indices (N,), scores (N, C)) of every video of an "eval" dataset, on every rank: score_fn of each
+    view, averaged over the num_clips x num_crops views of a video. Each process takes every world_size-th
+    video, without the padding DistributedSampler would add (that would count some videos twice); the
+    (index, scores) rows are gathered and sorted by index, so the result equals a single process's."""
+    loader = DataLoader(Subset(dataset, range(d.rank, len(dataset), d.world_size)), c.eval_batch_size,
+                        num_workers=c.num_workers, pin_memory=d.device.type == "cuda", generator=torch.Generator())
     rows = []
-    for views, _, index in loader:
+    for views, _, index in tqdm(loader, disable=not d.master, desc="evaluate", leave=False, dynamic_ncols=True):
         B, V = views.shape[:2]
-        with amp:
-            out = model(views.flatten(0, 1).to(d.device, non_blocking=True))  # (B*V, C)
-        out = out.float().view(B, V, -1)
-        # the release's merge step averages softmax probabilities over the views
-        scores = out.softmax(-1).mean(1) if c.task == "classification" else out.mean(1)  # (B, C)
+        video = device_transform(views.flatten(0, 1).to(d.device, non_blocking=True), None, dataset.img_size)
+        with autocast(d):
+            scores = score_fn(video).float().view(B, V, -1).mean(1)  # (B, C)
         rows += zip(index.tolist(), scores.cpu().tolist())
     if d.ddp:
         parts = [None] * d.world_size
         dist.all_gather_object(parts, rows)
         rows = [row for part in parts for row in part]
-    rows = sorted({row[0]: row for row in rows}.values())  # dedupe by index, then index order
-    model.train(was_training)
-    idx = np.array([r[0] for r in rows])
-    scores = np.array([r[1] for r in rows], dtype=np.float64)
-    labels = [dataset.samples[i][1] for i in idx]  # as written in the list (the batch's targets are float32)
-    targets = np.array([int(v[0]) for v in labels]) if c.task == "classification" else np.array(labels)
-    return idx, scores, targets
+    rows = sorted(rows)
+    return np.array([r[0] for r in rows]), np.array([r[1] for r in rows], dtype=np.float64)
+
+
+def list_targets(dataset, idx, task):
+    """The labels as written in the list (the batch's targets are float32)."""
+    labels = [dataset.samples[i][1] for i in idx]
+    return np.array([int(v[0]) for v in labels]) if task == "classification" else np.array(labels)
 
 
 def compute_metrics(task, targets, scores):
@@ -238,17 +345,16 @@ def compute_metrics(task, targets, scores):
 
 
 def format_metrics(m):
-    if "uar" in m:
-        return f"UAR {100 * m['uar']:.2f}  WAR {100 * m['war']:.2f}"
-    return f"CCC {m['ccc']:.4f}  PCC {m['pcc']:.4f}"
+    return f"UAR {100 * m['uar']:.2f}  WAR {100 * m['war']:.2f}" if "uar" in m else \
+        f"CCC {m['ccc']:.4f}  PCC {m['pcc']:.4f}"
 
 
-def write_predictions(path, dataset, idx, scores, targets, c):
-    metrics.write_predictions(path, [dataset.samples[i][0] for i in idx], targets, scores,
+def write_predictions(path, dataset, idx, scores, c):
+    metrics.write_predictions(path, [dataset.samples[i][0] for i in idx], list_targets(dataset, idx, c.task), scores,
                               class_names=list(c.class_names) or None, task=c.task)
 
 
-# --- model ----------------------------------------------------------------------------
+# --- the model ---------------------------------------------------------------------------------------
 
 
 def num_model_outputs(c):
@@ -262,30 +368,28 @@ def build_classifier(c, master):
         return SVFAPClassifier(build_model_config(c.model, c.model_args), n_out)
     ckpt = load_checkpoint(c.init_from)
     if "model_config" in ckpt:  # a pretrain.py (or finetune.py) checkpoint: reuse its encoder's shape
-        mc = build_model_config(None, c.model_args, base=ckpt["model_config"])
-        model = SVFAPClassifier(mc, n_out)
-        source = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+        model = SVFAPClassifier(build_model_config(None, c.model_args, base=ckpt["model_config"]), n_out)
+        source = {k.removeprefix("encoder."): v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
         target = model.encoder.state_dict()
         loaded = {k: v for k, v in source.items() if k in target and v.shape == target[k].shape}
         model.encoder.load_state_dict(loaded, strict=False)
-        not_loaded = sorted(set(target) - set(loaded))
-        unused = sorted(set(source) - set(loaded))
+        not_loaded, unused = sorted(set(target) - set(loaded)), sorted(set(source) - set(loaded))
         layout = f"pretrain.py checkpoint, preset {ckpt['config'].get('model')!r}"
     else:  # the authors' release
-        mc = build_model_config(c.model, c.model_args)
-        model = SVFAPClassifier(mc, n_out)
+        model = SVFAPClassifier(build_model_config(c.model, c.model_args), n_out)
         state = next((ckpt[k] for k in ("model", "module") if isinstance(ckpt.get(k), dict)), ckpt)
         head = model.head.state_dict()  # a fine-tuned release head with another class count stays out
-        state = {k: v for k, v in state.items() if not (k in ("head.weight", "head.bias") and
-                                                       v.shape != head[k.split(".")[1]].shape)}
+        state = {k: v for k, v in state.items()
+                 if not (k in ("head.weight", "head.bias") and v.shape != head[k.split(".")[1]].shape)}
         try:
             missing, unused = load_official_state_dict(model, state)
         except ValueError as e:
             raise ConfigError(f"init_from={c.init_from}: {e}") from None
         target = model.encoder.state_dict()
-        not_loaded = [k[len("encoder."):] for k in missing if k.startswith("encoder.")]
+        not_loaded = [k.removeprefix("encoder.") for k in missing if k.startswith("encoder.")]
         loaded = [k for k in target if k not in not_loaded]
         layout = "the authors' release layout"
+        model.has_fc_norm = "fc_norm.weight" not in missing
     if master:
         print(f"init_from={c.init_from} ({layout}): loaded {len(loaded)}/{len(target)} encoder tensors"
               + (f"; NOT loaded: {', '.join(not_loaded)}" if not_loaded else "")
@@ -304,38 +408,32 @@ def classifier_from_checkpoint(path):
     return model, cc
 
 
-# --- modes without training -----------------------------------------------------------------
+# --- modes without training ----------------------------------------------------------------------
 
 
 def predict_videos(c):
     """Print per-class probabilities (or regression outputs) of each --predict video, averaged over views."""
     if not c.ckpt:
-        raise ConfigError("--predict needs --ckpt=CHECKPOINT, a finetune.py checkpoint such as "
-                          "out/finetune_demo/best.pt")
+        raise ConfigError("--predict needs --ckpt=CHECKPOINT, a finetune.py checkpoint such as out/finetune_demo/best.pt")
     for path in c.predict:
         if not os.path.exists(path):
             raise ConfigError(f"--predict={path}: file not found")
         if any(ch.isspace() for ch in os.path.abspath(path)):  # annotation lines are split at whitespace
             raise ConfigError(f"--predict={path}: paths with spaces are not supported; rename or link the file")
     model, cc = classifier_from_checkpoint(c.ckpt)
-    d = setup_distributed(c.device)
+    d = setup(c)
     model.to(d.device).eval()
     labels = " ".join(["0"] * (1 if cc.task == "classification" else cc.num_outputs))
     with tempfile.TemporaryDirectory() as tmp:
-        list_file = os.path.join(tmp, "predict.txt")
-        with open(list_file, "w") as f:
+        cc.predict, cc.data_root, cc.replace_prefix, cc.num_workers = os.path.join(tmp, "predict.txt"), "", (), 0
+        with open(cc.predict, "w") as f:
             f.writelines(f"{os.path.abspath(p)} {labels}\n" for p in c.predict)
-        cc.data_root, cc.replace_prefix, cc.num_workers, cc.predict = "", (), 0, list_file
-        ds = make_dataset(cc, "predict", "eval", model.cfg, num_clips=cc.num_clips, num_crops=cc.num_crops)
-        names = list(cc.class_names) or [str(i) for i in range(num_model_outputs(cc))]
-        with torch.no_grad():
-            for i, path in enumerate(c.predict):
-                views = ds[i][0].to(d.device)  # (V, 3, T, H, W)
-                out = model(views).float()  # (V, C)
-                scores = out.softmax(-1).mean(0) if cc.task == "classification" else out.mean(0)
-                cells = "  ".join(f"{n} {s:.4f}" for n, s in zip(names, scores.tolist()))
-                top = f"  -> {names[int(scores.argmax())]}" if cc.task == "classification" else ""
-                print(f"{path}: {cells}{top}")
+        cc.eval_batch_size = 1
+        _, scores = evaluate(view_scores(model, cc.task), eval_dataset(cc, "predict", model.cfg), d, cc)
+    names = list(cc.class_names) or [str(i) for i in range(num_model_outputs(cc))]
+    for path, s in zip(c.predict, scores):
+        top = f"  -> {names[int(s.argmax())]}" if cc.task == "classification" else ""
+        print(f"{path}: " + "  ".join(f"{n} {v:.4f}" for n, v in zip(names, s)) + top)
 
 
 def evaluate_checkpoint(c):
@@ -345,28 +443,54 @@ def evaluate_checkpoint(c):
         raise ConfigError("eval_only=True needs --ckpt=CHECKPOINT (a finetune.py checkpoint)")
     model, cc = classifier_from_checkpoint(c.ckpt)
     c.task, c.num_classes, c.num_outputs, c.class_names = cc.task, cc.num_classes, cc.num_outputs, cc.class_names
-    d = setup_distributed(c.device)
-    amp = autocast(d.device, resolve_dtype(c.dtype, d.device))
-    if d.master:
-        os.makedirs(c.out_dir, exist_ok=True)
-    model.to(d.device)
+    d = setup(c)
+    model.to(d.device).eval()
     results = {}
-    for split, list_file in (("val", c.val_list), ("test", c.test_list)):
-        if not list_file:
-            continue
-        ds = make_dataset(c, f"{split}_list", "eval", model.cfg, num_clips=c.num_clips, num_crops=c.num_crops)
-        idx, scores, targets = evaluate(model, ds, d, c, amp)
-        results[split] = compute_metrics(c.task, targets, scores)
-        if d.master:
-            path = os.path.join(c.out_dir, f"eval_{split}_predictions.csv")
-            write_predictions(path, ds, idx, scores, targets, c)
-            print(f"{split} ({list_file}, {len(idx)} videos): {format_metrics(results[split])}  -> {path}")
+    for split in ("val", "test"):
+        if getattr(c, f"{split}_list"):
+            ds = eval_dataset(c, f"{split}_list", model.cfg)
+            idx, scores = evaluate(view_scores(model, c.task), ds, d, c)
+            results[split] = compute_metrics(c.task, list_targets(ds, idx, c.task), scores)
+            if d.master:
+                path = os.path.join(c.out_dir, f"eval_{split}_predictions.csv")
+                write_predictions(path, ds, idx, scores, c)
+                print(f"{split} ({getattr(c, f'{split}_list')}, {len(idx)} videos): {format_metrics(results[split])}"
+                      f"  -> {path}")
     if d.master:
         write_json(os.path.join(c.out_dir, "results_eval.json"), {"ckpt": c.ckpt, **results})
 
 
-# -----------------------------------------------------------------------------
-# the training script
+def extract_features(c):
+    """--extract=LIST --ckpt=CKPT: out_dir/features.npy (N, C) in list order and out_dir/features.csv."""
+    check_list_file("extract", c.extract)
+    if not c.ckpt:
+        raise ConfigError("--extract needs --ckpt=CHECKPOINT (a finetune.py, pretrain.py or release checkpoint)")
+    config = load_checkpoint(c.ckpt).get("config", {})
+    d = setup(c)
+    if config.get("task"):  # finetune.py: the head's input
+        model, _ = classifier_from_checkpoint(c.ckpt)
+        pooled = True
+    else:  # pretrain.py or the release: the encoder
+        c.init_from = c.ckpt
+        model = build_classifier(c, d.master)
+        pooled = getattr(model, "has_fc_norm", False)
+    model.to(d.device).eval()
+    c.task = "regression"  # labels are optional and unused
+    ds = eval_dataset(c, "extract", model.cfg)
+    _, features = evaluate(lambda v: model.embed(v)[0] if pooled else model.embed(v)[1].mean(1), ds, d, c)
+    if d.master:
+        with atomic_path(os.path.join(c.out_dir, "features.npy")) as tmp:
+            np.save(open(tmp, "wb"), features.astype(np.float32))
+        with atomic_path(os.path.join(c.out_dir, "features.csv")) as tmp, open(tmp, "w") as f:
+            f.write("row,path\n" + "".join(f"{i},{p}\n" for i, (p, _) in enumerate(ds.samples)))
+        print(f"features of {len(ds)} videos, {features.shape[1]} each: {c.out_dir}/features.npy, features.csv")
+
+
+def explain_video(c):
+    raise ConfigError("--explain: not yet")
+
+
+# --- the recipe's checks and report ----------------------------------------------------------------
 
 
 def apply_fold(c):
@@ -400,219 +524,20 @@ def overlap_warning(val, test):
             f"test metrics are optimistic; the last epoch's test metrics are reported beside them")
 
 
-def main(argv):
-    t_start = time.time()
-    c = SimpleNamespace(**load_config({k: globals()[k] for k in CONFIG_KEYS}, argv))
-    if c.predict:
-        return predict_videos(c)
-    apply_fold(c)
-    if c.eval_only:
-        return evaluate_checkpoint(c)
-    check_task(c)
-    micro_batch = check_batch(c.batch_size, world_size_from_env(), c.grad_accum)
-    for key in ("train_list", "val_list", "test_list"):
-        if key == "train_list" or getattr(c, key):
-            check_list_file(key, getattr(c, key))
-    is_path = c.init_from not in ("scratch", "resume")
-    if is_path and not os.path.isfile(c.init_from):
-        raise ConfigError(f"init_from={c.init_from}: no such checkpoint file (valid: scratch, resume or the path "
-                          f"of a pretrain.py or authors' release checkpoint)")
-    ckpt_path, best_path = os.path.join(c.out_dir, "ckpt.pt"), os.path.join(c.out_dir, "best.pt")
-    if c.init_from == "resume" and not os.path.isfile(ckpt_path):
-        raise ConfigError(f"init_from=resume continues from out_dir/ckpt.pt, but {ckpt_path} does not exist")
-    checkpoint = load_checkpoint(ckpt_path) if c.init_from == "resume" else None
-
-    d = setup_distributed(c.device)
-    dtype = resolve_dtype(c.dtype, d.device)
-    amp = autocast(d.device, dtype)
-    if d.master:
-        os.makedirs(c.out_dir, exist_ok=True)
-    torch.manual_seed(c.seed)  # the same initial head on every rank
-
-    # model first: a pretrain.py checkpoint decides the encoder's shape, and with it the clip size
-    if checkpoint:
-        model = SVFAPClassifier(SVFAPConfig.from_dict(checkpoint["model_config"]), num_model_outputs(c))
-    else:
-        model = build_classifier(c, d.master)
-    mc = model.cfg
-    train_set = EpochSeededDataset(make_dataset(c, "train_list", "train", mc), c.seed)
-    eval_sets = {split: make_dataset(c, f"{split}_list", "eval", mc, num_clips=c.num_clips,
-                                     num_crops=c.num_crops)
-                 for split in ("val", "test") if getattr(c, f"{split}_list")}
-    warning = overlap_warning(eval_sets["val"], eval_sets["test"]) if len(eval_sets) == 2 else ""
-    if warning and d.master:
-        print("!" * 100 + "\n" + warning + "\n" + "!" * 100)
-    n_iter_epoch = iters_per_epoch(train_set, micro_batch, c.grad_accum, d, "train_list")
-    total_iters = c.epochs * n_iter_epoch
-    stop_iter = min(total_iters, c.max_iters) if c.max_iters > 0 else total_iters
-    warmup_iters = round(c.warmup_epochs * n_iter_epoch)
-    lr = c.base_lr * c.batch_size / 256
-
-    model.to(d.device)
-    optimizer = torch.optim.AdamW(param_groups(model, c.weight_decay, c.layer_decay, c.head_lr_scale), lr=lr,
-                                  betas=(c.beta1, c.beta2), fused=d.device.type == "cuda")
-    scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
-    iter_num, best = 0, {"value": -math.inf, "epoch": None, "metrics": None}
-    if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        iter_num, best = checkpoint["iter_num"], checkpoint["best"]
-    macs_per_clip = 0
-    if d.device.type == "cuda":  # for MFU; eval mode, so no training randomness is drawn
-        model.eval()
-        macs_per_clip = count_macs(model, torch.zeros(1, mc.in_chans, mc.num_frames, mc.img_size, mc.img_size,
-                                                      device=d.device))
-        model.train()
-    raw_model = model
-    if c.compile:
-        model = torch.compile(model)
-    if d.ddp:
-        model = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    # drop path and mixup differ per rank; a resumed run continues every rank's generators
-    if checkpoint and len(checkpoint["rng"]) == d.world_size:
-        set_rng_state(checkpoint["rng"][d.rank])
-    else:
-        seed_everything(c.seed + d.rank + 1000 * iter_num)
-    checkpoint = None
-
-    log_path = os.path.join(c.out_dir, "log.jsonl")
-    if d.master:
-        if iter_num:
-            trim_log(log_path, iter_num)
-        elif os.path.exists(log_path):
-            os.remove(log_path)
-        n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"fine-tuning ({c.task}, {num_model_outputs(c)} outputs, {n_params / 1e6:.2f}M params) on "
-              f"{len(train_set)} videos from {c.train_list}; {d.world_size} process(es) on {d.device.type}, "
-              f"{str(dtype).replace('torch.', '')}")
-        print(f"batch {c.batch_size} = {d.world_size} x {c.grad_accum} x {micro_batch}; lr {lr:.3g} = "
-              f"{c.base_lr:g} x {c.batch_size}/256, layer decay {c.layer_decay}; {n_iter_epoch} iterations/epoch, "
-              f"{total_iters} in {c.epochs} epochs" + (f", stopping at {stop_iter}" if stop_iter < total_iters else "")
-              + (f"; resuming at iteration {iter_num}" if iter_num else ""))
-    n_out = num_model_outputs(c)
-
-    def loss_fn(batch):
-        video, target = batch  # (b, 3, T, H, W), (b,) class indices or (b, D) values
-        video, target = video.to(d.device, non_blocking=True), target.to(d.device, non_blocking=True)
-        if c.random_erase > 0:  # an input augmentation of the release's data pipeline, so before mixup
-            video = random_erasing(video, c.random_erase)
-        if c.task == "regression":
-            return F.mse_loss(model(video).float(), target.float())
-        soft = smooth_one_hot(target, n_out, c.label_smoothing)
-        if c.mixup > 0 or c.cutmix > 0:
-            video, soft = mixup_cutmix(video, soft, c.mixup, c.cutmix)
-        return soft_cross_entropy(model(video).float(), soft)
-
-    def save(path, full=True):
-        rng = gather_rng_states(d) if full else None  # a collective: every rank takes part
-        if not d.master:
-            return
-        state = {"model": raw_model.state_dict(), "config": vars(c), "model_config": mc.to_dict(),
-                 "epoch": iter_num // n_iter_epoch, "iter_num": iter_num, "best": best}
-        if full:
-            state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng)
-        save_checkpoint(path, state)
-
-    def validate(epoch):
-        """Evaluate val; keep best.pt and val_predictions.csv when best_metric improves."""
-        idx, scores, targets = evaluate(raw_model, eval_sets["val"], d, c, amp)
-        m = compute_metrics(c.task, targets, scores)
-        improved = m[c.best_metric] > best["value"]
-        if improved:
-            best.update(value=m[c.best_metric], epoch=epoch, metrics=m)
-            save(best_path, full=False)
-            if d.master:
-                write_predictions(os.path.join(c.out_dir, "val_predictions.csv"), eval_sets["val"], idx, scores,
-                                  targets, c)
-        if d.master:
-            log_json(log_path, {"iter": iter_num, "epoch": epoch, "val": m})
-            tqdm.write(f"epoch {epoch}: val {format_metrics(m)}" + ("  (best so far)" if improved else ""))
-
-    last_good = (f"the last good checkpoint {ckpt_path} (iteration {iter_num}) is untouched" if iter_num
-                 else "no checkpoint had been written yet")
-    bar = tqdm(total=stop_iter, initial=iter_num, disable=not d.master, desc="finetune", dynamic_ncols=True)
-    try:
-        while iter_num < stop_iter:
-            epoch, start = divmod(iter_num, n_iter_epoch)
-            batches = iter(make_train_loader(train_set, micro_batch, d, c.seed, epoch, start * c.grad_accum,
-                                             c.num_workers))
-            for _ in range(start, min(n_iter_epoch, start + stop_iter - iter_num)):
-                t0 = time.perf_counter()
-                it_lr = lr_at(iter_num, lr, c.min_lr, warmup_iters, total_iters)
-                set_lr(optimizer, it_lr)
-                try:
-                    loss, grad_norm, wait = train_iteration(model, optimizer, scaler, batches, loss_fn, c.grad_accum,
-                                                            c.grad_clip, d, amp, iter_num + 1)
-                except NonFiniteLoss as e:
-                    raise NonFiniteLoss(f"{e} (epoch {epoch + 1}); stopped without saving: {last_good}") from None
-                iter_num += 1
-                dt = time.perf_counter() - t0
-                clips_per_s = c.batch_size / dt
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{it_lr:.2e}", clips_s=f"{clips_per_s:.1f}")
-                if d.master and (iter_num % c.log_interval == 0 or iter_num == stop_iter):
-                    record = {"iter": iter_num, "epoch": epoch + 1, "loss": loss, "lr": it_lr, "grad_norm": grad_norm,
-                              "clips_per_s": clips_per_s, "data_wait": wait / dt}
-                    if macs_per_clip:
-                        record["mfu"] = mfu(macs_per_clip, clips_per_s, d.world_size, c.peak_tflops)
-                    log_json(log_path, record)
-                epoch_done = iter_num % n_iter_epoch == 0
-                if epoch_done and "val" in eval_sets:
-                    validate(epoch + 1)  # epochs count from 1 in reports
-                if epoch_done or iter_num == stop_iter or (c.ckpt_every and iter_num % c.ckpt_every == 0):
-                    save(ckpt_path)
-                    last_good = f"the last good checkpoint {ckpt_path} (iteration {iter_num}) is untouched"
-            del batches
-    finally:
-        bar.close()
-
-    # test: the model of the best val epoch, and the last epoch's when that differs
-    last_epoch = math.ceil(iter_num / n_iter_epoch)
-    results = {"best_metric": c.best_metric, "best_epoch": best["epoch"], "val": best["metrics"],
-               "last_epoch": last_epoch, "val_test_overlap": bool(warning)}
-    if "test" in eval_sets:
-        test = eval_sets["test"]
-        runs = [("last", None)]
-        if best["epoch"] is not None and best["epoch"] != last_epoch:
-            runs.append(("best", best_path))
-        for name, path in runs:
-            if path:
-                if d.ddp:
-                    dist.barrier()  # rank 0 wrote best.pt
-                raw_model.load_state_dict(load_checkpoint(path)["model"])
-            idx, scores, targets = evaluate(raw_model, test, d, c, amp)
-            results[f"test_{name}"] = compute_metrics(c.task, targets, scores)
-            if d.master:
-                write_predictions(os.path.join(c.out_dir, f"test_predictions_{name}.csv"), test, idx, scores,
-                                  targets, c)
-        results["test"] = results.get("test_best", results["test_last"])
-        if d.master:
-            chosen = "test_predictions_best.csv" if "test_best" in results else "test_predictions_last.csv"
-            os.replace(os.path.join(c.out_dir, chosen), os.path.join(c.out_dir, "test_predictions.csv"))
-    results["wall_time_s"] = time.time() - t_start  # this process: start-up, training, evaluation
-    if d.master:
-        write_json(os.path.join(c.out_dir, "results.json"), results)
-        print(summary(c, results, warning))
-
-
 def summary(c, r, warning):
     lines = [f"done: {c.out_dir}"]
     if r["val"]:
         lines.append(f"val, best epoch {r['best_epoch']} by {c.best_metric}: {format_metrics(r['val'])}")
+    if "test_best" in r:
+        lines.append(f"test, model of the best val epoch ({r['best_epoch']}): {format_metrics(r['test_best'])}"
+                     f"   [test_predictions.csv]")
+        lines.append(f"test, model of the last epoch ({r['last_epoch']}):      {format_metrics(r['test_last'])}"
+                     f"   [test_predictions_last.csv]")
+    elif "test" in r:
+        lines.append(f"test, model of epoch {r['last_epoch']}: {format_metrics(r['test_last'])}   [test_predictions.csv]")
     if "test" in r:
-        if "test_best" in r:
-            lines.append(f"test, model of the best val epoch ({r['best_epoch']}): {format_metrics(r['test_best'])}"
-                         f"   [test_predictions.csv]")
-            lines.append(f"test, model of the last epoch ({r['last_epoch']}):      {format_metrics(r['test_last'])}"
-                         f"   [test_predictions_last.csv]")
-        else:
-            lines.append(f"test, model of epoch {r['last_epoch']}: {format_metrics(r['test_last'])}"
-                         f"   [test_predictions.csv]")
         lines.append(f"full report: python metrics.py {os.path.join(c.out_dir, 'test_predictions.csv')}")
-    if warning:
-        lines.append(warning)
-    return "\n".join(lines)
+    return "\n".join(lines + ([warning] if warning else []))
 
 
 if __name__ == "__main__":
