@@ -49,10 +49,10 @@ from collections import namedtuple
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from data import VideoDataset, VideoReadError, atomic_path, device_transform, item_seed, write_mp4
+from data import VideoDataset, VideoReadError, atomic_path, device_transform, write_mp4
 from model import (CONFIGS, IMAGENET_MEAN, IMAGENET_STD, SVFAP, SVFAPConfig, count_macs, no_weight_decay,
                    peak_tflops as device_peak_tflops, tube_mask)
 
@@ -332,7 +332,8 @@ def setup(c):
     if dtype_name not in dtypes:
         raise ConfigError(f"dtype={c.dtype!r}: valid values are auto, float32, bfloat16, float16")
     ddp = "RANK" in os.environ
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    rank, local_rank, world = (int(os.environ.get(k, 0)) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp \
+        else (0, 0, 1)
     if c.batch_size < 1 or c.grad_accum < 1 or c.batch_size % (world * c.grad_accum):
         raise ConfigError(f"batch_size={c.batch_size} must be a positive multiple of world_size x grad_accum = "
                           f"{world} x {c.grad_accum} = {world * c.grad_accum}")
@@ -357,30 +358,6 @@ def autocast(d):
 def to_device(batch, device):
     """Issue the host-to-device copies of a batch (asynchronous from pinned memory); None stays None."""
     return None if batch is None else [x.to(device, non_blocking=True) for x in batch]
-
-
-class SkipSampler(Sampler):
-    """`sampler`'s indices from position `skip` on: a resumed epoch starts where the stopped one was."""
-
-    def __init__(self, sampler, skip):
-        self.sampler, self.skip = sampler, skip
-
-    def __iter__(self):
-        return (index for i, index in enumerate(self.sampler) if i >= self.skip)
-
-    def __len__(self):
-        return max(len(self.sampler) - self.skip, 0)
-
-
-def train_loader(dataset, micro_batch, d, c, epoch, skip_batches):
-    """This rank's micro-batches of `epoch` from the `skip_batches`-th on. The order depends only on
-    (seed, epoch); DistributedSampler drops the tail so every rank gets the same number of videos."""
-    sampler = DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=c.seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    dataset.set_epoch(epoch)  # each item's random stream is seeded from (seed, epoch, index)
-    return DataLoader(dataset, micro_batch, sampler=SkipSampler(sampler, skip_batches * micro_batch),
-                      num_workers=c.num_workers, pin_memory=d.device.type == "cuda", drop_last=True,
-                      generator=torch.Generator())  # without it, starting the loader draws from the global generator
 
 
 # --- optimisation -----------------------------------------------------------------
@@ -409,7 +386,7 @@ def param_groups(model, weight_decay, layer_decay=1.0, head_lr_scale=1.0):
         scale = (layer_decay ** (model.num_lr_layers - 1 - layer) if layer_decay != 1.0 else 1.0) * \
             (head_lr_scale if head else 1.0)
         groups.setdefault((layer, decay, head), {"params": [], "weight_decay": weight_decay if decay else 0.0,
-                                                 "lr_scale": scale})["params"].append(p)
+                                                 "lr_scale": scale, "layer": layer})["params"].append(p)
     return [groups[k] for k in sorted(groups)]
 
 
@@ -426,62 +403,34 @@ def make_optimizer(groups, lr, c, d):
 
 def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter, example, after_save=None,
         after_epoch=None, extra_state=None):
-    """Train `model` on `dataset` until c.epochs (or c.max_iters), from `checkpoint` (resume) or the start.
-
-    Per iteration: grad_accum micro-steps of loss_fn(wrapped model, batch on the device) and backward, then one
-    optimiser step. The only device-to-host sync of a step is the check that loss and gradient are finite
-    (it comes after the next batch's copy to the device was issued); everything logged is read back only at
-    logging steps. float16 runs with loss scaling: a step whose gradients overflow is skipped and logged; the
-    run stops when the loss itself stays non-finite for 5 steps. float32 / bfloat16 stop at the first
-    non-finite loss or gradient, before the step, without saving. after_epoch(epoch) runs after each epoch
-    (validation), after_save(iter_num) after each checkpoint; extra_state() adds entries to the checkpoint.
-    Returns (epochs done, a float, and the last logged loss)."""
+    """Train `model` on `dataset` for c.epochs (or c.max_iters), from `checkpoint` (resume) or the start:
+    the schedule, the steps, the non-finite stop, logging with MFU, checkpoints mid-epoch and at each epoch's
+    end. after_epoch(epoch, iter_num) runs after each epoch (validation), after_save(iter_num) after each
+    checkpoint on rank 0; extra_state() adds entries to the checkpoint. Returns (epochs done, last loss)."""
     micro_batch = c.batch_size // (d.world_size * c.grad_accum)
     n_iter_epoch = len(dataset) // d.world_size // micro_batch // c.grad_accum
     if n_iter_epoch == 0:
-        raise ConfigError(f"{len(dataset)} training videos make less than one batch of {c.batch_size}: lower "
-                          f"batch_size to at most {len(dataset) // (d.world_size * c.grad_accum) * d.world_size * c.grad_accum}")
+        raise ConfigError(f"{len(dataset)} training videos make less than one batch: batch_size must be at most "
+                          f"{len(dataset) // (d.world_size * c.grad_accum) * d.world_size * c.grad_accum} here")
     total_iters = c.epochs * n_iter_epoch
     stop_iter = min(total_iters, c.max_iters) if c.max_iters > 0 else total_iters
-    warmup_iters = round(c.warmup_epochs * n_iter_epoch)
     scaler = torch.amp.GradScaler(d.device.type, enabled=d.dtype == torch.float16)
     ckpt_path, log_path = os.path.join(c.out_dir, "ckpt.pt"), os.path.join(c.out_dir, "log.jsonl")
-    iter_num = 0
-    if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        iter_num = checkpoint["iter_num"]
+    iter_num = restore(checkpoint, model, optimizer, scaler, c, d)
     peak = c.peak_tflops or device_peak_tflops(d.device)
     macs_per_clip = count_macs(model.eval(), *example) if peak else 0  # eval: no training randomness drawn
     model.train()
     net = ddp = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
                                         broadcast_buffers=False) if d.ddp else model  # the buffers are fixed tables
     net = torch.compile(net) if c.compile else net  # DDP first: compiled graphs split at gradient buckets
-    # training randomness (drop path, mixup, erasing) differs per rank; a resumed run continues each rank's
-    if checkpoint and len(checkpoint["rng"]) == d.world_size:
-        torch.set_rng_state(checkpoint["rng"][d.rank]["torch"])
-        if d.device.type == "cuda":
-            torch.cuda.set_rng_state(checkpoint["rng"][d.rank]["cuda"])
-    else:
-        if checkpoint and d.master:
-            print(f"note: the checkpoint holds generator states of {len(checkpoint['rng'])} processes, this run "
-                  f"has {d.world_size}: reseeding, so the run will not repeat the original exactly")
-        torch.manual_seed(c.seed + d.rank + 1000 * iter_num)
-    checkpoint = None  # free the memory
     if d.master:
-        if iter_num:
-            trim_log(log_path, iter_num)
-        elif os.path.exists(log_path):
-            os.remove(log_path)
         print(f"{d.world_size} process(es) on {d.device.type}, {str(d.dtype)[6:]}; batch {c.batch_size} = "
               f"{d.world_size} processes x {c.grad_accum} micro-steps x {micro_batch}; {n_iter_epoch} iterations/"
               f"epoch, {total_iters} in {c.epochs} epochs" + (f", stopping at {stop_iter}" if stop_iter < total_iters
                                                                else "") + (f"; resuming at {iter_num}" if iter_num else ""))
 
     def save():
-        rngs = [{"torch": torch.get_rng_state(),
-                 "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None}]
+        rngs = [{"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None}]
         if d.ddp:  # a collective: every rank takes part
             rngs = [rngs[0]] + [None] * (d.world_size - 1)
             dist.all_gather_object(rngs, rngs[0])
@@ -495,88 +444,145 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
 
     last_good = f"the last good checkpoint {ckpt_path} (iteration {iter_num}) is untouched" if iter_num else \
         "no checkpoint had been written yet"
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     bar = tqdm(total=stop_iter, initial=iter_num, disable=not d.master, desc="train", dynamic_ncols=True)
-    new_interval = lambda: {"loss": torch.zeros((), device=d.device), "steps": 0, "iters": 0, "skipped": 0,
-                            "wait": 0.0, "pause": 0.0, "t0": time.perf_counter()}
-    interval = new_interval()
-    bad_losses, loss = 0, None
+    log = Interval(d)
     while iter_num < stop_iter:
         epoch, start = divmod(iter_num, n_iter_epoch)
-        batches = iter(train_loader(dataset, micro_batch, d, c, epoch, start * c.grad_accum))
-        t = time.perf_counter()
-        batch = to_device(next(batches), d.device)
-        interval["wait"] += time.perf_counter() - t
+        sampler = DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=c.seed, drop_last=True)
+        sampler.set_epoch(epoch)  # the order depends only on (seed, epoch); a resumed epoch skips what was done
+        dataset.set_epoch(epoch)  # each item's random stream is seeded from (seed, epoch, index)
+        batches = iter(DataLoader(dataset, micro_batch, sampler=list(sampler)[start * c.grad_accum * micro_batch:],
+                                  num_workers=c.num_workers, pin_memory=d.device.type == "cuda", drop_last=True,
+                                  generator=torch.Generator()))  # without it, the loader draws from torch's seed
+        batch = log.timed(lambda: to_device(next(batches), d.device))
         for _ in range(start, min(n_iter_epoch, start + stop_iter - iter_num)):
-            it_lr = lr_at(iter_num, lr, c.min_lr, warmup_iters, total_iters)
+            it_lr = lr_at(iter_num, lr, c.min_lr, round(c.warmup_epochs * n_iter_epoch), total_iters)
             for group in optimizer.param_groups:
                 group["lr"] = it_lr * group["lr_scale"]
-            loss_sum = torch.zeros((), device=d.device)
-            for micro_step in range(c.grad_accum):
-                if d.ddp:  # all-reduce the gradients on the last micro-step only
-                    ddp.require_backward_grad_sync = micro_step == c.grad_accum - 1
-                with autocast(d):
-                    loss_micro = loss_fn(net, batch)
-                t = time.perf_counter()  # fetch and send the next batch while the device computes
-                batch = to_device(next(batches, None), d.device)
-                interval["wait"] += time.perf_counter() - t
-                scaler.scale(loss_micro / c.grad_accum).backward()
-                loss_sum += loss_micro.detach().float()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else float("inf"))
-            loss_mean = loss_sum / c.grad_accum
-            if d.ddp:
-                dist.all_reduce(loss_mean)  # gloo has no AVG
-                loss_mean /= d.world_size
-            finite = torch.isfinite(loss_mean) & (torch.isfinite(grad_norm) | scaler.is_enabled())
-            ok = bool(finite.item())  # the one device-to-host sync of the step
-            bad_losses = 0 if ok else bad_losses + 1
-            if not ok and (not scaler.is_enabled() or bad_losses == 5):
-                what, value = (("loss", loss_mean.item()) if not math.isfinite(loss_mean.item())
-                               else ("gradient norm", grad_norm.item()))
-                raise NonFiniteLoss(f"non-finite {what} ({value}) at iteration {iter_num + 1} (epoch {epoch + 1})"
-                                    + (" for 5 steps in a row" if scaler.is_enabled() else "")
-                                    + f"; stopped without saving: {last_good}")
-            scale = scaler.get_scale() if scaler.is_enabled() else 0.0
-            scaler.step(optimizer)  # float16: skipped when the gradients overflowed, and the scale lowered
-            scaler.update()
-            interval["skipped"] += scaler.is_enabled() and scaler.get_scale() < scale
-            optimizer.zero_grad(set_to_none=True)
-            if ok:
-                interval["loss"] += loss_mean
-                interval["steps"] += 1
+            try:
+                batch, grad_norm = train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log)
+            except NonFiniteLoss as e:
+                raise NonFiniteLoss(f"{e} at iteration {iter_num + 1} (epoch {epoch + 1}); stopped without "
+                                    f"saving: {last_good}") from None
             iter_num += 1
-            interval["iters"] += 1
             bar.update(1)
             if iter_num % c.log_interval == 0 or iter_num == stop_iter:
-                dt = time.perf_counter() - interval["t0"] - interval["pause"]  # checkpoints and evaluation excluded
-                loss = (interval["loss"] / max(interval["steps"], 1)).item()
-                record = {"iter": iter_num, "epoch": epoch + 1, "loss": loss, "lr": it_lr,
-                          "grad_norm": grad_norm.item(), "clips_per_s": interval["iters"] * clips_per_iter / dt,
-                          "data_wait": interval["wait"] / dt, "skipped_steps": interval["skipped"]}
+                record = log.read(iter_num, epoch, it_lr, grad_norm, clips_per_iter, scaler)
                 if macs_per_clip:  # 3 forwards (forward + backward), 2 FLOPs per multiply-accumulate
                     record["mfu"] = 6 * macs_per_clip * record["clips_per_s"] / d.world_size / (peak * 1e12)
                 if d.master:
                     log_json(log_path, record)
-                    if interval["skipped"]:
-                        tqdm.write(f"iteration {iter_num}: {interval['skipped']} step(s) skipped by the float16 "
-                                   f"gradient scaler (gradients overflowed; scale now {scaler.get_scale():g})")
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{it_lr:.2e}", clips_s=f"{record['clips_per_s']:.1f}")
-                interval = new_interval()
-            t = time.perf_counter()
-            epoch_done = iter_num % n_iter_epoch == 0
-            if epoch_done and after_epoch:
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{it_lr:.2e}", clips_s=f"{record['clips_per_s']:.1f}")
+            t = time.perf_counter()  # evaluation and checkpoints are timed apart from the steps
+            if iter_num % n_iter_epoch == 0 and after_epoch:
                 after_epoch(epoch + 1, iter_num)  # epochs count from 1 in reports
             t_eval = time.perf_counter()
-            if epoch_done or iter_num == stop_iter or (c.ckpt_every and iter_num % c.ckpt_every == 0):
+            if iter_num % n_iter_epoch == 0 or iter_num == stop_iter or (c.ckpt_every and iter_num % c.ckpt_every == 0):
                 save()
                 last_good = f"the last good checkpoint {ckpt_path} (iteration {iter_num}) is untouched"
-            if d.master and time.perf_counter() - t > 1e-3:  # time outside the steps, logged on its own
-                log_json(log_path, {"iter": iter_num, "eval_s": t_eval - t, "save_s": time.perf_counter() - t_eval})
-            interval["pause"] += time.perf_counter() - t
+                if d.master:
+                    log_json(log_path, {"iter": iter_num, "eval_s": t_eval - t, "save_s": time.perf_counter() - t_eval})
+            log.pause += time.perf_counter() - t
         del batches  # ends this epoch's workers
     bar.close()
-    return iter_num / n_iter_epoch, loss
+    return iter_num / n_iter_epoch, log.last_loss
+
+
+def restore(checkpoint, model, optimizer, scaler, c, d):
+    """The state of a resumed run (returns its iteration), and the generators of the training process: drop
+    path, mixup and erasing differ per rank, and a resumed run continues each rank's."""
+    if checkpoint and len(checkpoint["rng"]) == d.world_size:
+        torch.set_rng_state(checkpoint["rng"][d.rank]["torch"])
+        if d.device.type == "cuda":
+            torch.cuda.set_rng_state(checkpoint["rng"][d.rank]["cuda"])
+    elif checkpoint and d.master:
+        print(f"note: the checkpoint holds generator states of {len(checkpoint['rng'])} processes, this run has "
+              f"{d.world_size}: reseeding, so the run will not repeat the original exactly")
+    if not checkpoint:
+        if d.master and os.path.exists(os.path.join(c.out_dir, "log.jsonl")):
+            os.remove(os.path.join(c.out_dir, "log.jsonl"))
+        torch.manual_seed(c.seed + d.rank)
+        return 0
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    if len(checkpoint["rng"]) != d.world_size:
+        torch.manual_seed(c.seed + d.rank + 1000 * checkpoint["iter_num"])
+    if d.master:
+        trim_log(os.path.join(c.out_dir, "log.jsonl"), checkpoint["iter_num"])
+    return checkpoint["iter_num"]
+
+
+def train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log):
+    """One optimiser step over grad_accum micro-batches; returns (the next batch, the gradient norm).
+
+    The one device-to-host sync is the check that loss and gradient are finite, after the next batch's copy
+    to the device was issued. Non-finite in float32 / bfloat16: NonFiniteLoss before the step. float16 runs
+    with loss scaling: a step whose gradients overflow is skipped (and counted in the log); the run stops
+    when the loss itself stays non-finite for 5 steps."""
+    loss_sum = torch.zeros((), device=d.device)
+    for micro_step in range(c.grad_accum):
+        if d.ddp:  # all-reduce the gradients on the last micro-step only
+            ddp.require_backward_grad_sync = micro_step == c.grad_accum - 1
+        with autocast(d):
+            loss = loss_fn(net, batch)
+        batch = log.timed(lambda: to_device(next(batches, None), d.device))  # while the device computes
+        scaler.scale(loss / c.grad_accum).backward()
+        loss_sum += loss.detach().float()
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else float("inf"))
+    loss = loss_sum / c.grad_accum
+    if d.ddp:
+        dist.all_reduce(loss)  # gloo has no AVG
+        loss /= d.world_size
+    ok = bool(torch.isfinite(loss) & (torch.isfinite(grad_norm) | scaler.is_enabled()))  # the step's one sync
+    log.bad = 0 if ok else log.bad + 1
+    if not ok and (not scaler.is_enabled() or log.bad == 5):
+        what, value = ("loss", loss.item()) if not math.isfinite(loss.item()) else ("gradient norm", grad_norm.item())
+        raise NonFiniteLoss(f"non-finite {what} ({value})" + (" for 5 steps in a row" if scaler.is_enabled() else ""))
+    scale = scaler.get_scale() if scaler.is_enabled() else 0.0
+    scaler.step(optimizer)  # float16: skipped when the gradients overflowed, and the scale lowered
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    log.add(loss if ok else None, skipped=scaler.is_enabled() and scaler.get_scale() < scale)
+    return batch, grad_norm
+
+
+class Interval:
+    """What the log reports of the iterations since the last logging step, kept on the device until then:
+    mean loss, clips/s and data wait over the time spent in steps (evaluation and checkpoints excluded)."""
+
+    def __init__(self, d):
+        self.device, self.master, self.bad, self.last_loss = d.device, d.master, 0, None
+        self.reset()
+
+    def reset(self):
+        self.loss, self.steps, self.iters, self.skipped = torch.zeros((), device=self.device), 0, 0, 0
+        self.wait, self.pause, self.t0 = 0.0, 0.0, time.perf_counter()
+
+    def timed(self, fetch):
+        t = time.perf_counter()
+        out = fetch()
+        self.wait += time.perf_counter() - t
+        return out
+
+    def add(self, loss, skipped):
+        if loss is not None:
+            self.loss, self.steps = self.loss + loss, self.steps + 1
+        self.iters, self.skipped = self.iters + 1, self.skipped + skipped
+
+    def read(self, iter_num, epoch, lr, grad_norm, clips_per_iter, scaler):
+        dt = time.perf_counter() - self.t0 - self.pause
+        self.last_loss = (self.loss / max(self.steps, 1)).item()
+        record = {"iter": iter_num, "epoch": epoch + 1, "loss": self.last_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                  "clips_per_s": self.iters * clips_per_iter / dt, "data_wait": self.wait / dt,
+                  "skipped_steps": self.skipped}
+        if self.skipped and self.master:
+            tqdm.write(f"iteration {iter_num}: {self.skipped} step(s) skipped by the float16 gradient scaler "
+                       f"(the gradients overflowed; scale now {scaler.get_scale():g})")
+        self.reset()
+        return record
 
 
 # --- checkpoints, logs, the command line -----------------------------------------------------------
@@ -619,11 +625,11 @@ def trim_log(path, iter_num):
             f.writelines(lines)
 
 
-def run(main, argv, script, doc, defaults):
+def run(main, argv, script, doc="", defaults=None):
     """Run main(argv); a ConfigError or NonFiniteLoss ends the run with one line and exit code 2 or 3.
     -h / --help prints the script's docstring and its config keys with their defaults."""
     if "-h" in argv or "--help" in argv:
-        print(doc.strip() + "\n\nconfig keys (defaults):\n" + "\n".join(f"  {k} = {v!r}" for k, v in defaults.items()))
+        print(doc.strip() + "\n\nconfig keys (defaults):\n" + "\n".join(f"  {k} = {v!r}" for k, v in (defaults or {}).items()))
         return
     try:
         main(argv)

@@ -1334,6 +1334,32 @@ def train_run(script, *args, env=None, nproc=1, check=True):
     return done
 
 
+def train_run_patched(script, patch, *args, nproc=1, check=False):
+    """Run a script as train_run does, after executing `patch` (Python) in the same process: faults are
+    injected from the test, through the libraries the script calls, not through hooks in the script."""
+    wrapper = os.path.join(TRAIN_REPO, ".pytest_cache", f"patched_{abs(hash(patch))}.py")
+    os.makedirs(os.path.dirname(wrapper), exist_ok=True)
+    with open(wrapper, "w") as f:
+        f.write(f"import runpy, sys\nsys.path.insert(0, {TRAIN_REPO!r})\n{patch}\n"
+                f"sys.argv = [{script!r}] + sys.argv[1:]\nrunpy.run_path({script!r}, run_name='__main__')\n")
+    return train_run(wrapper, *args, nproc=nproc, check=check)
+
+
+# a fault at the k-th training forward pass of SVFAP (evaluation passes, such as the reconstruction video's, not counted)
+PATCH_LOSS = """import itertools, model, torch
+_calls, _orig = itertools.count(1), model.SVFAP.forward_loss
+class _InfGrad(torch.autograd.Function):  # identity forward, infinite gradient: an fp16 overflow in backward
+    forward = staticmethod(lambda ctx, x: x.view_as(x))
+    backward = staticmethod(lambda ctx, g: g * float("inf"))
+def _forward_loss(self, *a):
+    loss = _orig(self, *a)
+    if self.training and next(_calls) == {at}:
+        return {fault}
+    return loss
+model.SVFAP.forward_loss = _forward_loss
+"""
+
+
 def train_pretrain_args(data, out_dir, *extra):
     return [*TRAIN_MODEL_ARGS, *TRAIN_COMMON, f"--train_list={data / 'pretrain.txt'}", f"--out_dir={out_dir}",
             "--base_lr=0.3", "--epochs=3", "--vis_clips=2", f"--vis_list={data / 'val.txt'}", *extra]
@@ -1407,17 +1433,29 @@ def test_finetuning_resume_reproduces_drop_path_mixup_and_erasing(train_data, tr
 
 
 def test_crash_while_writing_a_checkpoint_leaves_the_last_one_loadable(train_data, tmp_path):
-    done = train_run("pretrain.py", *train_pretrain_args(train_data, tmp_path, "--ckpt_every=2", "--vis_clips=0"),
-                     env={"SVFAP_DEBUG_CRASH_IN_SAVE": "2"}, check=False)  # dies half-way through the 2nd save
+    patch = """import io, itertools, os, torch
+_saves, _save = itertools.count(1), torch.save
+def _dying_save(obj, path):  # the 2nd checkpoint: half the bytes reach the disk, then the process dies
+    if next(_saves) != 2:
+        return _save(obj, path)
+    buffer = io.BytesIO()
+    _save(obj, buffer)
+    open(path, "wb").write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    os._exit(13)
+torch.save = _dying_save
+"""
+    done = train_run_patched("pretrain.py", patch, *train_pretrain_args(train_data, tmp_path, "--ckpt_every=2",
+                                                                        "--vis_clips=0"))
     assert done.returncode == 13
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-    assert os.path.getsize(tmp_path / "ckpt.pt.tmp") < os.path.getsize(tmp_path / "ckpt.pt")  # the torn write
+    torn = [f for f in os.listdir(tmp_path) if f.startswith("ckpt.pt.") and f.endswith(".tmp")]
+    assert len(torn) == 1 and os.path.getsize(tmp_path / torn[0]) < os.path.getsize(tmp_path / "ckpt.pt")
 
 
 def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(train_data, tmp_path):
     args = train_pretrain_args(train_data, tmp_path, "--ckpt_every=2", "--model_args.norm_pix_loss=False")
-    done = train_run("pretrain.py", *args, env={"SVFAP_DEBUG_NAN_AT_ITER": "3"}, check=False)
+    done = train_run_patched("pretrain.py", PATCH_LOSS.format(at=3, fault="loss * float('nan')"), *args)
     assert done.returncode == 3
     errors = [line for line in done.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "non-finite loss (nan) at iteration 3" in errors[0], done.stderr
@@ -1431,9 +1469,9 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(train_data, t
 
 def test_checkpoint_holds_everything_to_rebuild_and_resume(train_pretrained):
     ckpt = torch.load(train_pretrained / "ckpt.pt", weights_only=True)
-    assert {"model", "optimizer", "scaler", "config", "model_config", "epoch", "iter_num", "rng"} <= set(ckpt)
-    assert ckpt["iter_num"] == 9 and ckpt["epoch"] == 3 and ckpt["model_config"]["embed_dim"] == 32
-    assert {"torch", "numpy", "python", "cuda"} <= set(ckpt["rng"][0])
+    assert set(ckpt) == {"model", "optimizer", "scaler", "config", "model_config", "iter_num", "rng"}
+    assert ckpt["iter_num"] == 9 and ckpt["model_config"]["embed_dim"] == 32
+    assert set(ckpt["rng"][0]) == {"torch", "cuda"}  # the training process's generators: drop path
 
 
 def test_reconstruction_video_shows_three_panels(train_pretrained):
@@ -1533,6 +1571,118 @@ def test_bad_inputs_each_give_one_clear_line(train_data, tmp_path, capsys, monke
         assert lines[0].startswith("pretrain.py: error: ") and words in lines[0], (name, lines[0])
 
 
+def test_float16_overflow_is_skipped_by_the_scaler_and_training_goes_on(train_data, tmp_path):
+    args = train_pretrain_args(train_data, tmp_path, "--dtype=float16", "--vis_clips=0")
+    done = train_run_patched("pretrain.py", PATCH_LOSS.format(at=3, fault="_InfGrad.apply(loss)"), *args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = [r for r in train_log(tmp_path) if "loss" in r]
+    assert [r["iter"] for r in log] == list(range(1, 10)) and all(math.isfinite(r["loss"]) for r in log)
+    assert [r["skipped_steps"] for r in log] == [0, 0, 1, 0, 0, 0, 0, 0, 0]
+    assert "1 step(s) skipped by the float16 gradient scaler" in done.stdout + done.stderr
+    # a loss that stays non-finite does stop the run, after 5 steps in a row
+    done = train_run_patched("pretrain.py", PATCH_LOSS.replace("== {at}", ">= {at}").format(
+        at=3, fault="loss * float('nan')"), *train_pretrain_args(train_data, tmp_path / "nan", "--dtype=float16"))
+    assert done.returncode == 3 and "non-finite loss (nan) for 5 steps in a row at iteration 7 (epoch 3)" in done.stderr
+
+
+def test_bfloat16_autocast_on_the_cpu_lowers_the_loss_and_logs_mfu(train_data, tmp_path):
+    train_run("pretrain.py", *train_pretrain_args(train_data, tmp_path, "--dtype=bfloat16", "--vis_clips=0",
+                                                  "--peak_tflops=1"))
+    log = [r for r in train_log(tmp_path) if "loss" in r]
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert all(0 < r["mfu"] < 1 for r in log)  # MFU against the given peak, from the interval's time
+    saves = [r for r in train_log(tmp_path) if "save_s" in r]
+    assert [r["iter"] for r in saves] == [3, 6, 9]  # checkpoint time is logged on its own
+
+
+def test_compiled_training_gives_the_eager_losses_alone_and_under_ddp(train_data, train_pretrained, tmp_path):
+    """DDP wraps the model first, then torch.compile; inductor draws drop path's random numbers like eager
+    (fallback_random), so the compiled and eager runs see the same randomness."""
+    patch = "import torch._inductor.config\ntorch._inductor.config.fallback_random = True"
+    eager = train_losses(train_pretrained)
+    done = train_run_patched("pretrain.py", patch, *train_pretrain_args(train_data, tmp_path / "one", "--compile=True",
+                                                                        "--max_iters=2", "--vis_clips=0"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    compiled = train_losses(tmp_path / "one")
+    assert compiled.keys() == {1, 2} and all(abs(compiled[i] - eager[i]) < 1e-4 for i in compiled), (compiled, eager)
+    args = train_finetune_args(train_data, tmp_path / "ft", "--max_iters=2", "--epochs=1",
+                               f"--init_from={train_pretrained / 'ckpt.pt'}")
+    train_run("finetune.py", *args, nproc=2)
+    done = train_run_patched("finetune.py", patch, *args, f"--out_dir={tmp_path / 'ft_compiled'}", "--compile=True",
+                             nproc=2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    eager, compiled = train_losses(tmp_path / "ft"), train_losses(tmp_path / "ft_compiled")
+    assert compiled.keys() == {1, 2} and all(abs(compiled[i] - eager[i]) < 1e-4 for i in compiled), (compiled, eager)
+
+
+def test_a_training_step_reads_the_device_once_and_logging_steps_read_the_rest(train_data, tmp_path, monkeypatch):
+    """At most one device-to-host sync per optimiser step (the non-finite check): counted as calls of
+    aten._local_scalar_dense (what .item(), .tolist(), bool() and float() of a tensor run) between the starts of
+    two iterations. Data loading runs in a worker process, so only the training process is counted."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountSyncs(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountSyncs.count += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    at_iteration = []
+    lr_at = pretrain.lr_at
+    monkeypatch.setattr(pretrain, "lr_at", lambda it, *a: at_iteration.append(CountSyncs.count) or lr_at(it, *a))
+    args = train_pretrain_args(train_data, tmp_path, "--vis_clips=0", "--log_interval=5", "--num_workers=1",
+                               "--batch_size=2", "--max_iters=6")  # 6 iterations per epoch
+    with CountSyncs():
+        pretrain.main(args)
+    per_iteration = np.diff(at_iteration)  # iterations 1..5 (the 6th ends the run)
+    assert list(per_iteration[:4]) == [1] * 4, per_iteration
+    assert per_iteration[4] > 1  # iteration 5 logs: loss and gradient norm are read back there
+
+
+def test_a_broken_evaluation_video_stops_finetuning_before_the_first_step(train_data, tmp_path):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video" * 100)
+    test_list = tmp_path / "test.txt"
+    test_list.write_text(open(train_data / "test.txt").read().replace("videos/", f"{train_data}/videos/")
+                         + f"{broken} 1\n")
+    done = train_run("finetune.py", *train_finetune_args(train_data, tmp_path / "ft", f"--test_list={test_list}"),
+                     check=False)
+    lines = [line for line in done.stderr.splitlines() if "error" in line]
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "test_list" in lines[0] and "1 of 6 entries cannot be read" in lines[0] and f"line 6: {broken}" in lines[0]
+    assert not os.path.exists(tmp_path / "ft" / "log.jsonl")  # no step was taken
+
+
+def test_a_broken_first_training_video_does_not_stop_pretraining(train_data, tmp_path):
+    train_list = tmp_path / "pretrain.txt"
+    (tmp_path / "broken.mp4").write_bytes(b"")
+    train_list.write_text("broken.mp4 0\n" + open(train_data / "pretrain.txt").read().replace(
+        "videos/", f"{train_data}/videos/"))
+    done = train_run("pretrain.py", *train_pretrain_args(train_data, tmp_path / "out", f"--train_list={train_list}",
+                                                         "--vis_list=", "--epochs=1", "--max_fail_fraction=0.5"))
+    assert "reconstruction video: skipping an unreadable clip" in done.stdout and "broken.mp4" in done.stdout
+    assert os.path.isfile(tmp_path / "out" / "recon_iter0000003_denorm-with-true-patch-stats.mp4")
+
+
+@pytest.mark.parametrize("task, labels, words", [
+    ("classification", [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3], ["line 3", "3", "labels look 1-based", "from 0"]),
+    ("regression", [None, None, None, "0.5"] + [None] * 8, ["line 4", "0.5"]),
+    ("regression", [None, None, "high"] + [None] * 9, ["line 3", "'high'"]),
+])
+def test_label_problems_end_the_run_with_one_line_naming_the_list_line(train_data, tmp_path, task, labels, words):
+    rows = open(train_data / "train.txt").read().split("\n")[:12]
+    rows = [f"{train_data}/{r.split()[0]} " + (f"{lab}" if lab is not None else "0.1 0.2") for r, lab in zip(rows, labels)]
+    (tmp_path / "list.txt").write_text("\n".join(rows) + "\n")
+    extra = ["--num_classes=3"] if task == "classification" else ["--task=regression", "--num_outputs=2"]
+    done = train_run("finetune.py", *train_finetune_args(train_data, tmp_path, f"--train_list={tmp_path / 'list.txt'}",
+                                                         "--val_list=", "--test_list=", *extra, "--class_names=()"),
+                     check=False)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "list.txt" in lines[0] and all(w in lines[0] for w in words), lines[0]
+
+
 # --- the helpers, in-process -------------------------------------------------------------
 
 
@@ -1545,12 +1695,12 @@ def test_config_file_then_arguments_override_the_defaults(tmp_path):
     path.write_text("batch_size = 32\nepochs = 2 * 5\nmodel_args = dict(mask_ratio=0.75)\nbeta1, beta2 = 0.8, 0.9\n")
     c = pretrain.load_config(train_defaults(pretrain), [str(path), "--epochs=3", "--model_args.decoder_depth=2",
                                                         "--compile=true", "--out_dir=123", "--base_lr=1"])
-    assert (c["batch_size"], c["epochs"], c["beta1"], c["compile"], c["out_dir"]) == (32, 3, 0.8, True, "123")
-    assert c["model_args"] == {"mask_ratio": 0.75, "decoder_depth": 2} and c["base_lr"] == 1.0
-    mc = pretrain.build_model_config("tiny", c["model_args"])
+    assert (c.batch_size, c.epochs, c.beta1, c.compile, c.out_dir) == (32, 3, 0.8, True, "123")
+    assert c.model_args == {"mask_ratio": 0.75, "decoder_depth": 2} and c.base_lr == 1.0
+    mc = pretrain.build_model_config("tiny", c.model_args)
     assert mc.mask_ratio == 0.75 and mc.decoder_depth == 2
     c = finetune.load_config(train_defaults(finetune), ["--predict=a.mp4", "--predict=b.mp4"])
-    assert c["predict"] == ["a.mp4", "b.mp4"]
+    assert c.predict == ["a.mp4", "b.mp4"]
     path.write_text("batch_sise = 3\n")
     with pytest.raises(pretrain.ConfigError, match=r"cfg.py: unknown config key 'batch_sise'; did you mean batch_size"):
         pretrain.load_config(train_defaults(pretrain), [str(path)])
@@ -1565,10 +1715,10 @@ def test_every_preset_config_loads():
                           (finetune, ["finetune_demo", "finetune_dfew", "finetune_ferv39k", "finetune_mafw"])):
         for name in names:
             c = script.load_config(train_defaults(script), [os.path.join(TRAIN_REPO, "config", f"{name}.py")])
-            pretrain.build_model_config(c["model"], c["model_args"])
+            pretrain.build_model_config(c.model, c.model_args)
     dfew = finetune.load_config(train_defaults(finetune), [os.path.join(TRAIN_REPO, "config", "finetune_dfew.py")])
-    assert dfew["class_names"] == ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear")
-    recipe = (dfew["base_lr"], dfew["min_lr"], dfew["layer_decay"], dfew["model_args"]["drop_path"], dfew["mixup"])
+    assert dfew.class_names == ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear")
+    recipe = (dfew.base_lr, dfew.min_lr, dfew.layer_decay, dfew.model_args["drop_path"], dfew.mixup)
     assert recipe == (1e-3, 1e-6, 0.75, 0.1, 0.8)
 
 
