@@ -878,34 +878,25 @@ def bench(num_windows=64, train_items=20):
 # 7. Demo dataset: `python data.py demo`. NOT NEEDED TO LEARN THE METHOD: this part only makes the
 # synthetic demo data, face videos drawn procedurally with six dynamic expressions; a reader may skip it.
 #
-# It is the project's "shakespeare_char": a small, real video dataset that a newcomer makes on a laptop CPU
-# in about a minute and that behaves like aligned, face-cropped DFEW / VoxCeleb2 clips: the face fills the
-# frame, each clip starts neutral and moves to an expression apex at a random onset, the head moves a
-# little, the eyes blink and there is mild camera noise. Difficulty was tuned against the tiny TPSBT
-# trained from scratch (a mean-pooled patch-token model): it learns when faces are aligned (eyes and mouth
-# within about a pixel across people, as after landmark alignment) and stays at chance for hundreds of
-# steps when feature positions jitter by several pixels, even where a linear model on pixels is near
-# perfect. So people differ in colour, shape and size of features, lighting and hair far more than in
-# where the features sit. The files are real H.264 mp4, and the lists use the annotation format read above
-# ("<path> <label>", "<path> <v> <a>"). Every clip is drawn from its own np.random.default_rng([seed,
-# stream, id]), so the output depends neither on the number of worker processes nor on their order.
-#
-#     python data.py demo [--out=data/demo] [--seed=0] [--train_per_class=50] [--workers=2]
+# The project's "shakespeare_char": real H.264 videos made on a laptop CPU in about a minute, like aligned,
+# face-cropped DFEW / VoxCeleb2 clips: each starts neutral and moves to an expression apex at a random onset;
+# the head moves a little, the eyes blink, the camera is noisy. The tiny TPSBT trained from scratch learns
+# when faces are aligned (eyes and mouth within about a pixel across people, as after landmark alignment)
+# and stays at chance for hundreds of steps when features jitter by several pixels, so people differ in
+# colour, shape and size of features, lighting and hair far more than in where the features sit. Every
+# clip is drawn from its own np.random.default_rng([seed, stream, id]): the worker count changes nothing.
 
 DEMO_CLASSES = ("happy", "sad", "angry", "surprise", "disgust", "fear")
 DEMO_SIZE = 64           # frames are written at the tiny preset's img_size: no resize at load time
 DEMO_FRAMES = 16         # the model's 16 frames at sampling rate 1: the clip is one window
 
 # The expression apex of each class, as offsets from the neutral face in face units (1 unit = ~42 px in a
-# 64 px frame). Where features go: brow_raise (both brow ends up), brow_inner (inner ends up; negative =
-# knitted down), eye_open (relative change of the eye opening), smile (mouth corners up; negative = down),
-# mouth_open (gap between the lips), mouth_width (relative), upper_lip (upper lip raised). The marks that
-# real action units leave on the skin and in the mouth, 0..1: nose_wrinkle, cheek (raised cheeks with
-# crow's feet), forehead (lines across the forehead, AU1+2), brow_center (short lines above the raised
-# inner brows, AU1), glabella (vertical furrows between knitted brows, AU4), chin (pouting lower lip and
-# dimpled chin, AU17), press (thin pressed lips, AU24), teeth_upper / teeth_lower (shown in the open
-# mouth). Every class has both a configuration and marks of its own (a texture that a bag of patches can
-# see), as real expressions do.
+# 64 px frame): brow_raise, brow_inner (inner brow ends; negative = knitted), eye_open and mouth_width
+# (relative), smile (corners up; negative = down), mouth_open, upper_lip move the features; the others,
+# 0..1, are the marks that action units leave: forehead lines (AU1+2), short lines above the inner brows
+# (brow_center, AU1), furrows between knitted brows (glabella, AU4), a pouting lower lip and dimpled chin
+# (chin, AU17), thin pressed lips (press, AU24), nose wrinkles, raised cheeks with crow's feet, teeth. Each
+# class has both a configuration and marks of its own (a texture a bag of patches can see), as real ones do.
 DEMO_APEX = {
     "happy":    dict(smile=0.22, mouth_open=0.10, mouth_width=0.25, eye_open=-0.45, cheek=1.0, teeth_upper=1.0),
     "sad":      dict(brow_inner=0.18, brow_raise=-0.02, smile=-0.18, eye_open=-0.30, mouth_width=-0.10,
@@ -962,18 +953,15 @@ def demo_clip_plan(seed, clip_id, identity, label, num_frames=DEMO_FRAMES):
     plus its valence and arousal (derived from class + intensity + noise)."""
     r = np.random.default_rng([seed, 1, clip_id])
     T = num_frames
-    intensity = r.uniform(0.8, 1.0)
-    onset = r.uniform(0.05, 0.25) * T
-    rise = r.uniform(0.10, 0.20) * T
+    intensity, onset, rise = r.uniform(0.8, 1.0), r.uniform(0.05, 0.25) * T, r.uniform(0.10, 0.20) * T
     # smooth random head motion: a slow drift plus one oscillation per axis, about a pixel
     t = np.arange(T) / T
     def wobble(amplitude):
         return amplitude * (r.uniform(-1, 1) * t + 0.6 * np.sin(2 * np.pi * r.uniform(0.3, 1.2) * t
                                                                  + r.uniform(0, 2 * np.pi)))
     blinks = [r.uniform(0, T) for _ in range(r.poisson(0.8))]
-    v0, a0 = DEMO_VA[DEMO_CLASSES[label]]
-    valence = float(np.clip(v0 * intensity + r.normal(0, 0.08), -1, 1))
-    arousal = float(np.clip(a0 * intensity + r.normal(0, 0.08), -1, 1))
+    valence, arousal = (float(np.clip(m * intensity + r.normal(0, 0.08), -1, 1))
+                        for m in DEMO_VA[DEMO_CLASSES[label]])
     return dict(
         identity=identity, label=label, intensity=intensity, onset=onset, rise=rise,
         dx=wobble(0.015), dy=wobble(0.012), roll=wobble(0.03), scale=1 + wobble(0.01),
@@ -983,16 +971,14 @@ def demo_clip_plan(seed, clip_id, identity, label, num_frames=DEMO_FRAMES):
     )
 
 
-# Drawing: every shape is a soft mask over (T, S, S), computed in face coordinates.
+# Drawing: every shape is a mask over (T, S, S) computed in face coordinates: the coverage of each pixel,
+# from its signed distance d to the shape's edge (negative inside), antialiased over aa.
 def _soft(d, aa):
-    """Coverage of a pixel from a signed distance d (negative inside), antialiased over aa."""
     return np.clip(0.5 - d / aa, 0, 1)
 
 
-def _ellipse(X, Y, cx, cy, rx, ry, aa):
-    # approximate signed distance: normalised radius minus 1, times the smaller radius
-    d = (np.sqrt(((X - cx) / rx) ** 2 + ((Y - cy) / ry) ** 2) - 1) * np.minimum(rx, ry)
-    return _soft(d, aa)
+def _ellipse(X, Y, cx, cy, rx, ry, aa):  # approximate distance: normalised radius - 1, times the smaller radius
+    return _soft((np.sqrt(((X - cx) / rx) ** 2 + ((Y - cy) / ry) ** 2) - 1) * np.minimum(rx, ry), aa)
 
 
 def _paint(img, mask, color):
@@ -1000,7 +986,6 @@ def _paint(img, mask, color):
     Channels come first so that every inner loop runs along a row of pixels (fast in numpy)."""
     for c in range(3):
         img[c] += mask * (np.float32(color[c]) - img[c])
-    return img
 
 
 def render_demo_clip(ident, plan, size=DEMO_SIZE, num_frames=DEMO_FRAMES):
@@ -1129,14 +1114,14 @@ def _upper_face(region, ident, plan, act, aa):
         ex = s * ex_
         Xr, Yr, view, _ = region(ex - erx - 0.05, ex + erx + 0.05, ey - 2 * ery - 0.05, ey + 2 * ery + 0.05)
         ry = np.maximum(ery * eye_open, 1e-3)
-        rad = np.sqrt(((Xr - ex) / erx) ** 2 + ((Yr - ey) / ry) ** 2)
-        inside = _soft((rad - 1) * np.minimum(ry, erx), aa)
+        d = (np.sqrt(((Xr - ex) / erx) ** 2 + ((Yr - ey) / ry) ** 2) - 1) * np.minimum(ry, erx)  # as _ellipse
+        inside = _soft(d, aa)
         _paint(view, inside, (0.95, 0.95, 0.93))
         gx, gy = ex + plan["gaze"][0] * erx * 0.45, ey + plan["gaze"][1] * ery * 0.4
         _paint(view, inside * _ellipse(Xr, Yr, gx, gy, ident["iris_r"], ident["iris_r"], aa), ident["iris"])
         _paint(view, inside * _ellipse(Xr, Yr, gx, gy, 0.03, 0.03, aa), (0.02, 0.02, 0.02))
         # a ring around the opening, thicker on the upper lid: a closed eye becomes a dark line
-        ring = _soft(np.abs(rad - 1) * np.minimum(ry, erx) - 0.013 - 0.013 * (Yr < ey), aa)
+        ring = _soft(np.abs(d) - 0.013 - 0.013 * (Yr < ey), aa)
         _paint(view, ring * _soft(np.abs(Xr - ex) - erx, aa), skin * 0.25)
 
 
@@ -1182,12 +1167,9 @@ def _lower_face(region, ident, act, aa):
 
 # Splits and files.
 def demo_splits(seed=0, train_per_class=50, eval_per_class=20, pretrain_factor=10, clips_per_identity=2):
-    """The plan of the whole dataset: {split: [(clip_id, identity, label), ...]}.
-
-    Identities: train and pretrain draw from one pool (a person may appear in both, as in any
-    unlabeled crawl); val and test each get their own fresh identities, disjoint from all others.
-    Labels are balanced within every split. Pretrain clips are distinct clips from train's.
-    """
+    """The plan of the whole dataset: {split: [(clip_id, identity, label), ...]}, labels balanced in every
+    split. Train and pretrain (distinct clips) draw people from one pool (a person may appear in both, as in
+    any unlabeled crawl); val and test each get their own people, disjoint from all others."""
     n_classes = len(DEMO_CLASSES)
     r = np.random.default_rng([seed, 2])
     n_train, n_eval = train_per_class * n_classes, eval_per_class * n_classes
@@ -1219,15 +1201,13 @@ def ten_percent(train, seed=0):
     return sorted(chosen)
 
 
-def _make_clip(job):
+def _make_clip(out, seed, clip_id, identity, label, size, num_frames):
     """Worker: render and write one clip; returns its valence and arousal."""
-    out, seed, clip_id, identity, label, size, num_frames = job
-    ident = demo_identity(seed, identity)
     plan = demo_clip_plan(seed, clip_id, identity, label, num_frames)
+    clip = render_demo_clip(demo_identity(seed, identity), plan, size, num_frames)
     # asm=0: x264's SIMD kernels (AVX-512 here) gave other bytes in 1 of ~20 clips when two encoders ran at
     # once (measured; AVX2 and lower, and plain C, never did); its C code gives the same bytes on any CPU.
-    write_mp4(os.path.join(out, "videos", f"{clip_id:05d}.mp4"), render_demo_clip(ident, plan, size, num_frames),
-              options={"x264-params": "asm=0"})
+    write_mp4(os.path.join(out, "videos", f"{clip_id:05d}.mp4"), clip, options={"x264-params": "asm=0"})
     return plan["valence"], plan["arousal"]
 
 
@@ -1256,9 +1236,9 @@ def write_png(path, image):
     """Write a uint8 image (H, W, 3) as PNG with PyAV's png encoder (no PIL)."""
     codec = av.CodecContext.create("png", "w")
     codec.width, codec.height, codec.pix_fmt = image.shape[1], image.shape[0], "rgb24"
-    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+    packets = codec.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24"))
     with open(path, "wb") as f:
-        f.write(b"".join(bytes(p) for p in codec.encode(frame) + codec.encode(None)))
+        f.write(b"".join(bytes(p) for p in packets + codec.encode(None)))
 
 
 def make_demo_dataset(out="data/demo", seed=0, train_per_class=50, eval_per_class=20, pretrain_factor=10,
@@ -1271,19 +1251,18 @@ def make_demo_dataset(out="data/demo", seed=0, train_per_class=50, eval_per_clas
             for cid, ident, label in items]
     if workers > 1:
         with multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(workers) as pool:
-            va = pool.map(_make_clip, jobs, chunksize=16)
+            va = pool.starmap(_make_clip, jobs, chunksize=16)
     else:
-        va = [_make_clip(job) for job in jobs]
+        va = [_make_clip(*job) for job in jobs]
     va = {job[2]: v for job, v in zip(jobs, va)}
 
     path = lambda cid: f"videos/{cid:05d}.mp4"
-    lists = {
-        "pretrain.txt": [f"{path(c)} 0" for c, _, _ in splits["pretrain"]],
-        "pretrain_true_labels.txt": [f"{path(c)} {y}" for c, _, y in splits["pretrain"]],
-        "train_10pct.txt": [f"{path(c)} {y}" for c, _, y in ten_percent(splits["train"], seed)],
-    }
+    labelled = lambda items: [f"{path(c)} {y}" for c, _, y in items]
+    lists = {"pretrain.txt": [f"{path(c)} 0" for c, _, _ in splits["pretrain"]],
+             "pretrain_true_labels.txt": labelled(splits["pretrain"]),
+             "train_10pct.txt": labelled(ten_percent(splits["train"], seed))}
     for name in ("train", "val", "test"):
-        lists[f"{name}.txt"] = [f"{path(c)} {y}" for c, _, y in splits[name]]
+        lists[f"{name}.txt"] = labelled(splits[name])
         lists[f"regression_{name}.txt"] = [f"{path(c)} {va[c][0]:.4f} {va[c][1]:.4f}" for c, _, _ in splits[name]]
     lists["classes.txt"] = list(DEMO_CLASSES)
     for name, lines in lists.items():
