@@ -890,13 +890,10 @@ DEMO_CLASSES = ("happy", "sad", "angry", "surprise", "disgust", "fear")
 DEMO_SIZE = 64           # frames are written at the tiny preset's img_size: no resize at load time
 DEMO_FRAMES = 16         # the model's 16 frames at sampling rate 1: the clip is one window
 
-# The expression apex of each class, as offsets from the neutral face in face units (1 unit = ~42 px in a
-# 64 px frame): brow_raise, brow_inner (inner brow ends; negative = knitted), eye_open and mouth_width
-# (relative), smile (corners up; negative = down), mouth_open, upper_lip move the features; the others,
-# 0..1, are the marks that action units leave: forehead lines (AU1+2), short lines above the inner brows
-# (brow_center, AU1), furrows between knitted brows (glabella, AU4), a pouting lower lip and dimpled chin
-# (chin, AU17), thin pressed lips (press, AU24), nose wrinkles, raised cheeks with crow's feet, teeth. Each
-# class has both a configuration and marks of its own (a texture a bag of patches can see), as real ones do.
+# The expression apex of each class, as offsets from the neutral face: in face units (1 unit = ~42 px in a
+# 64 px frame; eye_open and mouth_width relative) for the actions that move brows, lids and lips, and 0..1
+# for the marks that action units leave on the skin and in the mouth (forehead lines AU1+2, brow_center AU1,
+# glabella AU4, chin AU17, press AU24; wrinkles, cheeks, teeth). Each class has both, as real ones do.
 DEMO_APEX = {
     "happy":    dict(smile=0.22, mouth_open=0.10, mouth_width=0.25, eye_open=-0.45, cheek=1.0, teeth_upper=1.0),
     "sad":      dict(brow_inner=0.18, brow_raise=-0.02, smile=-0.18, eye_open=-0.30, mouth_width=-0.10,
@@ -913,8 +910,7 @@ DEMO_APEX = {
 DEMO_VA = {"happy": (0.8, 0.5), "sad": (-0.7, -0.4), "angry": (-0.6, 0.7),
            "surprise": (0.3, 0.8), "disgust": (-0.7, 0.2), "fear": (-0.7, 0.8)}
 
-SKIN_LIGHT = np.array([0.97, 0.82, 0.71])
-SKIN_DARK = np.array([0.33, 0.20, 0.13])
+SKIN_LIGHT, SKIN_DARK = np.array([0.97, 0.82, 0.71]), np.array([0.33, 0.20, 0.13])
 HAIR_COLORS = np.array([[0.07, 0.05, 0.04], [0.22, 0.13, 0.07], [0.42, 0.27, 0.13], [0.85, 0.70, 0.42],
                         [0.60, 0.24, 0.09], [0.62, 0.62, 0.62]])
 IRIS_COLORS = np.array([[0.25, 0.14, 0.06], [0.12, 0.08, 0.05], [0.20, 0.40, 0.65], [0.25, 0.45, 0.25]])
@@ -1027,9 +1023,8 @@ def render_demo_clip(ident, plan, size=DEMO_SIZE, num_frames=DEMO_FRAMES):
         _paint(img, fringe, ident["hair"])
         bare = face - fringe
 
-    def region(x0, x1, y0, y1):
-        """X, Y, image and bare skin on the pixels that the face box [x0,x1]x[y0,y1] covers in any frame:
-        small features are drawn on their own box only, which keeps rendering cheap."""
+    def region(x0, x1, y0, y1):  # X, Y, image, bare skin where the face box [x0,x1]x[y0,y1] is in any frame
+        # small features are drawn on their own box only, which keeps rendering cheap
         corners = np.array([(x0, y0), (x0, y1), (x1, y0), (x1, y1)], f32)
         fx = px + sc * (cr * corners[:, 0] - sr * corners[:, 1])                  # (T,1,4)
         fy = py + sc * (sr * corners[:, 0] + cr * corners[:, 1])
@@ -1211,9 +1206,9 @@ def _make_clip(out, seed, clip_id, identity, label, size, num_frames):
     return plan["valence"], plan["arousal"]
 
 
-def class_picture(seed=0, size=DEMO_SIZE, num_frames=DEMO_FRAMES, columns=4, people=3, magnify=2):
-    """uint8 image for the README: one row per class (in label order); for each of `people` people (from
-    light to dark skin) `columns` frames from neutral to apex, with a white gap between people."""
+def write_class_picture(path, seed=0, size=DEMO_SIZE, num_frames=DEMO_FRAMES, columns=4, people=3, magnify=2):
+    """The README's picture, a PNG written with PyAV's encoder (no PIL): one row per class (in label order);
+    for each of `people` people (from light to dark skin) `columns` frames from neutral to apex."""
     candidates = [demo_identity(seed + 1000, i) for i in range(30)]
     order = np.argsort([-c["skin"].sum() for c in candidates])
     chosen = [int(order[round(k * (len(order) - 1) / max(people - 1, 1))]) for k in range(people)]
@@ -1228,17 +1223,12 @@ def class_picture(seed=0, size=DEMO_SIZE, num_frames=DEMO_FRAMES, columns=4, peo
             tiles += [np.pad(clip[i], ((1, 1), (1, 1), (0, 0)), constant_values=255) for i in frames]
             tiles.append(np.full((size + 2, 6, 3), 255, np.uint8))
         rows.append(np.concatenate(tiles[:-1], axis=1))
-    picture = np.concatenate(rows, axis=0)
-    return picture.repeat(magnify, 0).repeat(magnify, 1)
-
-
-def write_png(path, image):
-    """Write a uint8 image (H, W, 3) as PNG with PyAV's png encoder (no PIL)."""
+    picture = np.concatenate(rows, axis=0).repeat(magnify, 0).repeat(magnify, 1)
     codec = av.CodecContext.create("png", "w")
-    codec.width, codec.height, codec.pix_fmt = image.shape[1], image.shape[0], "rgb24"
-    packets = codec.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24"))
+    codec.width, codec.height, codec.pix_fmt = picture.shape[1], picture.shape[0], "rgb24"
+    packets = codec.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")) + codec.encode(None)
     with open(path, "wb") as f:
-        f.write(b"".join(bytes(p) for p in packets + codec.encode(None)))
+        f.write(b"".join(bytes(p) for p in packets))
 
 
 def make_demo_dataset(out="data/demo", seed=0, train_per_class=50, eval_per_class=20, pretrain_factor=10,
@@ -1248,13 +1238,9 @@ def make_demo_dataset(out="data/demo", seed=0, train_per_class=50, eval_per_clas
     os.makedirs(os.path.join(out, "videos"), exist_ok=True)
     splits = demo_splits(seed, train_per_class, eval_per_class, pretrain_factor)
     jobs = [(out, seed, cid, ident, label, size, num_frames) for items in splits.values()
-            for cid, ident, label in items]
-    if workers > 1:
-        with multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(workers) as pool:
-            va = pool.starmap(_make_clip, jobs, chunksize=16)
-    else:
-        va = [_make_clip(*job) for job in jobs]
-    va = {job[2]: v for job, v in zip(jobs, va)}
+            for cid, ident, label in items]  # clip ids 0, 1, 2, ...: va[clip_id] below
+    with multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(workers) as pool:
+        va = pool.starmap(_make_clip, jobs, chunksize=16)
 
     path = lambda cid: f"videos/{cid:05d}.mp4"
     labelled = lambda items: [f"{path(c)} {y}" for c, _, y in items]
@@ -1268,7 +1254,7 @@ def make_demo_dataset(out="data/demo", seed=0, train_per_class=50, eval_per_clas
     for name, lines in lists.items():
         with open(os.path.join(out, name), "w") as f:
             f.write("\n".join(lines) + "\n")
-    write_png(os.path.join(out, "classes.png"), class_picture(seed, size, num_frames))
+    write_class_picture(os.path.join(out, "classes.png"), seed, size, num_frames)
     sizes = {name: len(lines) for name, lines in lists.items()}
     if verbose:
         print(f"demo: wrote {len(jobs)} clips of {num_frames}x{size}x{size} to {out} in {time.time() - t0:.1f}s")
