@@ -878,13 +878,13 @@ def bench(num_windows=64, train_items=20):
 # 7. Demo dataset: `python data.py demo`. NOT NEEDED TO LEARN THE METHOD: this part only makes the
 # synthetic demo data, face videos drawn procedurally with six dynamic expressions; a reader may skip it.
 #
-# The project's "shakespeare_char": real H.264 videos made on a laptop CPU in about a minute, like aligned,
-# face-cropped DFEW / VoxCeleb2 clips: each starts neutral and moves to an expression apex at a random onset;
-# the head moves a little, the eyes blink, the camera is noisy. The tiny TPSBT trained from scratch learns
-# when faces are aligned (eyes and mouth within about a pixel across people, as after landmark alignment)
-# and stays at chance for hundreds of steps when features jitter by several pixels, so people differ in
-# colour, shape and size of features, lighting and hair far more than in where the features sit. Every
-# clip is drawn from its own np.random.default_rng([seed, stream, id]): the worker count changes nothing.
+# The project's "shakespeare_char": real H.264 videos made on a laptop CPU in about a minute. Like aligned,
+# face-cropped DFEW clips, each starts neutral and moves to an expression apex at a random onset; the head
+# moves a little, the eyes blink, the camera is noisy. People differ in colour, shape and size of features,
+# lighting and hair far more than in where the features sit: the tiny TPSBT trained from scratch learns from
+# faces aligned within about a pixel (as after landmark alignment) and stays at chance for hundreds of steps
+# when features jitter by several pixels. Every clip is drawn from its own np.random.default_rng([seed,
+# stream, id]), so the number of worker processes changes nothing.
 
 DEMO_CLASSES = ("happy", "sad", "angry", "surprise", "disgust", "fear")
 DEMO_SIZE = 64           # frames are written at the tiny preset's img_size: no resize at load time
@@ -1033,8 +1033,8 @@ def render_demo_clip(ident, plan, size=DEMO_SIZE, num_frames=DEMO_FRAMES):
         r = slice(to_pixel(fy.min(), -2), to_pixel(fy.max(), 3))
         return X[:, r, c], Y[:, r, c], img[:, :, r, c], bare[:, r, c]
 
-    # what moves, per frame (T,1,1): the expression's actions, which rise from neutral at the onset to the
-    # apex (a smoothstep) and hold, and the eyelids, which close over ~3 frames at each blink
+    # what moves, per frame (T,1,1): the actions rise from neutral at the onset to the apex (a smoothstep)
+    # and hold; the eyes' opening follows the expression and closes over ~3 frames at each blink
     t = np.arange(T, dtype=f32)
     u = np.clip((t - plan["onset"]) / plan["rise"], 0, 1)
     e = plan["intensity"] * u * u * (3 - 2 * u)
@@ -1043,7 +1043,7 @@ def render_demo_clip(ident, plan, size=DEMO_SIZE, num_frames=DEMO_FRAMES):
     blink = np.ones(T, f32)
     for b in plan["blinks"]:
         blink = np.minimum(blink, np.clip(np.abs(t - b) / 1.5, 0.05, 1))
-    act["blink"] = col(blink)
+    act["eye_opening"] = np.maximum(1 + act["eye_open"], 0.15) * col(blink)
     _upper_face(region, ident, plan, act, aa)
     _lower_face(region, ident, act, aa)
 
@@ -1090,7 +1090,6 @@ def _upper_face(region, ident, plan, act, aa):
             d = np.abs((Yr - ey) - slope * s * (Xr - ox_)) - 0.018
             _paint(view, act["cheek"] * _soft(np.maximum(d, np.abs(Xr - ox_ - s * 0.05) - 0.05), aa), wrinkle)
 
-    eye_open = np.maximum(1 + act["eye_open"], 0.15) * act["blink"]
     for s in (-1, 1):
         # eyebrow: a tapered quadratic stroke from the inner to the outer end
         x_in, length = s * ident["brow_inner_x"], ident["brow_len"]
@@ -1108,7 +1107,7 @@ def _upper_face(region, ident, plan, act, aa):
         # eye: sclera whose opening follows the expression and blinks; iris and pupil; dark lid outline
         ex = s * ex_
         Xr, Yr, view, _ = region(ex - erx - 0.05, ex + erx + 0.05, ey - 2 * ery - 0.05, ey + 2 * ery + 0.05)
-        ry = np.maximum(ery * eye_open, 1e-3)
+        ry = np.maximum(ery * act["eye_opening"], 1e-3)
         d = (np.sqrt(((Xr - ex) / erx) ** 2 + ((Yr - ey) / ry) ** 2) - 1) * np.minimum(ry, erx)  # as _ellipse
         inside = _soft(d, aa)
         _paint(view, inside, (0.95, 0.95, 0.93))
@@ -1160,7 +1159,6 @@ def _lower_face(region, ident, act, aa):
         _paint(view, 0.9 * dot * act["chin"], skin * 0.4)
 
 
-# Splits and files.
 def demo_splits(seed=0, train_per_class=50, eval_per_class=20, pretrain_factor=10, clips_per_identity=2):
     """The plan of the whole dataset: {split: [(clip_id, identity, label), ...]}, labels balanced in every
     split. Train and pretrain (distinct clips) draw people from one pool (a person may appear in both, as in
@@ -1232,7 +1230,7 @@ def write_class_picture(path, seed=0, size=DEMO_SIZE, num_frames=DEMO_FRAMES, co
 
 
 def make_demo_dataset(out="data/demo", seed=0, train_per_class=50, eval_per_class=20, pretrain_factor=10,
-                      size=DEMO_SIZE, num_frames=DEMO_FRAMES, workers=2, verbose=True):
+                      size=DEMO_SIZE, num_frames=DEMO_FRAMES, workers=min(2, os.cpu_count() or 1), verbose=True):
     """Write the demo dataset to `out` and return {list name: number of lines}."""
     t0 = time.time()
     os.makedirs(os.path.join(out, "videos"), exist_ok=True)
@@ -1264,16 +1262,15 @@ def make_demo_dataset(out="data/demo", seed=0, train_per_class=50, eval_per_clas
 
 def demo_main(argv):
     """python data.py demo [--out=data/demo] [--seed=0] [--train_per_class=50] [--eval_per_class=20]
-    [--pretrain_factor=10] [--size=64] [--frames=16] [--workers=2]"""
-    args = dict(out="data/demo", seed=0, train_per_class=50, eval_per_class=20, pretrain_factor=10,
-                size=DEMO_SIZE, frames=DEMO_FRAMES, workers=min(2, os.cpu_count() or 1))
+    [--pretrain_factor=10] [--size=64] [--num_frames=16] [--workers=2]: make_demo_dataset's arguments."""
+    valid = ("out", "seed", "train_per_class", "eval_per_class", "pretrain_factor", "size", "num_frames", "workers")
+    args = {}
     for arg in argv:
-        key, sep, value = arg.lstrip("-").partition("=")
-        if not arg.startswith("--") or not sep or key not in args:
-            raise SystemExit(f"demo: unknown argument {arg!r}; valid: " + " ".join(f"--{k}=" for k in args))
+        key, sep, value = arg[2:].partition("=")
+        if not arg.startswith("--") or not sep or key not in valid:
+            raise SystemExit(f"demo: unknown argument {arg!r}; valid: " + " ".join(f"--{k}=" for k in valid))
         args[key] = value if key == "out" else int(value)
-    return make_demo_dataset(args["out"], args["seed"], args["train_per_class"], args["eval_per_class"],
-                             args["pretrain_factor"], args["size"], args["frames"], args["workers"])
+    return make_demo_dataset(**args)
 
 
 # -----------------------------------------------------------------------------------------------------
