@@ -1702,7 +1702,7 @@ def demo_dirs(tmp_path_factory):
     """The same tiny dataset made three times: twice with two worker processes, once with one."""
     dirs = []
     for run, workers in enumerate((2, 2, 1)):
-        out = str(tmp_path_factory.mktemp(f"demo{run}_workers{workers}"))
+        out = str(tmp_path_factory.mktemp(f"demo_run{run}_workers{workers}_"))
         make_demo_dataset(out, seed=3, train_per_class=1, eval_per_class=1, pretrain_factor=10, workers=workers,
                           verbose=False)
         dirs.append(out)
