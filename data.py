@@ -883,8 +883,7 @@ def bench(num_windows=64, train_items=20):
 # moves a little, the eyes blink, the camera is noisy. People differ in colour, shape and size of features,
 # lighting and hair far more than in where the features sit: the tiny TPSBT trained from scratch learns from
 # faces aligned within about a pixel (as after landmark alignment) and stays at chance for hundreds of steps
-# when features jitter by several pixels. Every clip is drawn from its own np.random.default_rng([seed,
-# stream, id]), so the number of worker processes changes nothing.
+# when features jitter by several pixels. Every clip has its own np.random.default_rng([seed, stream, id]).
 
 DEMO_CLASSES = ("happy", "sad", "angry", "surprise", "disgust", "fear")
 DEMO_SIZE = 64           # frames are written at the tiny preset's img_size: no resize at load time
@@ -937,7 +936,6 @@ def demo_identity(seed, identity):
         brow_color=np.minimum(hair * 0.45 + 0.03, skin * 0.45),  # always darker than the skin
         nose_y=r.uniform(0.16, 0.19), nose_w=r.uniform(0.07, 0.11),
         mouth_y=r.uniform(0.49, 0.51), mouth_w=r.uniform(0.31, 0.36), lip_t=r.uniform(0.035, 0.05),
-        # where the light comes from (not normalised), and the share of ambient light
         light=np.array([r.uniform(-0.4, 0.4), r.uniform(-0.4, 0.0), 1.0]), ambient=r.uniform(0.55, 0.7),
         background=(r.uniform(0.15, 0.85, 3), r.uniform(0.15, 0.85, 3), r.uniform(0, 2 * np.pi)),
         blobs=[(r.uniform(-1, 1, 2), r.uniform(0.2, 0.5), r.uniform(0.1, 0.9, 3)) for _ in range(2)],
@@ -945,8 +943,7 @@ def demo_identity(seed, identity):
 
 
 def demo_clip_plan(seed, clip_id, identity, label, num_frames=DEMO_FRAMES):
-    """The events of one clip: expression timing and intensity, head motion, blinks, gaze, noise,
-    plus its valence and arousal (derived from class + intensity + noise)."""
+    """The events of one clip: expression timing and intensity, head motion, blinks, gaze, noise; valence, arousal."""
     r = np.random.default_rng([seed, 1, clip_id])
     T = num_frames
     intensity, onset, rise = r.uniform(0.8, 1.0), r.uniform(0.05, 0.25) * T, r.uniform(0.10, 0.20) * T
@@ -978,8 +975,7 @@ def _ellipse(X, Y, cx, cy, rx, ry, aa):  # approximate distance: normalised radi
 
 
 def _paint(img, mask, color):
-    """Alpha-composite a color (3,) over img (3,T,S,S) with coverage mask (T,S,S).
-    Channels come first so that every inner loop runs along a row of pixels (fast in numpy)."""
+    """Alpha-composite color (3,) over img (3,T,S,S) with mask (T,S,S); channels first: inner loops run on rows."""
     for c in range(3):
         img[c] += mask * (np.float32(color[c]) - img[c])
 
@@ -1004,9 +1000,8 @@ def render_demo_clip(ident, plan, size=DEMO_SIZE, num_frames=DEMO_FRAMES):
     cx, cy = ident["center"]
     px, py = cx + col(plan["dx"]), cy + col(plan["dy"])
     cr, sr, sc = np.cos(col(plan["roll"])), np.sin(col(plan["roll"])), col(plan["scale"]) * ident["zoom"]
-    ox, oy = PX - px, PY - py
-    X = (cr * ox + sr * oy) / sc
-    Y = (-sr * ox + cr * oy) / sc
+    X = (cr * (PX - px) + sr * (PY - py)) / sc
+    Y = (-sr * (PX - px) + cr * (PY - py)) / sc
     aa = 2.0 / S / sc  # one pixel, in face units
 
     # back hair behind the face, neck below it, the face, and a fringe above a curved hairline
