@@ -1058,7 +1058,6 @@ def _upper_face(region, ident, plan, act, aa):
     """Forehead and glabella lines, raised cheeks with crow's feet, then each brow and eye."""
     ex_, ey, erx, ery = ident["eye_x"], ident["eye_y"], ident["eye_rx"], ident["eye_ry"]
     skin = ident["skin"].astype(np.float32)
-    wrinkle = skin * 0.4
     # forehead lines: long ones across (forehead), short ones in the middle (brow_center); they ride up
     # with the brows. Glabella: two vertical lines between the inner brow ends. Blank marks are skipped.
     y_brow = ey - ery - ident["brow_gap"] - act["brow_raise"]
@@ -1067,11 +1066,11 @@ def _upper_face(region, ident, plan, act, aa):
         y_line = y_brow - 0.08 - 0.05 * k - 0.08 * Xr ** 2
         across = _soft(np.maximum(np.abs(Yr - y_line) - 0.02, np.abs(Xr) - 0.5 + 0.05 * k), aa)
         middle = _soft(np.maximum(np.abs(Yr - y_line + 0.15 * Xr ** 2 - 0.03) - 0.02, np.abs(Xr) - 0.16), aa)
-        _paint(view, bare_r * np.maximum(across * act["forehead"], middle * act["brow_center"]), wrinkle)
+        _paint(view, bare_r * np.maximum(across * act["forehead"], middle * act["brow_center"]), skin * 0.4)
     for s in (-1, 1) if act["glabella"].any() else ():
         y_top = y_brow - act["brow_inner"] - 0.06
         line = _soft(np.maximum(np.abs(Xr - s * 0.05) - 0.02, np.maximum(y_top - Yr, Yr - y_top - 0.17)), aa)
-        _paint(view, bare_r * line * act["glabella"], wrinkle)
+        _paint(view, bare_r * line * act["glabella"], skin * 0.4)
     for s in (-1, 1) if act["cheek"].any() else ():
         # cheeks raised (happy): soft rosy bulges under the eyes
         ccx, ccy = s * (ex_ + 0.04), ey + 0.2
@@ -1083,7 +1082,7 @@ def _upper_face(region, ident, plan, act, aa):
         Xr, Yr, view, _ = region(ox_ - 0.14, ox_ + 0.14, ey - 0.15, ey + 0.15)
         for slope in (-0.5, 0.0, 0.5):
             d = np.abs((Yr - ey) - slope * s * (Xr - ox_)) - 0.018
-            _paint(view, act["cheek"] * _soft(np.maximum(d, np.abs(Xr - ox_ - s * 0.05) - 0.05), aa), wrinkle)
+            _paint(view, act["cheek"] * _soft(np.maximum(d, np.abs(Xr - ox_ - s * 0.05) - 0.05), aa), skin * 0.4)
 
     for s in (-1, 1):
         # eyebrow: a tapered quadratic stroke from the inner to the outer end
