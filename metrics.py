@@ -1,25 +1,18 @@
 """
-Evaluation metrics for SVFAP, computed the way the paper reports them, and the prediction files that
-carry a model's outputs from finetune.py to this report.
+Evaluation metrics for SVFAP as the paper reports them, and the prediction files that carry a model's
+outputs from finetune.py to this report. The report prints WAR / UAR / F1 in % with two decimals and
+CCC / PCC / ACC with four, as the paper does.
 
-Classification (DFEW, FERV39k, MAFW, CREMA-D, RAVDESS, eNTERFACE05, AVCAffe):
-  WAR = weighted average recall = accuracy; UAR = unweighted average recall = mean of the per-class
-  recalls; weighted F1 (AVCAffe). In cross-validation the predictions of all folds are pooled first and
-  the metric is computed once on the pool -- not the mean of the per-fold values.
-Regression (Werewolf-XL, First Impressions):
-  CCC and PCC per dimension and their mean; personality ACC = 1 - mean |prediction - label|.
-Video level (AVCAffe): the scores of a source video's clips are averaged, then the metric is computed
-  over videos. The video of a clip is named by a regular expression over its path (`video_group`): the
-  first capture group of its first match, or the whole match when it has no group. E.g. r"(.*)/[^/]+$"
-  groups the clips by folder (data/avcaffe/clips/<video>/<k>.mp4).
-
-Functions return fractions (or coefficients in [-1, 1]); the report prints WAR/UAR/F1 as percentages
-with two decimals and CCC/PCC/ACC with four, as the paper prints them.
+Classification: WAR = accuracy; UAR = mean of the per-class recalls; weighted F1 (AVCAffe). Folds of a
+  cross-validation are pooled, then measured once (not the mean of the fold values).
+Regression: CCC and PCC per dimension and their mean; personality ACC = 1 - mean |prediction - label|.
+Video level (AVCAffe): clip scores are averaged per video, then measured. A clip's video is the first
+  capture group (or the match) of a regex over its path: '(.*)/[^/]+$' groups the clips by folder.
 
   python metrics.py out/dfew/fold1/test_predictions.csv ... out/dfew/fold5/test_predictions.csv
   python metrics.py --video_group='(.*)/[^/]+$' out/finetune_avcaffe_arousal/test_predictions.csv
   python metrics.py --summary "from scratch=out/compare/scratch_seed*" "pre-trained=out/compare/pre_seed*"
-      a Markdown table, one row per NAME=GLOB: the test UAR and WAR of the runs (out_dirs) GLOB matches as
+      a Markdown table, one row per NAME=GLOB: test UAR and WAR of the runs (out_dirs) GLOB matches, as
       mean +- sample sd (min..max), and the wall time of a run (its results.json's "wall_time_s")
 """
 
@@ -30,7 +23,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from collections import namedtuple
 
 import numpy as np
@@ -40,10 +32,8 @@ import numpy as np
 
 
 def _as_array(x, name):
-    """Array of numbers from a list / numpy array / torch tensor; rejects empty input and NaN."""
-    a = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)  # finetune.py may pass tensors
-    if a.ndim == 0 or a.dtype.kind not in "biuf":
-        raise ValueError(f"{name} must be an array of numbers, one per sample, got {a!r:.80}")
+    """Array of numbers from a list / numpy array / torch tensor (finetune.py passes them); no NaN."""
+    a = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)
     if a.size == 0:
         raise ValueError(f"{name} is empty; a metric needs at least one sample")
     if a.dtype.kind == "f" and np.isnan(a).any():
@@ -66,11 +56,13 @@ def _as_labels(x, name):
         raise ValueError(f"{name} must hold whole-number class labels, got non-integer values")
     return a.astype(np.int64)
 
+# -----------------------------------------------------------------------------
+# classification metrics: y_pred is labels (B,) or a score matrix (B, C), reduced by argmax (ties go to
+# the lowest index), whose width fixes num_classes; else num_classes=None means 1 + the largest label
 
-def _class_inputs(y_true, y_pred, num_classes):
-    """Validated (y_true, y_pred labels, num_classes). y_pred is labels (B,) or a score matrix (B, C),
-    reduced by argmax (ties go to the lowest index); C then fixes num_classes. num_classes=None means:
-    the score width, else 1 + the largest label seen."""
+
+def confusion_matrix(y_true, y_pred, num_classes=None):
+    """int64 (C, C) counts; rows = true class, columns = predicted class."""
     y_true, p = _as_labels(y_true, "y_true"), _as_array(y_pred, "y_pred")
     _same_length(y_true, p)
     if p.ndim == 2:
@@ -85,15 +77,6 @@ def _class_inputs(y_true, y_pred, num_classes):
         if len(bad):
             raise ValueError(f"{name}[{bad[0]}] = {y[bad[0]]} is outside the valid labels 0..{num_classes - 1} "
                              f"(num_classes={num_classes})")
-    return y_true, y_pred, num_classes
-
-# -----------------------------------------------------------------------------
-# classification metrics
-
-
-def confusion_matrix(y_true, y_pred, num_classes=None):
-    """int64 (C, C) counts; rows = true class, columns = predicted class."""
-    y_true, y_pred, num_classes = _class_inputs(y_true, y_pred, num_classes)
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(cm, (y_true, y_pred), 1)
     return cm
@@ -131,13 +114,13 @@ def weighted_f1(y_true, y_pred, num_classes=None):
 # regression metrics: 1-D inputs give a float, (N, D) inputs give a (D,) array, one value per dimension
 
 
-def _columns(fn):
-    """A metric of (N,) or (N, D) labels and predictions: a float, or a (D,) array, one per dimension."""
+def _per_dimension(fn):  # fn: (N, D) columns -> (D,) values
     def metric(y_true, y_pred):
         t, p = _as_array(y_true, "y_true").astype(np.float64), _as_array(y_pred, "y_pred").astype(np.float64)
         _same_length(t, p)
         if t.shape != p.shape or t.ndim not in (1, 2):
-            raise ValueError(f"y_true and y_pred must both be (N,) or (N, D) with equal shapes, got {t.shape} and {p.shape}")
+            raise ValueError(f"y_true and y_pred must both be (N,) or (N, D) with equal shapes, "
+                             f"got {t.shape} and {p.shape}")
         if np.isinf(t).any() or np.isinf(p).any():
             raise ValueError("y_true and y_pred must be finite; found inf")
         v = fn(t.reshape(len(t), -1), p.reshape(len(p), -1))  # (N, D) -> (D,)
@@ -146,31 +129,30 @@ def _columns(fn):
     return metric
 
 
-def _moments(t, p):
-    """Centred columns and exact constancy of each (a centred constant can be 1e-17, not 0)."""
+def _centred(t, p):  # and which columns are constant: exact tests, a centred constant can be 1e-17
     return t - t.mean(0), p - p.mean(0), t.max(0) == t.min(0), p.max(0) == p.min(0)
 
 
-@_columns
+@_per_dimension
 def ccc(t, p):
     """Lin's concordance correlation coefficient 2 cov / (var_t + var_p + (mean_t - mean_p)^2), population
     moments as in Lin (1989). One side constant: 0.0; both the same constant: 1.0 (perfect agreement)."""
-    tc, pc, const_t, const_p = _moments(t, p)
+    tc, pc, const_t, const_p = _centred(t, p)
     with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0 for constants, replaced below
         v = 2 * (tc * pc).mean(0) / ((tc ** 2).mean(0) + (pc ** 2).mean(0) + (t.mean(0) - p.mean(0)) ** 2)
     return np.where(const_t | const_p, 1.0 * (const_t & const_p & (t[0] == p[0])), v)
 
 
-@_columns
+@_per_dimension
 def pcc(t, p):
     """Pearson correlation coefficient r; 0.0 when either side is constant (scipy would give NaN)."""
-    tc, pc, const_t, const_p = _moments(t, p)
+    tc, pc, const_t, const_p = _centred(t, p)
     with np.errstate(invalid="ignore", divide="ignore"):
         r = (tc * pc).sum(0) / np.sqrt((tc ** 2).sum(0) * (pc ** 2).sum(0))
     return np.where(const_t | const_p, 0.0, np.clip(r, -1, 1))  # rounding can push |r| a hair above 1
 
 
-@_columns
+@_per_dimension
 def personality_acc(t, p):
     """First Impressions accuracy: 1 - mean |y_pred - y_true|, for labels in [0, 1]; no clipping."""
     if t.min() < 0 or t.max() > 1:
@@ -181,116 +163,81 @@ def personality_acc(t, p):
 # video level (AVCAffe): average the clip scores of each source video
 
 
-def video_groups(ids, pattern):
-    """The video of each clip id: the first capture group of re.search(pattern, id), or the whole match."""
-    rx = re.compile(pattern)
-    keys = []
-    for i in ids:
-        m = rx.search(str(i))
-        if m is None:
-            raise ValueError(f"video_group={pattern!r} does not match the clip {str(i)!r}; it must match every "
-                             f"path, e.g. '(.*)/[^/]+$' takes a clip's folder as its video")
-        keys.append(m.group(1) if rx.groups else m.group(0))
-    return keys
-
-
 def group_average(ids, scores, targets, groups):
-    """Video-level (video ids, scores, targets): the mean score of each video's clips, in order of first
-    appearance. groups: a video key per clip, or a regex for video_groups. The clips of a video must
-    share their target."""
-    keys = video_groups(ids, groups) if isinstance(groups, str) else [str(g) for g in groups]
+    """Video-level (video ids, scores, targets): each video's mean clip score, videos in order of first
+    appearance. groups: the video of each clip, or a regex whose first capture group (or whole match, when
+    it has no group) in a clip's id names its video. The clips of a video must share their target."""
+    if isinstance(groups, str):
+        matches = [re.search(groups, str(i)) for i in ids]
+        if None in matches:
+            raise ValueError(f"video_group={groups!r} does not match the clip {str(ids[matches.index(None)])!r}; "
+                             f"it must match every path, e.g. '(.*)/[^/]+$' takes a clip's folder as its video")
+        groups = [m.group(1 if m.re.groups else 0) for m in matches]
+    keys = [str(k) for k in groups]
     scores, targets = _as_array(scores, "scores").astype(np.float64), _as_array(targets, "targets")
     _same_length(keys, scores, "groups", "scores")
     _same_length(keys, targets, "groups", "targets")
-    first = {}  # video -> its first clip; dicts keep insertion order, so videos follow the list
-    for i, k in enumerate(keys):
-        first.setdefault(k, i)
-    number = {k: v for v, k in enumerate(first)}
-    video = np.array([number[k] for k in keys])  # (N,) video of each clip
-    head = np.array(list(first.values()))  # (V,) first clip of each video
+    number = {k: v for v, k in enumerate(dict.fromkeys(keys))}  # videos in order of first appearance
+    video = np.array([number[k] for k in keys])  # (N,)
+    head = np.unique(video, return_index=True)[1]  # (V,) the first clip of each video
     bad = np.flatnonzero((targets != targets[head][video]).reshape(len(keys), -1).any(axis=1))
     if len(bad):
         b, f = bad[0], head[video[bad[0]]]
         raise ValueError(f"clip {ids[b]!r} has target {targets[b]} but clip {ids[f]!r} of the same video "
                          f"{keys[b]!r} has {targets[f]}; the clips of a video must share its label")
-    sums = np.zeros((len(first),) + scores.shape[1:])
+    sums = np.zeros((len(head),) + scores.shape[1:])
     np.add.at(sums, video, scores)
-    counts = np.bincount(video).reshape((-1,) + (1,) * (scores.ndim - 1))
-    return list(first), sums / counts, targets[head]
+    return list(number), sums / np.bincount(video).reshape((-1,) + (1,) * (scores.ndim - 1)), targets[head]
 
 # -----------------------------------------------------------------------------
 # prediction files: one CSV per evaluation, one row per video
 #   classification header: id,target,score_<class>,...        (target = class index)
 #   regression header:     id,target_<dim>,...,pred_<dim>,... (same dims in the same order)
-# The header alone tells the task: "target" vs "target_<dim>" columns.
-
+# The header alone tells the task: "target" vs "target_<dim>" columns. Read back as Predictions: task,
+# ids (N,), targets int64 (N,) | float64 (N, D), scores float64 (N, C) | (N, D), class_names (None: indices).
 Predictions = namedtuple("Predictions", "task ids targets scores class_names")
-Predictions.__doc__ = """Contents of a prediction file. task: "classification" or "regression"; ids: list[str];
-targets: int64 (N,) class indices | float64 (N, D); scores: float64 (N, C) class scores | (N, D) predictions;
-class_names: names of the classes (or regression dimensions), None when the file uses plain indices."""
-
-TASKS = ("classification", "regression")
 
 
 def write_predictions(path, ids, targets, scores, class_names=None, task=None):
     """Write one evaluation's predictions to a CSV file at path, atomically (temp file + rename).
-
-    ids: N video ids (paths); targets: (N,) class indices or (N,) / (N, D) regression labels;
-    scores: (N, C) class scores (e.g. softmax averaged over views) or (N,) / (N, D) regression outputs.
-    class_names: names of the C classes or D dimensions; None writes indices 0..C-1. task: None infers it
-    from targets (integer dtype -> classification), so pass it when float targets hold class indices.
-    """
+    ids: N video ids (paths); targets: (N,) class indices or (N,) / (N, D) regression labels; scores: (N, C)
+    class scores or (N,) / (N, D) regression outputs; class_names: of the C classes or D dimensions (None:
+    indices). task=None infers it from targets (integers: classification); pass it for float class indices."""
     ids = [str(i) for i in ids]
     targets, scores = (np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x) for x in (targets, scores))
     task = task or ("classification" if targets.dtype.kind in "biu" else "regression")
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    n = len(ids)
-    if n == 0:
+    if not ids:
         raise ValueError(f"{path}: no predictions to write (ids is empty)")
     for name, a in (("targets", targets), ("scores", scores)):
-        if len(a) != n:
-            raise ValueError(f"{path}: {n} ids but {len(a)} {name}; they must match")
+        if len(a) != len(ids):
+            raise ValueError(f"{path}: {len(ids)} ids but {len(a)} {name}; they must match")
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise ValueError(f"{path}: {name} contain NaN or inf")
     if task == "classification":
-        targets = _as_labels(targets, "targets")
-        if scores.ndim != 2:
-            raise ValueError(f"{path}: classification scores must be (N, C), got shape {scores.shape}")
-        bad = (targets < 0) | (targets >= scores.shape[1])
-        if bad.any():
-            raise ValueError(f"{path}: target {targets[bad][0]} is outside 0..{scores.shape[1] - 1} "
-                             f"({scores.shape[1]} score columns)")
-        names = _column_names(class_names, scores.shape[1], "class", path)
-        header = ["id", "target"] + ["score_" + c for c in names]
-        targets = targets[:, None]  # (N,) -> (N, 1): written like a regression's single target column
+        targets, width = _as_labels(targets, "targets"), scores.shape[1]
+        if ((targets < 0) | (targets >= width)).any():
+            raise ValueError(f"{path}: target {targets[(targets < 0) | (targets >= width)][0]} is outside "
+                             f"0..{width - 1} ({width} score columns)")
+        header = ["target"] + ["score_" + c for c in _column_names(class_names, width, "class", path)]
+        targets = targets[:, None]  # (N,) -> (N, 1): one target column
     else:
-        targets, scores = (a.reshape(n, 1) if a.ndim == 1 else a for a in (targets, scores))  # (N,) -> (N, 1)
+        targets, scores = (a.reshape(len(a), 1) if a.ndim == 1 else a for a in (targets, scores))  # (N,) -> (N, 1)
         if targets.ndim != 2 or targets.shape != scores.shape:
             raise ValueError(f"{path}: regression targets and scores must both be (N, D), got "
                              f"{targets.shape} and {scores.shape}")
         names = _column_names(class_names, targets.shape[1], "dimension", path)
-        header = ["id"] + ["target_" + c for c in names] + ["pred_" + c for c in names]
-    rows = ([i] + [repr(v) for v in t + s] for i, t, s in zip(ids, targets.tolist(), scores.tolist()))
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # temp file in the same folder so os.replace is an atomic rename: a crash never leaves half a file
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            csv.writer(f).writerows([header, *rows])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        header = ["target_" + c for c in names] + ["pred_" + c for c in names]
+    rows = [["id"] + header] + [[i] + [repr(v) for v in t + s] for i, t, s in zip(ids, targets.tolist(), scores.tolist())]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.tmp", "w", newline="") as f:  # then a rename: a crash never leaves half a file
+        csv.writer(f).writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f"{path}.tmp", path)
 
 
 def _column_names(names, width, what, path):
-    if names is None:
-        return [str(i) for i in range(width)]
-    names = [str(c) for c in names]
+    names = [str(c) for c in names] if names is not None else [str(i) for i in range(width)]
     if len(names) != width:
         raise ValueError(f"{path}: {len(names)} {what} names given for {width} columns")
     if len(set(names)) != len(names) or "" in names:
@@ -305,19 +252,17 @@ def read_predictions(path):
     if not lines:
         raise ValueError(f"{path}: empty file; expected a header 'id,target,score_...' or "
                          f"'id,target_<dim>,...,pred_<dim>,...'")
-    header = lines[0]
+    header, d = lines[0], (len(lines[0]) - 1) // 2
     numbered = [(k + 2, row) for k, row in enumerate(lines[1:]) if row]  # csv gives [] for a blank line
     if not numbered:
         raise ValueError(f"{path}: header but no prediction rows")
     if header[0] != "id":
         raise ValueError(f"{path}:1: first column must be 'id', got {header[0]!r}")
-    d = (len(header) - 1) // 2
-    tnames = [h[len("target_"):] for h in header[1:1 + d] if h.startswith("target_")]
-    pnames = [h[len("pred_"):] for h in header[1 + d:] if h.startswith("pred_")]
+    dims = [h[len("target_"):] for h in header[1:1 + d] if h.startswith("target_")]
     if len(header) >= 3 and header[1] == "target" and all(h.startswith("score_") for h in header[2:]):
         task, names = "classification", [h[len("score_"):] for h in header[2:]]
-    elif d and len(header) == 1 + 2 * d and len(tnames) == d and tnames == pnames:
-        task, names = "regression", tnames
+    elif d and len(header) == 1 + 2 * d and len(dims) == d and header[1 + d:] == ["pred_" + n for n in dims]:
+        task, names = "regression", dims
     else:
         raise ValueError(f"{path}:1: unrecognised header {header}; expected 'id,target,score_<class>,...' "
                          f"(classification) or 'id,target_<dim>,...,pred_<dim>,...' with the same "
@@ -331,8 +276,6 @@ def read_predictions(path):
                 values[r, c] = float(field)
             except ValueError:
                 raise ValueError(f"{path}:{line}: column {header[c + 1]!r} must be a number, got {field!r}") from None
-            if np.isnan(values[r, c]):
-                raise ValueError(f"{path}:{line}: column {header[c + 1]!r} is NaN")
     ids = [row[0] for _, row in numbered]
     class_names = None if names == [str(i) for i in range(len(names))] else names
     if task == "regression":
@@ -349,12 +292,9 @@ def pool_predictions(preds, sources=None):
     """Concatenate the rows of several Predictions (e.g. the test folds of a cross-validation); raises
     ValueError naming the first file (sources: names for the messages) that disagrees with the first
     one in task, class or dimension count, or their names."""
-    if not preds:
-        raise ValueError("no prediction files to pool")
-    sources = sources or [f"predictions #{i}" for i in range(len(preds))]
-    ref, ref_src = preds[0], sources[0]
+    (ref, *rest), (ref_src, *sources) = preds, sources or [f"predictions #{i}" for i in range(len(preds))]
     what = "classes" if ref.task == "classification" else "dimensions"
-    for p, src in zip(preds[1:], sources[1:]):
+    for p, src in zip(rest, sources):
         if p.task != ref.task:
             raise ValueError(f"{src} holds {p.task} predictions but {ref_src} holds {ref.task}; "
                              f"pool only files of one task")
@@ -380,9 +320,8 @@ def _table(rows):
 
 def format_report(pred, title=None):
     """The evaluation report of a Predictions (one file or a pool) as text, as the CLI prints it."""
-    n, width = len(pred.ids), pred.scores.shape[1]
+    n, width, y, s = len(pred.ids), pred.scores.shape[1], pred.targets, pred.scores
     names = pred.class_names or [str(i) for i in range(width)]
-    y, s = pred.targets, pred.scores
     lines = [title] if title else []
     if pred.task == "classification":
         recall, cm = per_class_recall(y, s), confusion_matrix(y, s)
@@ -407,7 +346,7 @@ def format_report(pred, title=None):
     return "\n".join(lines)
 
 # -----------------------------------------------------------------------------
-# summary of repeated runs (seeds)
+# summary of repeated runs (seeds), and the command line
 
 
 def _spread(values):
@@ -416,80 +355,71 @@ def _spread(values):
     return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f} ({v.min():.2f}..{v.max():.2f})"
 
 
-def summarize_runs(groups):
-    """Markdown table of repeated runs. groups: [(name, [run_dir, ...])]. A run_dir with a
-    test_predictions.csv (finetune.py) adds its UAR / WAR; its results.json gives wall_time_s."""
+def summarize_runs(specs):
+    """Markdown table of repeated runs, a row per "NAME=GLOB" spec: the run directories GLOB matches. A run
+    with a test_predictions.csv (finetune.py) adds its UAR / WAR; its results.json gives wall_time_s."""
     rows = [["runs", "n", "test UAR % mean ± sd (min..max)", "test WAR % mean ± sd (min..max)",
              "UAR % of each run", "wall time per run"]]
-    for name, dirs in groups:
+    for spec in specs:
+        name, _, pattern = spec.rpartition("=")
+        if not (name and pattern):
+            raise ValueError(f"--summary {spec!r}: expected NAME=GLOB, e.g. \"scratch=out/compare/scratch_seed*\"")
+        dirs = sorted(d for d in glob.glob(pattern) if os.path.isdir(d))
         if not dirs:
             raise ValueError(f"{name}: no run directories match")
-        uars, wars, times = [], [], []
+        uars, wars, minutes = [], [], []
         for d in dirs:
-            pred_path, results_path = os.path.join(d, "test_predictions.csv"), os.path.join(d, "results.json")
-            if os.path.exists(pred_path):
-                p = read_predictions(pred_path)
+            if os.path.exists(os.path.join(d, "test_predictions.csv")):
+                p = read_predictions(os.path.join(d, "test_predictions.csv"))
                 if p.task != "classification":
-                    raise ValueError(f"{pred_path}: --summary reports UAR and WAR, but this file holds regression")
+                    raise ValueError(f"{d}/test_predictions.csv: --summary reports UAR and WAR, but it holds regression")
                 uars.append(100 * uar(p.targets, p.scores))
                 wars.append(100 * war(p.targets, p.scores))
-            if not os.path.exists(results_path):
+            if not os.path.exists(os.path.join(d, "results.json")):
                 raise ValueError(f"{d}: no results.json; did the run finish?")
-            with open(results_path) as f:
-                t = json.load(f).get("wall_time_s")
-            if t is None:
-                raise ValueError(f"{results_path}: no wall_time_s")
-            times.append(t / 60)
+            with open(os.path.join(d, "results.json")) as f:
+                minutes.append(json.load(f)["wall_time_s"] / 60)
         if uars and len(uars) != len(dirs):
             raise ValueError(f"{name}: {len(dirs) - len(uars)} of {len(dirs)} runs have no test_predictions.csv")
-        t = np.asarray(times)
-        time_cell = f"{t.mean():.1f} min" + (f" ({t.min():.1f}..{t.max():.1f})" if len(t) > 1 else "")
+        t = np.asarray(minutes)
         rows.append([name, str(len(dirs)), _spread(uars) if uars else "-", _spread(wars) if wars else "-",
-                     " ".join(f"{u:.2f}" for u in uars) or "-", time_cell])
+                     " ".join(f"{u:.2f}" for u in uars) or "-",
+                     f"{t.mean():.1f} min" + (f" ({t.min():.1f}..{t.max():.1f})" if len(t) > 1 else "")])
     lines = ["| " + " | ".join(r) + " |" for r in rows]
     lines.insert(1, "|" + "|".join(["---"] + ["---:"] * (len(rows[0]) - 1)) + "|")
     return "\n".join(lines)
 
 
-def _report(args):
-    """The text the CLI prints; raises OSError / ValueError with a message for the user."""
-    if args.summary:
-        groups = []
-        for spec in args.summary:
-            name, sep, pattern = spec.rpartition("=")
-            if not sep or not name or not pattern:
-                raise ValueError(f"--summary {spec!r}: expected NAME=GLOB, e.g. \"scratch=out/compare/scratch_seed*\"")
-            groups.append((name, sorted(d for d in glob.glob(pattern) if os.path.isdir(d))))
-        return summarize_runs(groups)
-    preds = [read_predictions(f) for f in args.files]
-    pooled = pool_predictions(preds, args.files)
+def report(files, video_group=""):
+    """The CLI's report of prediction files: pooled, then (with video_group) averaged per video."""
+    preds = [read_predictions(f) for f in files]
+    pooled = pool_predictions(preds, files)
     if len(set(pooled.ids)) < len(pooled.ids):  # a clip in two test folds (or a file given twice) counts twice
         print(f"metrics.py: warning: {len(pooled.ids) - len(set(pooled.ids))} rows repeat an id already seen; "
               f"is a file listed twice?", file=sys.stderr)
-    title = (f"pooled over {len(args.files)} files ({', '.join(str(len(p.ids)) for p in preds)} rows)"
-             if len(args.files) > 1 else args.files[0])
-    if args.video_group:
-        pooled = Predictions(pooled.task, *group_average(pooled.ids, pooled.scores, pooled.targets,
-                                                         args.video_group), pooled.class_names)
-        title += f"\nvideo level: clip scores averaged per video (video_group={args.video_group!r})"
+    title = (f"pooled over {len(files)} files ({', '.join(str(len(p.ids)) for p in preds)} rows)"
+             if len(files) > 1 else str(files[0]))
+    if video_group:
+        ids, scores, targets = group_average(pooled.ids, pooled.scores, pooled.targets, video_group)
+        pooled = pooled._replace(ids=ids, scores=scores, targets=targets)
+        title += f"\nvideo level: clip scores averaged per video (video_group={video_group!r})"
     return format_report(pooled, title)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Report metrics of prediction files written by finetune.py. Several files (e.g. "
-                    "cross-validation folds) are pooled first, then the metrics are computed once.")
+    parser = argparse.ArgumentParser(description="Report metrics of prediction files written by finetune.py. "
+                                     "Several files (e.g. cross-validation folds) are pooled, then measured once.")
     parser.add_argument("files", nargs="*", metavar="FILE", help="prediction CSV files")
     parser.add_argument("--summary", nargs="+", metavar="NAME=GLOB",
                         help="table rows of repeated runs: each row is the run directories GLOB matches")
     parser.add_argument("--video_group", metavar="REGEX", default="",
-                        help="average the scores of the clips of one video before the metrics; the video is "
-                             "the first group of REGEX's match in the id, e.g. '(.*)/[^/]+$' (the folder)")
+                        help="average each video's clip scores first; the first group (or the match) of REGEX "
+                             "in a clip's id names its video, e.g. '(.*)/[^/]+$' (the folder)")
     args = parser.parse_args(argv)
     if bool(args.files) == bool(args.summary):
         parser.error("give prediction files, or --summary NAME=GLOB ..., not both")
     try:
-        print(_report(args))
+        print(summarize_runs(args.summary) if args.summary else report(args.files, args.video_group))
     except (OSError, ValueError) as e:
         print(f"metrics.py: error: {e}", file=sys.stderr)
         return 1
