@@ -12,8 +12,7 @@ Video level (AVCAffe): clip scores are averaged per video, then measured. A clip
   python metrics.py out/dfew/fold1/test_predictions.csv ... out/dfew/fold5/test_predictions.csv
   python metrics.py --video_group='(.*)/[^/]+$' out/finetune_avcaffe_arousal/test_predictions.csv
   python metrics.py --summary "from scratch=out/compare/scratch_seed*" "pre-trained=out/compare/pre_seed*"
-      a Markdown table, one row per NAME=GLOB: test UAR and WAR of the runs (out_dirs) GLOB matches, as
-      mean +- sample sd (min..max), and the wall time of a run (its results.json's "wall_time_s")
+      a Markdown table of repeated runs: test UAR and WAR as mean +- sample sd (min..max), wall time
 """
 
 import argparse
@@ -37,8 +36,7 @@ def _as_array(x, name):
     if a.size == 0:
         raise ValueError(f"{name} is empty; a metric needs at least one sample")
     if a.dtype.kind == "f" and np.isnan(a).any():
-        first = int(np.flatnonzero(np.isnan(a.reshape(len(a), -1)).any(axis=1))[0])
-        raise ValueError(f"{name} contains NaN (first at sample {first})")
+        raise ValueError(f"{name} contains NaN (first at sample {np.isnan(a.reshape(len(a), -1)).any(1).argmax()})")
     return a
 
 
@@ -107,8 +105,8 @@ def weighted_f1(y_true, y_pred, num_classes=None):
     cm = confusion_matrix(y_true, y_pred, num_classes)
     tp, support = np.diag(cm).astype(np.float64), cm.sum(axis=1)
     denom = support + cm.sum(axis=0)  # F1 = 2 tp / (2 tp + fp + fn) = 2 tp / (support + predicted)
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    return float((f1 * support).sum() / support.sum())
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0) * support
+    return float(f1.sum() / support.sum())
 
 # -----------------------------------------------------------------------------
 # regression metrics: 1-D inputs give a float, (N, D) inputs give a (D,) array, one value per dimension
@@ -129,15 +127,12 @@ def _per_dimension(fn):  # fn: (N, D) columns -> (D,) values
     return metric
 
 
-def _centred(t, p):  # and which columns are constant: exact tests, a centred constant can be 1e-17
-    return t - t.mean(0), p - p.mean(0), t.max(0) == t.min(0), p.max(0) == p.min(0)
-
-
 @_per_dimension
 def ccc(t, p):
     """Lin's concordance correlation coefficient 2 cov / (var_t + var_p + (mean_t - mean_p)^2), population
     moments as in Lin (1989). One side constant: 0.0; both the same constant: 1.0 (perfect agreement)."""
-    tc, pc, const_t, const_p = _centred(t, p)
+    tc, pc = t - t.mean(0), p - p.mean(0)
+    const_t, const_p = t.max(0) == t.min(0), p.max(0) == p.min(0)  # exact: a centred constant can be 1e-17
     with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0 for constants, replaced below
         v = 2 * (tc * pc).mean(0) / ((tc ** 2).mean(0) + (pc ** 2).mean(0) + (t.mean(0) - p.mean(0)) ** 2)
     return np.where(const_t | const_p, 1.0 * (const_t & const_p & (t[0] == p[0])), v)
@@ -146,7 +141,8 @@ def ccc(t, p):
 @_per_dimension
 def pcc(t, p):
     """Pearson correlation coefficient r; 0.0 when either side is constant (scipy would give NaN)."""
-    tc, pc, const_t, const_p = _centred(t, p)
+    tc, pc = t - t.mean(0), p - p.mean(0)
+    const_t, const_p = t.max(0) == t.min(0), p.max(0) == p.min(0)
     with np.errstate(invalid="ignore", divide="ignore"):
         r = (tc * pc).sum(0) / np.sqrt((tc ** 2).sum(0) * (pc ** 2).sum(0))
     return np.where(const_t | const_p, 0.0, np.clip(r, -1, 1))  # rounding can push |r| a hair above 1
@@ -204,15 +200,13 @@ def write_predictions(path, ids, targets, scores, class_names=None, task=None):
     class scores or (N,) / (N, D) regression outputs; class_names: of the C classes or D dimensions (None:
     indices). task=None infers it from targets (integers: classification); pass it for float class indices."""
     ids = [str(i) for i in ids]
-    targets, scores = (np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x) for x in (targets, scores))
+    targets, scores = _as_array(targets, f"{path}: targets"), _as_array(scores, f"{path}: scores")  # no NaN
     task = task or ("classification" if targets.dtype.kind in "biu" else "regression")
-    if not ids:
-        raise ValueError(f"{path}: no predictions to write (ids is empty)")
     for name, a in (("targets", targets), ("scores", scores)):
         if len(a) != len(ids):
             raise ValueError(f"{path}: {len(ids)} ids but {len(a)} {name}; they must match")
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            raise ValueError(f"{path}: {name} contain NaN or inf")
+    if np.isinf(targets).any() or np.isinf(scores).any():
+        raise ValueError(f"{path}: targets or scores contain inf")
     if task == "classification":
         targets, width = _as_labels(targets, "targets"), scores.shape[1]
         if ((targets < 0) | (targets >= width)).any():
@@ -227,7 +221,8 @@ def write_predictions(path, ids, targets, scores, class_names=None, task=None):
                              f"{targets.shape} and {scores.shape}")
         names = _column_names(class_names, targets.shape[1], "dimension", path)
         header = ["target_" + c for c in names] + ["pred_" + c for c in names]
-    rows = [["id"] + header] + [[i] + [repr(v) for v in t + s] for i, t, s in zip(ids, targets.tolist(), scores.tolist())]
+    rows = [["id"] + header] + [[i] + [repr(v) for v in t + s]
+                                for i, t, s in zip(ids, targets.tolist(), scores.tolist())]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(f"{path}.tmp", "w", newline="") as f:  # then a rename: a crash never leaves half a file
         csv.writer(f).writerows(rows)
@@ -250,8 +245,7 @@ def read_predictions(path):
     with open(path, newline="") as f:
         lines = list(csv.reader(f))
     if not lines:
-        raise ValueError(f"{path}: empty file; expected a header 'id,target,score_...' or "
-                         f"'id,target_<dim>,...,pred_<dim>,...'")
+        raise ValueError(f"{path}: empty file; expected a header 'id,target,score_...' or 'id,target_<dim>,...'")
     header, d = lines[0], (len(lines[0]) - 1) // 2
     numbered = [(k + 2, row) for k, row in enumerate(lines[1:]) if row]  # csv gives [] for a blank line
     if not numbered:
@@ -289,9 +283,8 @@ def read_predictions(path):
 
 
 def pool_predictions(preds, sources=None):
-    """Concatenate the rows of several Predictions (e.g. the test folds of a cross-validation); raises
-    ValueError naming the first file (sources: names for the messages) that disagrees with the first
-    one in task, class or dimension count, or their names."""
+    """Concatenate several Predictions (e.g. the test folds of a cross-validation); raises ValueError naming
+    the first of `sources` that differs from the first in task, class or dimension count or names."""
     (ref, *rest), (ref_src, *sources) = preds, sources or [f"predictions #{i}" for i in range(len(preds))]
     what = "classes" if ref.task == "classification" else "dimensions"
     for p, src in zip(rest, sources):
@@ -311,8 +304,7 @@ def pool_predictions(preds, sources=None):
 # report
 
 
-def _table(rows):
-    """Left-aligned first column, right-aligned others."""
+def _table(rows):  # the first column left-aligned, the others right-aligned
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
                                for c, (cell, w) in enumerate(zip(r, widths))).rstrip() for r in rows)
@@ -338,8 +330,8 @@ def format_report(pred, title=None):
     with_acc = y.min() >= 0 and y.max() <= 1  # personality labels (First Impressions) lie in [0, 1]
     columns = [ccc(y, s), pcc(y, s)] + ([personality_acc(y, s)] if with_acc else [])
     rows = [["dimension", "CCC", "PCC"] + (["ACC"] if with_acc else [])]
-    rows += [[names[d]] + [f"{v[d]:.4f}" for v in columns] for d in range(width)]
-    rows.append(["mean"] + [f"{v.mean():.4f}" for v in columns])
+    rows += [[names[d]] + [f"{v[d]:.4f}" for v in columns] for d in range(width)] + [
+        ["mean"] + [f"{v.mean():.4f}" for v in columns]]
     lines += [f"regression: {n} videos, {width} dimensions", _table(rows)]
     if with_acc:
         lines.append("ACC = personality accuracy, 1 - mean |prediction - label| (labels lie in [0, 1])")
@@ -349,8 +341,7 @@ def format_report(pred, title=None):
 # summary of repeated runs (seeds), and the command line
 
 
-def _spread(values):
-    """'mean +- sd (min..max)' of percentages; sd is the sample standard deviation (n - 1)."""
+def _spread(values):  # "mean ± sd (min..max)" of percentages, sd with n - 1
     v = np.asarray(values, dtype=np.float64)
     return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f} ({v.min():.2f}..{v.max():.2f})"
 
@@ -369,10 +360,10 @@ def summarize_runs(specs):
             raise ValueError(f"{name}: no run directories match")
         uars, wars, minutes = [], [], []
         for d in dirs:
-            if os.path.exists(os.path.join(d, "test_predictions.csv")):
-                p = read_predictions(os.path.join(d, "test_predictions.csv"))
+            if os.path.exists(pred_path := os.path.join(d, "test_predictions.csv")):
+                p = read_predictions(pred_path)
                 if p.task != "classification":
-                    raise ValueError(f"{d}/test_predictions.csv: --summary reports UAR and WAR, but it holds regression")
+                    raise ValueError(f"{pred_path}: --summary reports UAR and WAR, but this file holds regression")
                 uars.append(100 * uar(p.targets, p.scores))
                 wars.append(100 * war(p.targets, p.scores))
             if not os.path.exists(os.path.join(d, "results.json")):
@@ -410,8 +401,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Report metrics of prediction files written by finetune.py. "
                                      "Several files (e.g. cross-validation folds) are pooled, then measured once.")
     parser.add_argument("files", nargs="*", metavar="FILE", help="prediction CSV files")
-    parser.add_argument("--summary", nargs="+", metavar="NAME=GLOB",
-                        help="table rows of repeated runs: each row is the run directories GLOB matches")
+    parser.add_argument("--summary", nargs="+", metavar="NAME=GLOB", help="a table row per group of runs (out_dirs)")
     parser.add_argument("--video_group", metavar="REGEX", default="",
                         help="average each video's clip scores first; the first group (or the match) of REGEX "
                              "in a clip's id names its video, e.g. '(.*)/[^/]+$' (the folder)")
