@@ -7,7 +7,7 @@
 #   python metrics.py out/finetune_enterface05/fold*/test_predictions.csv     # the pooled report
 # Lists: "<path> <label>" per line, a video file or a folder of frames of the face (face crops, as in
 # pre-training). The paper gives no label order; this config assumes the order it lists the classes in
-# (alphabetical, the database's folder names), the order of class_names.
+# (alphabetical), the order of class_names.
 # The release read each fold's test list as its validation list; here the last epoch is the model.
 out_dir = "out/finetune_enterface05/fold{fold}"
 init_from = "out/pretrain_voxceleb2_base/ckpt.pt"
