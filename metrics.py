@@ -1,23 +1,18 @@
 """
-Evaluation metrics for SVFAP, computed the way the paper reports them, and the prediction files that
-carry a model's outputs from finetune.py to this report.
+Evaluation metrics for SVFAP as the paper reports them, and the prediction files that carry a model's
+outputs from finetune.py to this report. The report prints WAR / UAR / F1 in % with two decimals and
+CCC / PCC / ACC with four, as the paper does.
 
-Classification (DFEW, FERV39k, MAFW, CREMA-D, RAVDESS, eNTERFACE05, AVCAffe):
-  WAR = weighted average recall = accuracy; UAR = unweighted average recall = mean of the per-class
-  recalls; weighted F1 (AVCAffe). In cross-validation the predictions of all folds are pooled first and
-  the metric is computed once on the pool -- not the mean of the per-fold values.
-Regression (Werewolf-XL, First Impressions):
-  CCC and PCC per dimension and their mean; personality ACC = 1 - mean |prediction - label|.
+Classification: WAR = accuracy; UAR = mean of the per-class recalls; weighted F1 (AVCAffe). Folds of a
+  cross-validation are pooled, then measured once (not the mean of the fold values).
+Regression: CCC and PCC per dimension and their mean; personality ACC = 1 - mean |prediction - label|.
+Video level (AVCAffe): clip scores are averaged per video, then measured. A clip's video is the first
+  capture group (or the match) of a regex over its path: '(.*)/[^/]+$' groups the clips by folder.
 
-Functions return fractions in [0, 1] (or coefficients in [-1, 1]); the report prints WAR/UAR/F1 as
-percentages with two decimals and CCC/PCC/ACC with four decimals, as the paper prints them.
-
-Usage:
   python metrics.py out/dfew/fold1/test_predictions.csv ... out/dfew/fold5/test_predictions.csv
+  python metrics.py --video_group='(.*)/[^/]+$' out/finetune_avcaffe_arousal/test_predictions.csv
   python metrics.py --summary "from scratch=out/compare/scratch_seed*" "pre-trained=out/compare/pre_seed*"
-      one row per NAME=GLOB: the runs (finetune.py or pretrain.py out_dirs) that GLOB matches, their test
-      UAR and WAR as mean +- sample standard deviation and min..max, and the wall time of a run (the
-      "wall_time_s" of each run's results.json); a Markdown table, as the README shows it
+      a Markdown table of repeated runs: test UAR and WAR as mean +- sample sd (min..max), wall time
 """
 
 import argparse
@@ -25,8 +20,8 @@ import csv
 import glob
 import json
 import os
+import re
 import sys
-import tempfile
 from collections import namedtuple
 
 import numpy as np
@@ -36,23 +31,16 @@ import numpy as np
 
 
 def _as_array(x, name):
-    """Array of floats or ints from a list / numpy array / torch tensor; rejects empty input and NaN."""
-    if hasattr(x, "detach"):  # torch tensor: finetune.py may pass them straight in
-        x = x.detach().cpu().numpy()
-    a = np.asarray(x)
-    if a.ndim == 0:
-        raise ValueError(f"{name} must be an array of samples, got the single value {a!r}")
+    """Array of numbers from a list / numpy array / torch tensor (finetune.py passes them); no NaN."""
+    a = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)
     if a.size == 0:
         raise ValueError(f"{name} is empty; a metric needs at least one sample")
-    if a.dtype.kind not in "biuf":
-        raise ValueError(f"{name} must hold numbers, got dtype {a.dtype}")
     if a.dtype.kind == "f" and np.isnan(a).any():
-        first = int(np.flatnonzero(np.isnan(a.reshape(len(a), -1)).any(axis=1))[0])
-        raise ValueError(f"{name} contains NaN (first at sample {first})")
+        raise ValueError(f"{name} contains NaN (first at sample {np.isnan(a.reshape(len(a), -1)).any(1).argmax()})")
     return a
 
 
-def _check_same_length(a, b, name_a, name_b):
+def _same_length(a, b, name_a="y_true", name_b="y_pred"):
     if len(a) != len(b):
         raise ValueError(f"{name_a} has {len(a)} samples but {name_b} has {len(b)}; they must match")
 
@@ -62,49 +50,31 @@ def _as_labels(x, name):
     a = _as_array(x, name)
     if a.ndim != 1:
         raise ValueError(f"{name} must be 1-D class labels, got shape {a.shape}")
-    if a.dtype.kind == "f":
-        if np.isinf(a).any() or (a != np.round(a)).any():
-            raise ValueError(f"{name} must hold whole-number class labels, got non-integer values")
+    if a.dtype.kind == "f" and (np.isinf(a).any() or (a != np.round(a)).any()):
+        raise ValueError(f"{name} must hold whole-number class labels, got non-integer values")
     return a.astype(np.int64)
 
-
-def _class_inputs(y_true, y_pred, num_classes):
-    """Validated (y_true, y_pred, num_classes) with y_pred as labels.
-
-    y_pred is either labels (B,) or a score matrix (B, C); a score matrix is reduced by argmax
-    (ties go to the lowest class index, as np.argmax does) and its width C fixes num_classes.
-    num_classes=None means: the score width, else 1 + the largest label seen.
-    """
-    y_true = _as_labels(y_true, "y_true")
-    p = _as_array(y_pred, "y_pred")
-    _check_same_length(y_true, p, "y_true", "y_pred")
-    if p.ndim == 2:
-        if num_classes is not None and p.shape[1] != num_classes:
-            raise ValueError(f"y_pred has {p.shape[1]} score columns but num_classes={num_classes}")
-        num_classes = p.shape[1]
-        y_pred = p.argmax(axis=1).astype(np.int64)  # (B, C) scores -> (B,) labels
-    else:
-        y_pred = _as_labels(p, "y_pred")
-    if num_classes is None:
-        num_classes = int(max(y_true.max(), y_pred.max())) + 1
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-    for name, y in (("y_true", y_true), ("y_pred", y_pred)):
-        bad = (y < 0) | (y >= num_classes)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"{name}[{i}] = {y[i]} is outside the valid labels 0..{num_classes - 1} "
-                             f"(num_classes={num_classes})")
-    return y_true, y_pred, num_classes
-
-
 # -----------------------------------------------------------------------------
-# classification metrics
+# classification metrics: y_pred is labels (B,) or a score matrix (B, C), reduced by argmax (ties go to
+# the lowest index), whose width fixes num_classes; else num_classes=None means 1 + the largest label
 
 
 def confusion_matrix(y_true, y_pred, num_classes=None):
     """int64 (C, C) counts; rows = true class, columns = predicted class."""
-    y_true, y_pred, num_classes = _class_inputs(y_true, y_pred, num_classes)
+    y_true, p = _as_labels(y_true, "y_true"), _as_array(y_pred, "y_pred")
+    _same_length(y_true, p)
+    if p.ndim == 2:
+        if num_classes is not None and p.shape[1] != num_classes:
+            raise ValueError(f"y_pred has {p.shape[1]} score columns but num_classes={num_classes}")
+        num_classes, y_pred = p.shape[1], p.argmax(axis=1)  # (B, C) scores -> (B,) labels
+    else:
+        y_pred = _as_labels(p, "y_pred")
+    num_classes = int(max(y_true.max(), y_pred.max())) + 1 if num_classes is None else num_classes
+    for name, y in (("y_true", y_true), ("y_pred", y_pred)):
+        bad = np.flatnonzero((y < 0) | (y >= num_classes))
+        if len(bad):
+            raise ValueError(f"{name}[{bad[0]}] = {y[bad[0]]} is outside the valid labels 0..{num_classes - 1} "
+                             f"(num_classes={num_classes})")
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(cm, (y_true, y_pred), 1)
     return cm
@@ -112,219 +82,160 @@ def confusion_matrix(y_true, y_pred, num_classes=None):
 
 def war(y_true, y_pred, num_classes=None):
     """Weighted average recall = accuracy: the fraction of samples predicted correctly."""
-    y_true, y_pred, _ = _class_inputs(y_true, y_pred, num_classes)
-    return float((y_true == y_pred).mean())
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    return float(np.trace(cm) / cm.sum())
 
 
 def per_class_recall(y_true, y_pred, num_classes=None):
     """float64 (C,) recall of each class; NaN for a class with no sample in y_true (recall undefined)."""
     cm = confusion_matrix(y_true, y_pred, num_classes)
     support = cm.sum(axis=1)
-    recall = np.full(len(cm), np.nan)
-    present = support > 0
-    recall[present] = np.diag(cm)[present] / support[present]
-    return recall
+    return np.divide(np.diag(cm), support, out=np.full(len(cm), np.nan), where=support > 0)
 
 
 def uar(y_true, y_pred, num_classes=None):
     """Unweighted average recall: the mean of the per-class recalls over the classes present in y_true.
-
-    A class absent from y_true has no recall and is left out of the mean; a class that is present but
-    never predicted counts with recall 0.
-    """
-    recall = per_class_recall(y_true, y_pred, num_classes)
-    return float(np.nanmean(recall))  # at least one class is present: y_true is not empty
+    A class absent from y_true is left out of the mean; one present but never predicted counts as 0."""
+    return float(np.nanmean(per_class_recall(y_true, y_pred, num_classes)))
 
 
 def weighted_f1(y_true, y_pred, num_classes=None):
     """F1 per class, averaged with weights = class support in y_true (sklearn's average="weighted").
-
-    A class whose precision or recall is undefined (never predicted / never true) has F1 = 0, as
-    sklearn's zero_division=0; classes absent from y_true have weight 0 anyway.
-    """
+    A class never predicted or never true has F1 = 0 (sklearn's zero_division=0)."""
     cm = confusion_matrix(y_true, y_pred, num_classes)
-    tp = np.diag(cm).astype(np.float64)
-    support = cm.sum(axis=1)  # true count per class
-    predicted = cm.sum(axis=0)
-    denom = support + predicted  # F1 = 2 tp / (2 tp + fp + fn) = 2 tp / (support + predicted)
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    return float((f1 * support).sum() / support.sum())
-
+    tp, support = np.diag(cm).astype(np.float64), cm.sum(axis=1)
+    denom = support + cm.sum(axis=0)  # F1 = 2 tp / (2 tp + fp + fn) = 2 tp / (support + predicted)
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0) * support
+    return float(f1.sum() / support.sum())
 
 # -----------------------------------------------------------------------------
 # regression metrics: 1-D inputs give a float, (N, D) inputs give a (D,) array, one value per dimension
 
 
-def _regression_inputs(y_true, y_pred):
-    y_true = _as_array(y_true, "y_true").astype(np.float64)
-    y_pred = _as_array(y_pred, "y_pred").astype(np.float64)
-    _check_same_length(y_true, y_pred, "y_true", "y_pred")
-    if y_true.shape != y_pred.shape or y_true.ndim not in (1, 2):
-        raise ValueError(f"y_true and y_pred must both be (N,) or (N, D) with equal shapes, "
-                         f"got {y_true.shape} and {y_pred.shape}")
-    if np.isinf(y_true).any() or np.isinf(y_pred).any():
-        raise ValueError("y_true and y_pred must be finite; found inf")
-    return y_true, y_pred
+def _per_dimension(fn):  # fn: (N, D) columns -> (D,) values
+    def metric(y_true, y_pred):
+        t, p = _as_array(y_true, "y_true").astype(np.float64), _as_array(y_pred, "y_pred").astype(np.float64)
+        _same_length(t, p)
+        if t.shape != p.shape or t.ndim not in (1, 2):
+            raise ValueError(f"y_true and y_pred must both be (N,) or (N, D) with equal shapes, "
+                             f"got {t.shape} and {p.shape}")
+        if np.isinf(t).any() or np.isinf(p).any():
+            raise ValueError("y_true and y_pred must be finite; found inf")
+        v = fn(t.reshape(len(t), -1), p.reshape(len(p), -1))  # (N, D) -> (D,)
+        return float(v[0]) if t.ndim == 1 else v
+    metric.__name__, metric.__doc__ = fn.__name__, fn.__doc__
+    return metric
 
 
-def _per_dimension(fn, y_true, y_pred):
-    y_true, y_pred = _regression_inputs(y_true, y_pred)
-    if y_true.ndim == 1:
-        return fn(y_true, y_pred)
-    return np.array([fn(y_true[:, d], y_pred[:, d]) for d in range(y_true.shape[1])])
+@_per_dimension
+def ccc(t, p):
+    """Lin's concordance correlation coefficient 2 cov / (var_t + var_p + (mean_t - mean_p)^2), population
+    moments as in Lin (1989). One side constant: 0.0; both the same constant: 1.0 (perfect agreement)."""
+    tc, pc = t - t.mean(0), p - p.mean(0)
+    const_t, const_p = t.max(0) == t.min(0), p.max(0) == p.min(0)  # exact: a centred constant can be 1e-17
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0 for constants, replaced below
+        v = 2 * (tc * pc).mean(0) / ((tc ** 2).mean(0) + (pc ** 2).mean(0) + (t.mean(0) - p.mean(0)) ** 2)
+    return np.where(const_t | const_p, 1.0 * (const_t & const_p & (t[0] == p[0])), v)
 
 
-def _is_constant(x):
-    # exact test: a mean-centred constant can be 1e-17 instead of 0, which would make PCC noise
-    return x.max() == x.min()
+@_per_dimension
+def pcc(t, p):
+    """Pearson correlation coefficient r; 0.0 when either side is constant (scipy would give NaN)."""
+    tc, pc = t - t.mean(0), p - p.mean(0)
+    const_t, const_p = t.max(0) == t.min(0), p.max(0) == p.min(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (tc * pc).sum(0) / np.sqrt((tc ** 2).sum(0) * (pc ** 2).sum(0))
+    return np.where(const_t | const_p, 0.0, np.clip(r, -1, 1))  # rounding can push |r| a hair above 1
 
 
-def _ccc_1d(x, y):
-    if _is_constant(x) and _is_constant(y) and x[0] == y[0]:
-        return 1.0  # identical constants: perfect agreement, though the formula is 0 / 0
-    if _is_constant(x) or _is_constant(y):
-        return 0.0  # cov is 0 in exact arithmetic; rounding would leave ~1e-33 instead
-    xc, yc = x - x.mean(), y - y.mean()
-    cov = (xc * yc).mean()
-    return float(2 * cov / ((xc ** 2).mean() + (yc ** 2).mean() + (x.mean() - y.mean()) ** 2))
+@_per_dimension
+def personality_acc(t, p):
+    """First Impressions accuracy: 1 - mean |y_pred - y_true|, for labels in [0, 1]; no clipping."""
+    if t.min() < 0 or t.max() > 1:
+        raise ValueError(f"personality ACC needs labels in [0, 1], got labels in [{t.min():g}, {t.max():g}]")
+    return 1.0 - np.abs(p - t).mean(0)
+
+# -----------------------------------------------------------------------------
+# video level (AVCAffe): average the clip scores of each source video
 
 
-def _pcc_1d(x, y):
-    if _is_constant(x) or _is_constant(y):
-        return 0.0  # correlation is undefined (0 / 0); report "no linear relation" instead of NaN
-    xc, yc = x - x.mean(), y - y.mean()
-    r = (xc * yc).sum() / np.sqrt((xc ** 2).sum() * (yc ** 2).sum())
-    return float(np.clip(r, -1.0, 1.0))  # rounding can push |r| a hair above 1
-
-
-def ccc(y_true, y_pred):
-    """Lin's concordance correlation coefficient 2 cov / (var_t + var_p + (mean_t - mean_p)^2).
-
-    Population moments (divide by N), as in Lin (1989). Degenerate cases: if one side is constant
-    the covariance is 0, so CCC = 0.0; if both are the same constant, CCC = 1.0 (perfect agreement).
-    1-D inputs give a float; (N, D) inputs give a (D,) array, one CCC per dimension.
-    """
-    return _per_dimension(_ccc_1d, y_true, y_pred)
-
-
-def pcc(y_true, y_pred):
-    """Pearson correlation coefficient r.
-
-    Degenerate case: PCC = 0.0 when either side is constant (r is 0 / 0 there; scipy would give NaN).
-    1-D inputs give a float; (N, D) inputs give a (D,) array, one PCC per dimension.
-    """
-    return _per_dimension(_pcc_1d, y_true, y_pred)
-
-
-def personality_acc(y_true, y_pred):
-    """First Impressions accuracy: 1 - mean |y_pred - y_true|, for labels in [0, 1].
-
-    Predictions are not clipped. 1-D inputs give a float; (N, D) inputs give a (D,) array.
-    """
-    y_true, y_pred = _regression_inputs(y_true, y_pred)
-    if y_true.min() < 0 or y_true.max() > 1:
-        raise ValueError(f"personality ACC needs labels in [0, 1], got labels in "
-                         f"[{y_true.min():g}, {y_true.max():g}]")
-    acc = 1.0 - np.abs(y_pred - y_true).mean(axis=0)
-    return float(acc) if y_true.ndim == 1 else acc
-
+def group_average(ids, scores, targets, groups):
+    """Video-level (video ids, scores, targets): each video's mean clip score, videos in order of first
+    appearance. groups: the video of each clip, or a regex whose first capture group (or whole match, when
+    it has no group) in a clip's id names its video. The clips of a video must share their target."""
+    if isinstance(groups, str):
+        matches = [re.search(groups, str(i)) for i in ids]
+        if None in matches:
+            raise ValueError(f"video_group={groups!r} does not match the clip {str(ids[matches.index(None)])!r}; "
+                             f"it must match every path, e.g. '(.*)/[^/]+$' takes a clip's folder as its video")
+        groups = [m.group(1 if m.re.groups else 0) for m in matches]
+    keys = [str(k) for k in groups]
+    scores, targets = _as_array(scores, "scores").astype(np.float64), _as_array(targets, "targets")
+    _same_length(keys, scores, "groups", "scores")
+    _same_length(keys, targets, "groups", "targets")
+    number = {k: v for v, k in enumerate(dict.fromkeys(keys))}  # videos in order of first appearance
+    video = np.array([number[k] for k in keys])  # (N,)
+    head = np.unique(video, return_index=True)[1]  # (V,) the first clip of each video
+    bad = np.flatnonzero((targets != targets[head][video]).reshape(len(keys), -1).any(axis=1))
+    if len(bad):
+        b, f = bad[0], head[video[bad[0]]]
+        raise ValueError(f"clip {ids[b]!r} has target {targets[b]} but clip {ids[f]!r} of the same video "
+                         f"{keys[b]!r} has {targets[f]}; the clips of a video must share its label")
+    sums = np.zeros((len(head),) + scores.shape[1:])
+    np.add.at(sums, video, scores)
+    return list(number), sums / np.bincount(video).reshape((-1,) + (1,) * (scores.ndim - 1)), targets[head]
 
 # -----------------------------------------------------------------------------
 # prediction files: one CSV per evaluation, one row per video
 #   classification header: id,target,score_<class>,...        (target = class index)
 #   regression header:     id,target_<dim>,...,pred_<dim>,... (same dims in the same order)
-# The header alone tells the task: "target" vs "target_<dim>" columns.
-
+# The header alone tells the task: "target" vs "target_<dim>" columns. Read back as Predictions: task,
+# ids (N,), targets int64 (N,) | float64 (N, D), scores float64 (N, C) | (N, D), class_names (None: indices).
 Predictions = namedtuple("Predictions", "task ids targets scores class_names")
-Predictions.__doc__ = """Contents of a prediction file.
-task: "classification" or "regression"; ids: list[str];
-targets: int64 (N,) class indices | float64 (N, D); scores: float64 (N, C) class scores | (N, D) predictions;
-class_names: list[str] of class names (classification) or dimension names (regression), or None when
-the file uses plain indices."""
-
-TASKS = ("classification", "regression")
-
-
-def _to_numpy(x):
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
 def write_predictions(path, ids, targets, scores, class_names=None, task=None):
     """Write one evaluation's predictions to a CSV file at path, atomically (temp file + rename).
-
-    ids: N video ids (paths); targets: (N,) class indices or (N,) / (N, D) regression labels;
-    scores: (N, C) class scores (e.g. softmax averaged over views) or (N,) / (N, D) regression outputs.
-    class_names: names of the C classes, or of the D dimensions for regression (e.g. arousal, valence);
-    None writes indices 0..C-1. task: "classification" | "regression"; None infers it from targets
-    (integer dtype -> classification, float -> regression), so pass it explicitly when targets are floats
-    that hold class indices. Raises ValueError for empty, mismatched, NaN or out-of-range input.
-    """
+    ids: N video ids (paths); targets: (N,) class indices or (N,) / (N, D) regression labels; scores: (N, C)
+    class scores or (N,) / (N, D) regression outputs; class_names: of the C classes or D dimensions (None:
+    indices). task=None infers it from targets (integers: classification); pass it for float class indices."""
     ids = [str(i) for i in ids]
-    targets, scores = _to_numpy(targets), _to_numpy(scores)
-    if task is None:
-        task = "classification" if targets.dtype.kind in "biu" else "regression"
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    n = len(ids)
-    if n == 0:
-        raise ValueError(f"{path}: no predictions to write (ids is empty)")
+    targets, scores = _as_array(targets, f"{path}: targets"), _as_array(scores, f"{path}: scores")  # no NaN
+    task = task or ("classification" if targets.dtype.kind in "biu" else "regression")
     for name, a in (("targets", targets), ("scores", scores)):
-        if len(a) != n:
-            raise ValueError(f"{path}: {n} ids but {len(a)} {name}; they must match")
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            raise ValueError(f"{path}: {name} contain NaN or inf")
-    for i, s in enumerate(ids):
-        if "\n" in s or "\r" in s:
-            raise ValueError(f"{path}: id {i} contains a line break: {s!r}")
-
+        if len(a) != len(ids):
+            raise ValueError(f"{path}: {len(ids)} ids but {len(a)} {name}; they must match")
+    if np.isinf(targets).any() or np.isinf(scores).any():
+        raise ValueError(f"{path}: targets or scores contain inf")
     if task == "classification":
-        targets = _as_labels(targets, "targets")
-        if scores.ndim != 2:
-            raise ValueError(f"{path}: classification scores must be (N, C), got shape {scores.shape}")
-        width = scores.shape[1]
-        bad = (targets < 0) | (targets >= width)
-        if bad.any():
-            raise ValueError(f"{path}: target {targets[bad][0]} is outside 0..{width - 1} "
-                             f"({width} score columns)")
-        columns = _column_names(class_names, width, "class", path)
-        header = ["id", "target"] + ["score_" + c for c in columns]
-        rows = ([i, str(int(t))] + [repr(float(v)) for v in s] for i, t, s in zip(ids, targets, scores))
+        targets, width = _as_labels(targets, "targets"), scores.shape[1]
+        if ((targets < 0) | (targets >= width)).any():
+            raise ValueError(f"{path}: target {targets[(targets < 0) | (targets >= width)][0]} is outside "
+                             f"0..{width - 1} ({width} score columns)")
+        header = ["target"] + ["score_" + c for c in _column_names(class_names, width, "class", path)]
+        targets = targets[:, None]  # (N,) -> (N, 1): one target column
     else:
-        targets = targets.reshape(n, -1) if targets.ndim == 1 else targets  # (N,) -> (N, 1)
-        scores = scores.reshape(n, -1) if scores.ndim == 1 else scores
+        targets, scores = (a.reshape(len(a), 1) if a.ndim == 1 else a for a in (targets, scores))  # (N,) -> (N, 1)
         if targets.ndim != 2 or targets.shape != scores.shape:
             raise ValueError(f"{path}: regression targets and scores must both be (N, D), got "
                              f"{targets.shape} and {scores.shape}")
-        columns = _column_names(class_names, targets.shape[1], "dimension", path)
-        header = ["id"] + ["target_" + c for c in columns] + ["pred_" + c for c in columns]
-        rows = ([i] + [repr(float(v)) for v in t] + [repr(float(v)) for v in s]
-                for i, t, s in zip(ids, targets, scores))
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # temp file in the same folder so os.replace is an atomic rename: a crash never leaves half a file
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        names = _column_names(class_names, targets.shape[1], "dimension", path)
+        header = ["target_" + c for c in names] + ["pred_" + c for c in names]
+    rows = [["id"] + header] + [[i] + [repr(v) for v in t + s]
+                                for i, t, s in zip(ids, targets.tolist(), scores.tolist())]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.tmp", "w", newline="") as f:  # then a rename: a crash never leaves half a file
+        csv.writer(f).writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f"{path}.tmp", path)
 
 
 def _column_names(names, width, what, path):
-    if names is None:
-        return [str(i) for i in range(width)]
-    names = [str(c) for c in names]
+    names = [str(c) for c in names] if names is not None else [str(i) for i in range(width)]
     if len(names) != width:
         raise ValueError(f"{path}: {len(names)} {what} names given for {width} columns")
-    if len(set(names)) != len(names) or any(c == "" for c in names):
+    if len(set(names)) != len(names) or "" in names:
         raise ValueError(f"{path}: {what} names must be unique and non-empty, got {names}")
     return names
 
@@ -334,67 +245,49 @@ def read_predictions(path):
     with open(path, newline="") as f:
         lines = list(csv.reader(f))
     if not lines:
-        raise ValueError(f"{path}: empty file; expected a header 'id,target,score_...' or "
-                         f"'id,target_<dim>,...,pred_<dim>,...'")
-    header = lines[0]
+        raise ValueError(f"{path}: empty file; expected a header 'id,target,score_...' or 'id,target_<dim>,...'")
+    header, d = lines[0], (len(lines[0]) - 1) // 2
     numbered = [(k + 2, row) for k, row in enumerate(lines[1:]) if row]  # csv gives [] for a blank line
-    line_numbers, body = [k for k, _ in numbered], [row for _, row in numbered]
-    if not body:
+    if not numbered:
         raise ValueError(f"{path}: header but no prediction rows")
     if header[0] != "id":
         raise ValueError(f"{path}:1: first column must be 'id', got {header[0]!r}")
-
+    dims = [h[len("target_"):] for h in header[1:1 + d] if h.startswith("target_")]
     if len(header) >= 3 and header[1] == "target" and all(h.startswith("score_") for h in header[2:]):
         task, names = "classification", [h[len("score_"):] for h in header[2:]]
+    elif d and len(header) == 1 + 2 * d and len(dims) == d and header[1 + d:] == ["pred_" + n for n in dims]:
+        task, names = "regression", dims
     else:
-        d = (len(header) - 1) // 2
-        tnames = [h[len("target_"):] for h in header[1:1 + d] if h.startswith("target_")]
-        pnames = [h[len("pred_"):] for h in header[1 + d:] if h.startswith("pred_")]
-        if d == 0 or len(header) != 1 + 2 * d or len(tnames) != d or tnames != pnames:
-            raise ValueError(f"{path}:1: unrecognised header {header}; expected 'id,target,score_<class>,...' "
-                             f"(classification) or 'id,target_<dim>,...,pred_<dim>,...' with the same "
-                             f"dims in the same order (regression)")
-        task, names = "regression", tnames
-
-    values = np.empty((len(body), len(header) - 1))
-    for r, row in enumerate(body):
-        line = line_numbers[r]
+        raise ValueError(f"{path}:1: unrecognised header {header}; expected 'id,target,score_<class>,...' "
+                         f"(classification) or 'id,target_<dim>,...,pred_<dim>,...' with the same "
+                         f"dims in the same order (regression)")
+    values = np.empty((len(numbered), len(header) - 1))
+    for r, (line, row) in enumerate(numbered):
         if len(row) != len(header):
             raise ValueError(f"{path}:{line}: {len(row)} fields but the header has {len(header)}")
-        for c, field in enumerate(row[1:], start=1):
+        for c, field in enumerate(row[1:]):
             try:
-                values[r, c - 1] = float(field)
+                values[r, c] = float(field)
             except ValueError:
-                raise ValueError(f"{path}:{line}: column {header[c]!r} must be a number, got {field!r}") from None
-    if np.isnan(values).any():
-        r, c = np.argwhere(np.isnan(values))[0]
-        raise ValueError(f"{path}:{line_numbers[r]}: column {header[c + 1]!r} is NaN")
-
-    ids = [row[0] for row in body]
+                raise ValueError(f"{path}:{line}: column {header[c + 1]!r} must be a number, got {field!r}") from None
+    ids = [row[0] for _, row in numbered]
     class_names = None if names == [str(i) for i in range(len(names))] else names
-    if task == "classification":
-        t = values[:, 0]
-        bad = (t != np.round(t)) | (t < 0) | (t >= len(names))
-        if bad.any():
-            r = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"{path}:{line_numbers[r]}: target {body[r][1]!r} is not a class index in 0..{len(names) - 1}")
-        return Predictions(task, ids, t.astype(np.int64), values[:, 1:], class_names)
-    d = len(names)
-    return Predictions(task, ids, values[:, :d], values[:, d:], class_names)
+    if task == "regression":
+        return Predictions(task, ids, values[:, :d], values[:, d:], class_names)
+    t = values[:, 0]
+    bad = np.flatnonzero((t != np.round(t)) | (t < 0) | (t >= len(names)))
+    if len(bad):
+        line, row = numbered[bad[0]]
+        raise ValueError(f"{path}:{line}: target {row[1]!r} is not a class index in 0..{len(names) - 1}")
+    return Predictions(task, ids, t.astype(np.int64), values[:, 1:], class_names)
 
 
 def pool_predictions(preds, sources=None):
-    """Concatenate the rows of several Predictions (e.g. the test folds of a cross-validation).
-
-    Raises ValueError naming the first file that disagrees with the first one in task, class count,
-    class names, or dimension count. sources: names (file paths) for the messages.
-    """
-    if not preds:
-        raise ValueError("no prediction files to pool")
-    sources = sources or [f"predictions #{i}" for i in range(len(preds))]
-    ref, ref_src = preds[0], sources[0]
+    """Concatenate several Predictions (e.g. the test folds of a cross-validation); raises ValueError naming
+    the first of `sources` that differs from the first in task, class or dimension count or names."""
+    (ref, *rest), (ref_src, *sources) = preds, sources or [f"predictions #{i}" for i in range(len(preds))]
     what = "classes" if ref.task == "classification" else "dimensions"
-    for p, src in zip(preds[1:], sources[1:]):
+    for p, src in zip(rest, sources):
         if p.task != ref.task:
             raise ValueError(f"{src} holds {p.task} predictions but {ref_src} holds {ref.task}; "
                              f"pool only files of one task")
@@ -404,17 +297,14 @@ def pool_predictions(preds, sources=None):
         if p.class_names != ref.class_names:
             raise ValueError(f"{src} names its {what} {p.class_names} but {ref_src} names them "
                              f"{ref.class_names}; pool only files with the same {what} in the same order")
-    return Predictions(ref.task, [i for p in preds for i in p.ids],
-                       np.concatenate([p.targets for p in preds]),
+    return Predictions(ref.task, [i for p in preds for i in p.ids], np.concatenate([p.targets for p in preds]),
                        np.concatenate([p.scores for p in preds]), ref.class_names)
-
 
 # -----------------------------------------------------------------------------
 # report
 
 
-def _table(rows):
-    """Left-aligned first column, right-aligned others."""
+def _table(rows):  # the first column left-aligned, the others right-aligned
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
                                for c, (cell, w) in enumerate(zip(r, widths))).rstrip() for r in rows)
@@ -422,133 +312,107 @@ def _table(rows):
 
 def format_report(pred, title=None):
     """The evaluation report of a Predictions (one file or a pool) as text, as the CLI prints it."""
-    n = len(pred.ids)
+    n, width, y, s = len(pred.ids), pred.scores.shape[1], pred.targets, pred.scores
+    names = pred.class_names or [str(i) for i in range(width)]
     lines = [title] if title else []
     if pred.task == "classification":
-        num_classes = pred.scores.shape[1]
-        names = pred.class_names or [str(i) for i in range(num_classes)]
-        y, s = pred.targets, pred.scores
-        recall = per_class_recall(y, s)
-        cm = confusion_matrix(y, s)
+        recall, cm = per_class_recall(y, s), confusion_matrix(y, s)
         absent = int(np.isnan(recall).sum())
-        lines += [f"classification: {n} videos, {num_classes} classes"
+        lines += [f"classification: {n} videos, {width} classes"
                   + (f" ({absent} without samples, left out of UAR)" if absent else ""),
-                  f"WAR {100 * war(y, s):6.2f}",
-                  f"UAR {100 * uar(y, s):6.2f}",
-                  f"weighted F1 {100 * weighted_f1(y, s):6.2f}",
-                  "",
-                  "per-class recall (%):"]
-        rows = [["class", "support", "recall"]]
-        rows += [[names[c], str(cm[c].sum()), "-" if np.isnan(recall[c]) else f"{100 * recall[c]:.2f}"]
-                 for c in range(num_classes)]
-        lines += [_table(rows), "", "confusion matrix (rows = true class, columns = predicted):"]
-        rows = [["true \\ pred"] + names] + [[names[c]] + [str(v) for v in cm[c]] for c in range(num_classes)]
-        lines.append(_table(rows))
-    else:
-        dims = pred.scores.shape[1]
-        names = pred.class_names or [str(i) for i in range(dims)]
-        t, p = pred.targets, pred.scores
-        c, r = ccc(t, p), pcc(t, p)
-        with_acc = t.min() >= 0 and t.max() <= 1  # personality labels (First Impressions) lie in [0, 1]
-        header = ["dimension", "CCC", "PCC"] + (["ACC"] if with_acc else [])
-        a = personality_acc(t, p) if with_acc else None
-        rows = [header]
-        for d in range(dims):
-            rows.append([names[d], f"{c[d]:.4f}", f"{r[d]:.4f}"] + ([f"{a[d]:.4f}"] if with_acc else []))
-        rows.append(["mean", f"{c.mean():.4f}", f"{r.mean():.4f}"] + ([f"{a.mean():.4f}"] if with_acc else []))
-        lines += [f"regression: {n} videos, {dims} dimensions", _table(rows)]
-        if with_acc:
-            lines.append("ACC = personality accuracy, 1 - mean |prediction - label| (labels lie in [0, 1])")
+                  f"WAR {100 * war(y, s):6.2f}", f"UAR {100 * uar(y, s):6.2f}",
+                  f"weighted F1 {100 * weighted_f1(y, s):6.2f}", "", "per-class recall (%):",
+                  _table([["class", "support", "recall"]] + [[names[c], str(cm[c].sum()), "-" if np.isnan(
+                      recall[c]) else f"{100 * recall[c]:.2f}"] for c in range(width)]),
+                  "", "confusion matrix (rows = true class, columns = predicted):",
+                  _table([["true \\ pred"] + names] + [[names[c]] + [str(v) for v in cm[c]] for c in range(width)])]
+        return "\n".join(lines)
+    with_acc = y.min() >= 0 and y.max() <= 1  # personality labels (First Impressions) lie in [0, 1]
+    columns = [ccc(y, s), pcc(y, s)] + ([personality_acc(y, s)] if with_acc else [])
+    rows = [["dimension", "CCC", "PCC"] + (["ACC"] if with_acc else [])]
+    rows += [[names[d]] + [f"{v[d]:.4f}" for v in columns] for d in range(width)] + [
+        ["mean"] + [f"{v.mean():.4f}" for v in columns]]
+    lines += [f"regression: {n} videos, {width} dimensions", _table(rows)]
+    if with_acc:
+        lines.append("ACC = personality accuracy, 1 - mean |prediction - label| (labels lie in [0, 1])")
     return "\n".join(lines)
 
-
 # -----------------------------------------------------------------------------
-# summary of repeated runs (seeds)
+# summary of repeated runs (seeds), and the command line
 
 
-def _spread(values):
-    """'mean +- sd (min..max)' of percentages; sd is the sample standard deviation (n - 1)."""
+def _spread(values):  # "mean ± sd (min..max)" of percentages, sd with n - 1
     v = np.asarray(values, dtype=np.float64)
-    sd = v.std(ddof=1) if len(v) > 1 else 0.0
-    return f"{v.mean():.2f} ± {sd:.2f} ({v.min():.2f}..{v.max():.2f})"
+    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f} ({v.min():.2f}..{v.max():.2f})"
 
 
-def summarize_runs(groups):
-    """Markdown table of repeated runs. groups: [(name, [run_dir, ...])]. A run_dir with a
-    test_predictions.csv (finetune.py) adds its UAR / WAR; its results.json gives wall_time_s."""
+def summarize_runs(specs):
+    """Markdown table of repeated runs, a row per "NAME=GLOB" spec: the run directories GLOB matches. A run
+    with a test_predictions.csv (finetune.py) adds its UAR / WAR; its results.json gives wall_time_s."""
     rows = [["runs", "n", "test UAR % mean ± sd (min..max)", "test WAR % mean ± sd (min..max)",
              "UAR % of each run", "wall time per run"]]
-    for name, dirs in groups:
+    for spec in specs:
+        name, _, pattern = spec.rpartition("=")
+        if not (name and pattern):
+            raise ValueError(f"--summary {spec!r}: expected NAME=GLOB, e.g. \"scratch=out/compare/scratch_seed*\"")
+        dirs = sorted(d for d in glob.glob(pattern) if os.path.isdir(d))
         if not dirs:
             raise ValueError(f"{name}: no run directories match")
-        uars, wars, times = [], [], []
+        uars, wars, minutes = [], [], []
         for d in dirs:
-            pred_path = os.path.join(d, "test_predictions.csv")
-            if os.path.exists(pred_path):
+            if os.path.exists(pred_path := os.path.join(d, "test_predictions.csv")):
                 p = read_predictions(pred_path)
                 if p.task != "classification":
                     raise ValueError(f"{pred_path}: --summary reports UAR and WAR, but this file holds regression")
                 uars.append(100 * uar(p.targets, p.scores))
                 wars.append(100 * war(p.targets, p.scores))
-            results_path = os.path.join(d, "results.json")
-            if not os.path.exists(results_path):
+            if not os.path.exists(os.path.join(d, "results.json")):
                 raise ValueError(f"{d}: no results.json; did the run finish?")
-            with open(results_path) as f:
-                t = json.load(f).get("wall_time_s")
-            if t is None:
-                raise ValueError(f"{results_path}: no wall_time_s")
-            times.append(t / 60)
+            with open(os.path.join(d, "results.json")) as f:
+                minutes.append(json.load(f)["wall_time_s"] / 60)
         if uars and len(uars) != len(dirs):
             raise ValueError(f"{name}: {len(dirs) - len(uars)} of {len(dirs)} runs have no test_predictions.csv")
-        t = np.asarray(times)
-        time_cell = f"{t.mean():.1f} min" + (f" ({t.min():.1f}..{t.max():.1f})" if len(t) > 1 else "")
+        t = np.asarray(minutes)
         rows.append([name, str(len(dirs)), _spread(uars) if uars else "-", _spread(wars) if wars else "-",
-                     " ".join(f"{u:.2f}" for u in uars) or "-", time_cell])
+                     " ".join(f"{u:.2f}" for u in uars) or "-",
+                     f"{t.mean():.1f} min" + (f" ({t.min():.1f}..{t.max():.1f})" if len(t) > 1 else "")])
     lines = ["| " + " | ".join(r) + " |" for r in rows]
-    lines.insert(1, "|" + "|".join("---" if c == 0 else "---:" for c in range(len(rows[0]))) + "|")
+    lines.insert(1, "|" + "|".join(["---"] + ["---:"] * (len(rows[0]) - 1)) + "|")
     return "\n".join(lines)
 
 
-def _summary_groups(specs):
-    groups = []
-    for spec in specs:
-        name, sep, pattern = spec.rpartition("=")
-        if not sep or not name or not pattern:
-            raise ValueError(f"--summary {spec!r}: expected NAME=GLOB, e.g. \"scratch=out/compare/scratch_seed*\"")
-        groups.append((name, sorted(d for d in glob.glob(pattern) if os.path.isdir(d))))
-    return groups
+def report(files, video_group=""):
+    """The CLI's report of prediction files: pooled, then (with video_group) averaged per video."""
+    preds = [read_predictions(f) for f in files]
+    pooled = pool_predictions(preds, files)
+    if len(set(pooled.ids)) < len(pooled.ids):  # a clip in two test folds (or a file given twice) counts twice
+        print(f"metrics.py: warning: {len(pooled.ids) - len(set(pooled.ids))} rows repeat an id already seen; "
+              f"is a file listed twice?", file=sys.stderr)
+    title = (f"pooled over {len(files)} files ({', '.join(str(len(p.ids)) for p in preds)} rows)"
+             if len(files) > 1 else str(files[0]))
+    if video_group:
+        ids, scores, targets = group_average(pooled.ids, pooled.scores, pooled.targets, video_group)
+        pooled = pooled._replace(ids=ids, scores=scores, targets=targets)
+        title += f"\nvideo level: clip scores averaged per video (video_group={video_group!r})"
+    return format_report(pooled, title)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Report metrics of prediction files written by finetune.py. Several files (e.g. "
-                    "cross-validation folds) are pooled first, then the metrics are computed once.")
+    parser = argparse.ArgumentParser(description="Report metrics of prediction files written by finetune.py. "
+                                     "Several files (e.g. cross-validation folds) are pooled, then measured once.")
     parser.add_argument("files", nargs="*", metavar="FILE", help="prediction CSV files")
-    parser.add_argument("--summary", nargs="+", metavar="NAME=GLOB",
-                        help="table rows of repeated runs: each row is the run directories GLOB matches")
+    parser.add_argument("--summary", nargs="+", metavar="NAME=GLOB", help="a table row per group of runs (out_dirs)")
+    parser.add_argument("--video_group", metavar="REGEX", default="",
+                        help="average each video's clip scores first; the first group (or the match) of REGEX "
+                             "in a clip's id names its video, e.g. '(.*)/[^/]+$' (the folder)")
     args = parser.parse_args(argv)
     if bool(args.files) == bool(args.summary):
         parser.error("give prediction files, or --summary NAME=GLOB ..., not both")
-    if args.summary:
-        try:
-            print(summarize_runs(_summary_groups(args.summary)))
-        except (OSError, ValueError) as e:
-            print(f"metrics.py: error: {e}", file=sys.stderr)
-            return 1
-        return 0
     try:
-        preds = [read_predictions(f) for f in args.files]
-        pooled = pool_predictions(preds, args.files)
+        print(summarize_runs(args.summary) if args.summary else report(args.files, args.video_group))
     except (OSError, ValueError) as e:
         print(f"metrics.py: error: {e}", file=sys.stderr)
         return 1
-    if len(set(pooled.ids)) < len(pooled.ids):
-        # a video in two test folds (or one file given twice) would be counted twice
-        print(f"metrics.py: warning: {len(pooled.ids) - len(set(pooled.ids))} rows repeat an id "
-              f"already seen; is a file listed twice?", file=sys.stderr)
-    title = (f"pooled over {len(args.files)} files ({', '.join(str(len(p.ids)) for p in preds)} rows)"
-             if len(args.files) > 1 else args.files[0])
-    print(format_report(pooled, title))
     return 0
 
 

@@ -809,6 +809,64 @@ def test_summary_of_seeds_gives_mean_sample_sd_and_range_of_each_group(tmp_path)
     assert unfinished.returncode != 0 and "pre_seed0: no results.json" in unfinished.stderr
 
 
+
+# -----------------------------------------------------------------------------
+# video level (AVCAffe) and the dataset configs
+
+
+def metrics_avcaffe_clips():
+    """Seven clips of four videos, interleaved. By hand, per video: A (class 0) mean scores (0.5, 0.35, 0.15)
+    -> 0; B (1) (0.25, 0.45, 0.3) -> 1; C (2) one clip -> 2; D (2) (0.15, 0.55, 0.3) -> 1, wrong. Weighted F1:
+    class 0 F1 1 (support 1); class 1 precision 1/2, recall 1, F1 2/3 (support 1); class 2 precision 1,
+    recall 1/2, F1 2/3 (support 2): (1 + 2/3 + 2 * 2/3) / 4 = 0.75. Per clip it would be 0.452."""
+    clips = [("A", 0, [0.7, 0.2, 0.1]), ("B", 1, [0.1, 0.6, 0.3]), ("A", 0, [0.3, 0.5, 0.2]), ("C", 2, [0.2, 0.3, 0.5]),
+             ("D", 2, [0.1, 0.6, 0.3]), ("B", 1, [0.4, 0.3, 0.3]), ("D", 2, [0.2, 0.5, 0.3])]
+    ids = [f"clips/{video}/{k}.mp4" for k, (video, _, _) in enumerate(clips)]
+    return ids, np.array([t for _, t, _ in clips]), np.array([s for _, _, s in clips])
+
+
+def test_video_level_weighted_f1_averages_the_clip_scores_of_each_video(tmp_path):
+    ids, targets, scores = metrics_avcaffe_clips()
+    videos, v_scores, v_targets = metrics.group_average(ids, scores, targets, r"(.*)/[^/]+$")
+    assert videos == ["clips/A", "clips/B", "clips/C", "clips/D"] and v_targets.tolist() == [0, 1, 2, 2]
+    assert np.allclose(v_scores, [[0.5, 0.35, 0.15], [0.25, 0.45, 0.3], [0.2, 0.3, 0.5], [0.15, 0.55, 0.3]])
+    assert metrics.weighted_f1(v_targets, v_scores) == pytest.approx(0.75)
+    assert metrics.weighted_f1(targets, scores) == pytest.approx((2 * 0.5 + 2 / 3 + 3 * 0.5) / 7)  # per clip
+    keys = metrics.group_average(ids, scores, targets, [i.split("/")[1] for i in ids])  # a key per clip instead
+    assert keys[0] == ["A", "B", "C", "D"] and np.array_equal(keys[1], v_scores)
+    path = tmp_path / "test_predictions.csv"
+    metrics.write_predictions(path, ids, targets, scores)
+    out = metrics_run_cli("--video_group=(.*)/[^/]+$", path)
+    assert out.returncode == 0, out.stderr
+    assert "classification: 4 videos" in out.stdout and re.search(r"^weighted F1\s+75\.00$", out.stdout, re.M)
+
+
+def test_video_grouping_names_the_clip_that_breaks_it():
+    ids, targets, scores = metrics_avcaffe_clips()
+    with pytest.raises(ValueError, match=r"video_group='\^videos/' does not match the clip 'clips/A/0.mp4'"):
+        metrics.group_average(ids, scores, targets, "^videos/")
+    targets[2] = 1  # the second clip of video A with another label
+    with pytest.raises(ValueError, match="clip 'clips/A/2.mp4' has target 1 but clip 'clips/A/0.mp4' of the same "
+                                         "video 'clips/A' has 0"):
+        metrics.group_average(ids, scores, targets, r"(.*)/[^/]+$")
+
+
+@pytest.mark.parametrize("name", ["cremad", "ravdess", "enterface05", "werewolfxl", "avcaffe", "firstimpressions"])
+def test_dataset_configs_name_existing_keys_only(name):
+    # finetune.py's config keys, plus video_group (AVCAffe: the clips' video for metrics.group_average)
+    keys = set("""out_dir init_from ckpt_every log_interval eval_only ckpt predict train_list val_list test_list fold
+        data_root replace_prefix crop_box sampling_rate crop_scales num_clips num_crops num_workers max_fail_fraction
+        task num_classes num_outputs class_names label_smoothing random_erase mixup cutmix best_metric model
+        model_args batch_size grad_accum eval_batch_size epochs max_iters warmup_epochs base_lr min_lr layer_decay
+        head_lr_scale weight_decay beta1 beta2 grad_clip device dtype compile seed peak_tflops video_group""".split())
+    c = {}
+    with open(os.path.join(os.path.dirname(METRICS_PY), "config", f"finetune_{name}.py")) as f:
+        exec(f.read(), {}, c)
+    assert set(c) <= keys, f"unknown keys {set(c) - keys}"
+    outputs = c.get("num_outputs") if c.get("task") == "regression" else c.get("num_classes")
+    assert len(c["class_names"]) == outputs
+    assert ("{fold}" in c["out_dir"]) == ("{fold}" in c["train_list"]) == ("{fold}" in c["test_list"])
+
 # =====================================================================================================
 # data: Tests for data.py. Every input is generated here with PyAV: small clips in several containers and codecs,
 # frame folders, broken files. The reference for "the right frames" is a plain full sequential decode.
