@@ -105,7 +105,9 @@ label_smoothing = 0.1
 random_erase = 0.25  # probability that a frame gets a box of random noise
 mixup = 0.8  # Beta(alpha, alpha) of mixup; 0 = off
 cutmix = 1.0  # Beta(alpha, alpha) of cutmix; 0 = off (with both on, each batch picks one at random)
-best_metric = ""  # "uar" | "war" (classification) | "ccc" | "pcc" (regression, mean over dimensions); "" = uar / ccc
+best_metric = ""  # "uar" | "war" | "f1" (classification) | "ccc" | "pcc" (regression, mean over dimensions); "" = uar / ccc
+video_group = ""  # AVCAffe: a regex over a clip's path whose first group names its source video; the metrics
+#                   are then of videos, each the mean of its clips' scores (metrics.group_average)
 # model
 model = "base"
 model_args = dict(drop_path=0.1)
@@ -133,7 +135,7 @@ peak_tflops = 0.0
 CONFIG_KEYS = [k for k in globals() if k not in _names_before_config and not k.startswith("_")]
 # -----------------------------------------------------------------------------
 
-METRICS = {"classification": ("uar", "war"), "regression": ("ccc", "pcc")}
+METRICS = {"classification": ("uar", "war", "f1"), "regression": ("ccc", "pcc")}
 
 
 def main(argv):
@@ -189,8 +191,7 @@ def main(argv):
         model.eval()
         idx, scores = evaluate(view_scores(model, c.task), eval_sets["val"], d, c)
         model.train()
-        targets = list_targets(eval_sets["val"], idx, c.task)
-        m = compute_metrics(c.task, targets, scores)
+        m = compute_metrics(eval_sets["val"], idx, scores, c)
         improved = m[c.best_metric] > best["value"]
         if improved:
             best.update(value=m[c.best_metric], epoch=epoch, metrics=m)
@@ -217,7 +218,7 @@ def main(argv):
                     dist.barrier()  # rank 0 wrote best.pt
                 model.load_state_dict(load_checkpoint(path)["model"])
             idx, scores = evaluate(view_scores(model, c.task), eval_sets["test"], d, c)
-            results[f"test_{name}"] = compute_metrics(c.task, list_targets(eval_sets["test"], idx, c.task), scores)
+            results[f"test_{name}"] = compute_metrics(eval_sets["test"], idx, scores, c)
             if d.master:
                 write_predictions(os.path.join(c.out_dir, f"test_predictions_{name}.csv"), eval_sets["test"], idx,
                                   scores, c)
@@ -338,14 +339,22 @@ def list_targets(dataset, idx, task):
     return np.array([int(v[0]) for v in labels]) if task == "classification" else np.array(labels)
 
 
-def compute_metrics(task, targets, scores):
-    if task == "classification":
-        return {"uar": metrics.uar(targets, scores), "war": metrics.war(targets, scores)}
+def compute_metrics(dataset, idx, scores, c):
+    """The metrics of the evaluated videos; with video_group, of their source videos (clip scores averaged)."""
+    ids, targets = [dataset.samples[i][0] for i in idx], list_targets(dataset, idx, c.task)
+    if c.video_group:
+        try:
+            _, scores, targets = metrics.group_average(ids, scores, targets, c.video_group)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if c.task == "classification":
+        return {"uar": metrics.uar(targets, scores), "war": metrics.war(targets, scores),
+                "f1": metrics.weighted_f1(targets, scores)}
     return {"ccc": float(np.mean(metrics.ccc(targets, scores))), "pcc": float(np.mean(metrics.pcc(targets, scores)))}
 
 
 def format_metrics(m):
-    return f"UAR {100 * m['uar']:.2f}  WAR {100 * m['war']:.2f}" if "uar" in m else \
+    return f"UAR {100 * m['uar']:.2f}  WAR {100 * m['war']:.2f}  F1 {100 * m['f1']:.2f}" if "uar" in m else \
         f"CCC {m['ccc']:.4f}  PCC {m['pcc']:.4f}"
 
 
@@ -450,7 +459,7 @@ def evaluate_checkpoint(c):
         if getattr(c, f"{split}_list"):
             ds = eval_dataset(c, f"{split}_list", model.cfg)
             idx, scores = evaluate(view_scores(model, c.task), ds, d, c)
-            results[split] = compute_metrics(c.task, list_targets(ds, idx, c.task), scores)
+            results[split] = compute_metrics(ds, idx, scores, c)
             if d.master:
                 path = os.path.join(c.out_dir, f"eval_{split}_predictions.csv")
                 write_predictions(path, ds, idx, scores, c)

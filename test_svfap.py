@@ -852,20 +852,13 @@ def test_video_grouping_names_the_clip_that_breaks_it():
 
 
 @pytest.mark.parametrize("name", ["cremad", "ravdess", "enterface05", "werewolfxl", "avcaffe", "firstimpressions"])
-def test_dataset_configs_name_existing_keys_only(name):
-    # finetune.py's config keys, plus video_group (AVCAffe: the clips' video for metrics.group_average)
-    keys = set("""out_dir init_from ckpt_every log_interval eval_only ckpt predict train_list val_list test_list fold
-        data_root replace_prefix crop_box sampling_rate crop_scales num_clips num_crops num_workers max_fail_fraction
-        task num_classes num_outputs class_names label_smoothing random_erase mixup cutmix best_metric model
-        model_args batch_size grad_accum eval_batch_size epochs max_iters warmup_epochs base_lr min_lr layer_decay
-        head_lr_scale weight_decay beta1 beta2 grad_clip device dtype compile seed peak_tflops video_group""".split())
-    c = {}
-    with open(os.path.join(os.path.dirname(METRICS_PY), "config", f"finetune_{name}.py")) as f:
-        exec(f.read(), {}, c)
-    assert set(c) <= keys, f"unknown keys {set(c) - keys}"
-    outputs = c.get("num_outputs") if c.get("task") == "regression" else c.get("num_classes")
-    assert len(c["class_names"]) == outputs
-    assert ("{fold}" in c["out_dir"]) == ("{fold}" in c["train_list"]) == ("{fold}" in c["test_list"])
+def test_dataset_configs_load_and_name_existing_keys_only(name):
+    """Through finetune.py's own loader: an unknown key or a value of the wrong type would stop it."""
+    c = finetune.load_config({k: getattr(finetune, k) for k in finetune.CONFIG_KEYS},
+                             [os.path.join(os.path.dirname(METRICS_PY), "config", f"finetune_{name}.py")])
+    pretrain.build_model_config(c.model, c.model_args)
+    finetune.check_task(c)  # class_names match the outputs, best_metric suits the task
+    assert ("{fold}" in c.out_dir) == ("{fold}" in c.train_list) == ("{fold}" in c.test_list)
 
 # =====================================================================================================
 # data: Tests for data.py. Every input is generated here with PyAV: small clips in several containers and codecs,
