@@ -951,21 +951,22 @@ def data_broken(tmp_path_factory):
 @pytest.mark.parametrize("name", list(DATA_READABLE))
 def test_reader_frames_equal_full_sequential_decode(data_inputs, name):
     path = data_inputs[name]
-    D._cache.clear()
     reference = data_reference(path)
     assert D.count_frames(path, exact=False) == len(reference)
     for indices in data_index_sets(len(reference)):
         clip = D.read_video_clip(path, indices)
         assert clip.dtype == np.uint8 and clip.shape == (len(indices),) + reference.shape[1:]
         assert np.array_equal(clip, reference[indices]), f"{name}: frames differ at {indices}"
-    if not os.path.isdir(path):  # containers with timestamps were read by seeking, verified, with no fallback
-        index = D._cache_get(D._stat_key(path))
-        assert (index.exact, index.seekable) == ((True, False) if name == "raw_h264_no_timestamps" else (False, True))
     assert D.count_frames(path) == len(reference)  # exact: decodes everything
-    if not os.path.isdir(path):  # the decoded index seeks as well, and gives the same frames
-        assert D._cache_get(D._stat_key(path)).exact
-        for indices in data_index_sets(len(reference), seed=1):
-            assert np.array_equal(D.read_video_clip(path, indices), reference[indices])
+    if not os.path.isdir(path):  # containers with timestamps are read from their keyframes, verified, no fallback
+        with D.open_video(path) as video:
+            assert (video.exact, video.seekable) == (False, name != "raw_h264_no_timestamps")
+            for indices in data_index_sets(len(reference), seed=1):
+                assert np.array_equal(video.read(indices), reference[indices])
+            assert not video.exact or name == "raw_h264_no_timestamps"
+            video.frame_count(exact=True)  # the decoded index gives the same frames
+            for indices in data_index_sets(len(reference), seed=2):
+                assert np.array_equal(video.read(indices), reference[indices])
 
 
 def test_reader_picks_video_stream_when_stream_0_is_audio(data_inputs):
@@ -974,46 +975,43 @@ def test_reader_picks_video_stream_when_stream_0_is_audio(data_inputs):
     assert D.count_frames(data_inputs["mp4_audio_stream_first"]) == 50
 
 
-def test_reader_seeks_instead_of_decoding_from_the_start(data_inputs, monkeypatch):
+def test_reader_starts_at_the_keyframe_instead_of_decoding_from_the_start(data_inputs, monkeypatch):
     """A window near the end of a gop-6 file decodes about one gop plus the window, not the whole file."""
     path = data_inputs["mp4_h264_bframes"]
-    D._cache.clear()
-    D.count_frames(path, exact=False)
     decoded = []
-    real = D._decode
+    real = D._Video._frames
 
-    def counting(*args):
-        for frame in real(*args):
+    def counting(self, *args):
+        for frame in real(self, *args):
             decoded.append(frame.pts)
             yield frame
 
-    monkeypatch.setattr(D, "_decode", counting)
+    monkeypatch.setattr(D._Video, "_frames", counting)
     clip = D.read_video_clip(path, range(70, 76))
     assert np.array_equal(clip, data_reference(path)[70:76])
     assert 0 < len(decoded) <= 6 + 6 + 3  # from keyframe 66: at most 4 lead-in frames + the 6 wanted (+ slack)
 
 
-def test_reader_recovers_when_its_index_is_wrong(data_inputs):
+def test_reader_recovers_when_its_index_is_wrong(data_inputs, monkeypatch):
     """An index that contradicts the decoder (here: timestamps shifted by one frame) is detected and
     replaced by the decoded truth; the frames returned are still those of a sequential decode."""
     path = data_inputs["mkv_mpeg4_bframes"]
     reference = data_reference(path)
-    D._cache.clear()
-    key = D._stat_key(path)
-    good = D._frame_index(path, key)
-    assert not good.exact and good.seekable
-    D._cache_put(key, D.FrameIndex(good.num_frames, good.pts + (good.pts[1] - good.pts[0]), good.key_positions,
-                                   exact=False, seekable=True))
-    assert np.array_equal(D.read_video_clip(path, [30, 34, 38]), reference[[30, 34, 38]])
-    assert D._cache_get(key).exact  # rebuilt by decoding
-    assert np.array_equal(D.read_video_clip(path, range(50, 60)), reference[50:60])
+    real = D._quick_index
+    monkeypatch.setattr(D, "_quick_index", lambda packets: (lambda pts, keys: (pts + pts[1] - pts[0], keys))(*real(packets)))
+    with D.open_video(path) as video:
+        assert np.array_equal(video.read([30, 34, 38]), reference[[30, 34, 38]])
+        assert video.exact  # rebuilt by decoding
+        assert np.array_equal(video.read(range(50, 60)), reference[50:60])
 
-    # a phantom frame at position 41 (as if a packet decoded to nothing): the gap is seen while decoding
-    pts = np.insert(good.pts, 41, (good.pts[40] + good.pts[41]) // 2)
-    keys = good.key_positions + (good.key_positions >= 41)
-    D._cache_put(key, D.FrameIndex(good.num_frames + 1, pts, keys, exact=False, seekable=True))
-    assert np.array_equal(D.read_video_clip(path, [38, 42, 46]), reference[[38, 42, 46]])
-    assert D._cache_get(key).exact and D._cache_get(key).num_frames == len(reference)
+    def phantom(packets):  # a phantom frame at position 41 (as if a packet decoded to nothing)
+        pts, keys = real(packets)
+        return np.insert(pts, 41, (pts[40] + pts[41]) // 2), keys + (keys >= 41)
+
+    monkeypatch.setattr(D, "_quick_index", phantom)
+    with D.open_video(path) as video:
+        assert np.array_equal(video.read([38, 42, 46]), reference[[38, 42, 46]])
+        assert video.exact and video.frame_count() == len(reference)
 
 
 def test_reader_out_of_range_names_file_and_valid_range(data_inputs):
@@ -1023,7 +1021,7 @@ def test_reader_out_of_range_names_file_and_valid_range(data_inputs):
     folder = data_inputs["jpeg_folder_66x50"]
     with pytest.raises(D.VideoReadError, match=r"jpg.*frame 24 requested"):
         D.read_video_clip(folder, [24])
-    with pytest.raises(ValueError, match="frame_indices"):
+    with pytest.raises(ValueError, match="frame indices"):
         D.read_video_clip(path, [-1])
 
 
