@@ -11,18 +11,15 @@ Reading order:
   6. tools                          atomic_path, write_mp4, `python data.py prepare`, `python data.py --bench`
   7. demo dataset                   `python data.py demo` (not needed to learn the method)
 
-Frame i of a video is the i-th frame that a full sequential decode of its video stream outputs (the first
-video stream that is not cover art). read_video_clip returns exactly those frames without decoding from
-the start. Opening a video reads its stream's packets into memory (one pass, no decoding; a face clip is
-a few hundred kB); their headers give a quick index (the pts of frames 0..n-1, the keyframes; container
-frame counts and durations are never used). A read decodes from the packet of the last keyframe at or
-before the first wanted frame and checks that every frame carries the pts of the index's next position;
-the only gaps accepted are unwanted frames it asked the decoder to skip (skip_frame="NONREF": frames no
-other frame refers to). Anything else the index did not predict makes it decode all packets in order and
-take that as the truth, as it does at once when packets lack a pts, share one, are flagged corrupt or
-discard, or the first frame shown is not a keyframe (an open GOP). Left open: a packet that decodes to
-nothing where a read does not decode shifts later positions unseen; count_frames(path) decodes all.
-Any decoding error raises VideoReadError naming the file.
+Frame i of a video is the i-th frame a full sequential decode of its video stream outputs (the first
+video stream that is not cover art). Opening a video reads its packets into memory (one pass, no decoding;
+a face clip is a few hundred kB); their headers give a quick index (the pts of frames 0..n-1, the
+keyframes; container frame counts are never used). A read decodes from the last keyframe at or before the
+first wanted frame and checks that every frame carries the pts of the index's next position; the only
+gaps accepted are unwanted frames it asked the decoder to skip (skip_frame="NONREF": frames no other frame
+refers to). Anything else makes it decode all packets in order and take that as the truth, as it does at
+once when packets lack a pts, share one, are corrupt, or the first frame shown is not a keyframe. Left
+open: a packet that decodes to nothing where no read decodes shifts later positions unseen.
 """
 
 import ast
@@ -49,12 +46,7 @@ from model import IMAGENET_MEAN, IMAGENET_STD, SVFAPConfig, tube_mask
 # -----------------------------------------------------------------------------------------------------
 # 1. Annotation files
 
-
-def _is_number(text):
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False
+NUMBER = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"  # what float() reads, less nan and inf
 
 
 def _parse_annotation_lines(path, root=None, replace_prefix=None):
@@ -75,7 +67,7 @@ def _parse_annotation_lines(path, root=None, replace_prefix=None):
         fields = line.split()
         if not fields:
             continue
-        bad = next((f"{v!r} is not a number" for v in fields[1:] if not _is_number(v)), None)
+        bad = next((f"{v!r} is not a number" for v in fields[1:] if not re.fullmatch(NUMBER, v)), None)
         bad = f"{line.strip()!r} has no label" if len(fields) < 2 else bad
         if bad:
             raise ValueError(f"{path}, line {number}: {bad}; expected '<path> <label>' or '<path> <v1> ... <vD>' "
@@ -90,12 +82,9 @@ def _parse_annotation_lines(path, root=None, replace_prefix=None):
 
 
 def read_annotations(path, root=None, replace_prefix=None):
-    """[(sample_path, [v1, ...])] from lines "<path> <v1> [<v2> ...]".
-
-    Relative paths resolve against `root`, or the annotation file's folder when root is None.
-    replace_prefix=(old, new) (or "old=new") rewrites paths that start with `old`, so the authors' split
-    files with their absolute paths (e.g. /data/ycs/AC/Dataset/DFEW/Clip/jpg_256/02522) work unchanged.
-    """
+    """[(sample_path, [v1, ...])] from lines "<path> <v1> [<v2> ...]". Relative paths resolve against `root`
+    (default: the file's folder); replace_prefix=(old, new) (or "old=new") rewrites paths that start with old, so
+    the authors' split files with their absolute paths (/data/ycs/AC/Dataset/DFEW/...) work unchanged."""
     return [(p, v) for _, p, v in _parse_annotation_lines(path, root, replace_prefix)]
 
 
@@ -116,19 +105,16 @@ DECODER_THREADS = 1  # DataLoader workers are the parallelism; decoder threads w
 # FFmpeg's own decoders, which apply skip_frame to the packet being sent; wrappers such as libdav1d queue
 # packets and would apply it to the wrong frame (harmless, the check catches it, but then nothing is gained)
 SKIP_NONREF_DECODERS = ("h264", "hevc", "mpeg4", "mpeg2video", "mpeg1video", "vp8", "vp9")
+ATTACHED_PIC = 0x400  # AV_DISPOSITION_ATTACHED_PIC: a video stream that is cover art
 _thread_state = threading.local()  # per thread: swscale contexts, reused from frame to frame
+_SWSCALE_THREADS = {"threads": 1} if int(av.__version__.split(".")[0]) >= 14 else {}  # PyAV < 14: no option
 
 
 def _swscale(name, frame, **kw):
     """frame.reformat(**kw).to_ndarray() through this thread's VideoReformatter `name`, with one swscale thread."""
     if not hasattr(_thread_state, name):
         setattr(_thread_state, name, av.video.reformatter.VideoReformatter())
-        try:  # PyAV < 14 has no threads option
-            getattr(_thread_state, name).reformat(av.VideoFrame(16, 16, "yuv420p"), format="rgb24", threads=1)
-            _thread_state.options = {"threads": 1}
-        except TypeError:
-            _thread_state.options = {}
-    return getattr(_thread_state, name).reformat(frame, **kw, **_thread_state.options).to_ndarray()
+    return getattr(_thread_state, name).reformat(frame, **kw, **_SWSCALE_THREADS).to_ndarray()
 
 
 def _scaled_size(height, width, size):
@@ -188,13 +174,6 @@ class _Clip:
         return self.array
 
 
-def _is_cover_art(stream):
-    try:
-        return bool(stream.disposition & av.stream.Disposition.attached_pic)
-    except AttributeError:  # PyAV builds without Stream.disposition
-        return False
-
-
 def _quick_index(packets):
     """(pts of frames 0..n-1, keyframe positions) from packet headers, or None when they cannot be trusted."""
     if any(p.pts is None or p.is_corrupt or p.is_discard for p in packets):
@@ -210,7 +189,7 @@ class _Video:
     """An open video file: its stream's packets in memory (decode order) and the index of its frames."""
 
     def __init__(self, path, container):
-        streams = [s for s in container.streams.video if not _is_cover_art(s)]
+        streams = [s for s in container.streams.video if not getattr(s, "disposition", 0) & ATTACHED_PIC]
         if not streams:
             kinds = ", ".join(s.type for s in container.streams) or "none"
             raise VideoReadError(f"{path}: no video stream (streams: {kinds})")
@@ -234,9 +213,8 @@ class _Video:
         return self.count
 
     def _frames(self, start, wanted=()):
-        """Decoded frames from packet `start` on, then the decoder's flush. Packets of unwanted frames are sent
-        with skip_frame="NONREF": a frame nothing refers to is skipped (about half of the B-frames of typical
-        H.264); their positions go into self.skipped, the only gaps a read accepts."""
+        """Decoded frames from packet `start` on. Unwanted frames are sent with skip_frame="NONREF" (skipped if
+        nothing refers to them: about half of x264's B-frames); self.skipped holds them, the gaps a read accepts."""
         context, self.skipped = self.context, set()
         context.flush_buffers()
         may_skip = bool(wanted) and context.name in SKIP_NONREF_DECODERS
@@ -395,11 +373,8 @@ def window_span(num_frames, sampling_rate):
 
 
 def clip_indices(start, num_frames, sampling_rate, total):
-    """start, start + rate, ...; past the last frame the last frame repeats.
-
-    Rule for a video shorter than the window: keep the stride and repeat the last frame, so motion runs at
-    the speed of every other clip (VideoMAE's loader, which the release builds on, pads with it too).
-    """
+    """start, start + rate, ...; past the last frame the last frame repeats: a short video keeps the stride, so
+    motion runs at the speed of every other clip (VideoMAE's loader, which the release builds on, pads so too)."""
     return [min(start + i * sampling_rate, total - 1) for i in range(num_frames)]
 
 
@@ -411,9 +386,7 @@ def random_clip_start(total, span, generator=None):
 def uniform_clip_starts(total, span, num_clips):
     """Evaluation: num_clips windows spread evenly from the first to the last possible start."""
     last = max(total - span, 0)
-    if num_clips == 1:
-        return [last // 2]
-    return [round(j * last / (num_clips - 1)) for j in range(num_clips)]
+    return [last // 2] if num_clips == 1 else [round(j * last / (num_clips - 1)) for j in range(num_clips)]
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -456,19 +429,15 @@ def _bilinear_taps(start, length, size):
 
 
 def device_transform(frames, boxes, img_size):
-    """uint8 frames (..., T, 3, H, W) on the device -> float32 (..., 3, T, img_size, img_size) for the model.
-
-    boxes (..., 5) = (top, left, height, width, flip) per clip, as VideoDataset draws them: the box is cut out
-    and resized to img_size (bilinear, align_corners=False: F.interpolate's values for the cut-out clip),
-    mirrored where flip is 1, scaled to [0, 1] and normalised (ImageNet mean, std). boxes=None (evaluation
-    views): only the last two. Batched with gathers: no loop over clips, no device-to-host sync.
-
-    Where the order differs from the release: it crops, resizes (PIL, uint8), flips and normalises in the
-    workers and sends float32; here the workers send uint8 (a quarter of the bytes) and the same crop,
-    bilinear resize and flip of the same frames run here, so the model sees the release's values up to its
-    8-bit rounding. One real difference: a source larger than img_size (DFEW's 256 px) is scaled to img_size
-    in the worker first, so a 0.66 crop is upsampled from 105 px instead of taken from 168: a little softer.
-    """
+    """uint8 frames (..., T, 3, H, W) on the device -> float32 (..., 3, T, img_size, img_size) for the model:
+    each clip's box (..., 5) = (top, left, height, width, flip) cut out and resized to img_size (bilinear,
+    align_corners=False: F.interpolate's values), mirrored where flip is 1, scaled to [0, 1], normalised
+    (ImageNet mean, std); boxes=None (evaluation views): only the last two. Batched gathers: no loop over clips,
+    no device-to-host sync. Where the order differs from the release: it crops, resizes (PIL, uint8), flips
+    and normalises in the workers and sends float32; here the workers send uint8 (a quarter of the bytes) and
+    the same crop, resize and flip of the same frames run here, so the model sees the release's values up to
+    its 8-bit rounding. One difference: a source larger than img_size (DFEW's 256 px) is scaled to img_size
+    in the worker first, so a 0.66 crop is upsampled from 105 px instead of taken from 168: a little softer."""
     lead, (T, C, H, W), S = frames.shape[:-4], frames.shape[-4:], img_size
     x = frames.reshape(-1, T, C, H, W).transpose(1, 2)  # (B, 3, T, H, W), a view
     if boxes is not None:
@@ -490,7 +459,6 @@ def device_transform(frames, boxes, img_size):
 
 MODES = ("pretrain", "train", "eval")
 TASKS = ("classification", "regression")
-MIN_TRIED_FOR_FAIL = 100  # below this many tried items, max_fail_fraction is measured against 100
 
 
 def item_seed(seed, epoch, index):
@@ -505,25 +473,20 @@ class VideoDataset(torch.utils.data.Dataset):
     mode "pretrain": (frames uint8 (k, T, 3, S, S), boxes int64 (k, 5), mask bool (k, N)), S = img_size;
         k = repeated_sampling clips from one decoded range of at most two windows, each with its own window,
         crop and flip; mask = model.tube_mask for mask_cfg (default SVFAPConfig(img_size, num_frames)).
-    mode "train": (frames uint8 (T, 3, S, S), boxes int64 (5,), target), target a 0-d int64 tensor
-        (classification) or float32 (D,) (regression).
+    mode "train": (frames uint8 (T, 3, S, S), boxes int64 (5,), target int64 () or float32 (D,)).
     mode "eval": (views uint8 (V, T, 3, S, S), target, index), V = num_clips * num_crops (clip-major): the
         short side scaled to S, num_crops crops along the long side; index = the sample's place in the list.
-    Frames: crop_box = (top, bottom, left, right) is cut out first (VoxCeleb2: VOXCELEB2_CROP_BOX); frames
-    not then S x S are scaled to it by swscale while converting to RGB (non-square ones are squashed: give a
-    crop_box to keep the aspect). boxes = (top, left, height, width, flip): the paper's multi-scale crop of
-    the S x S frames (crop_scales, 13 places, max_distort 1) and a horizontal flip.
-
-    Randomness: item `index` of epoch `epoch` (set_epoch) draws everything (windows, crops, flips, tube mask,
-    the stand-in for a broken file) from a torch.Generator seeded with item_seed(seed, epoch, index): items
-    depend neither on the number of workers nor on the order they are fetched in, so a resumed run sees the
-    clips of the uninterrupted one. No global generator is touched.
-    Labels (train, eval) are checked against num_outputs (classification: num_classes; regression: the number
-    of values D): every problem is a one-line ValueError naming the file, the line and the value.
-    Broken files: in pretrain and train mode an unreadable sample is skipped with a warning and another
-    random sample is taken; `skipped` and `tried` count them (per DataLoader worker). When more than
-    max_fail_fraction of the items tried fail (over at least 100 tries), it raises. Eval never skips: it
-    raises naming the file; check eval lists at start-up with unreadable().
+    Frames: crop_box = (top, bottom, left, right) is cut out first (VoxCeleb2: VOXCELEB2_CROP_BOX), then
+    scaled to S x S by swscale while converting to RGB (non-square frames are squashed: give a crop_box).
+    boxes = (top, left, height, width, flip): the paper's multi-scale crop (crop_scales, 13 places,
+    max_distort 1) of the S x S frames and a horizontal flip.
+    Item `index` of epoch `epoch` (set_epoch) draws everything random (windows, crops, flips, tube mask, the
+    stand-in for a broken file) from a torch.Generator seeded with item_seed(seed, epoch, index): items do
+    not depend on the number of workers or the order of fetching, so a resumed run sees the same clips.
+    Labels (train, eval) are checked against num_outputs (num_classes, or the number D of regression values).
+    Broken files: pretrain and train skip an unreadable sample with a warning and take another; `skipped`
+    and `tried` count them (per worker) and more than max_fail_fraction failed (of at least 100) raises.
+    Eval never skips: it raises naming the file; check eval lists at start-up with unreadable().
     """
 
     def __init__(self, annotation_file, mode, img_size=160, num_frames=16, sampling_rate=4, crop_box=None,
@@ -532,15 +495,9 @@ class VideoDataset(torch.utils.data.Dataset):
                  seed=0):
         if mode not in MODES or task not in TASKS:
             raise ValueError(f"VideoDataset: mode={mode!r}, task={task!r}; valid modes: {MODES}, tasks: {TASKS}")
-        for name, value in (("img_size", img_size), ("num_frames", num_frames), ("sampling_rate", sampling_rate),
-                            ("num_clips", num_clips), ("num_crops", num_crops), ("repeated_sampling", repeated_sampling),
-                            ("num_outputs", 1 if mode == "pretrain" else num_outputs)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"VideoDataset: {name}={value!r} must be a positive integer")
-        if repeated_sampling > 1 and mode != "pretrain":
-            raise ValueError(f"VideoDataset: repeated_sampling={repeated_sampling} is for mode='pretrain' only")
-        if not 0.0 <= max_fail_fraction < 1.0:
-            raise ValueError(f"VideoDataset: max_fail_fraction={max_fail_fraction} must be in [0, 1)")
+        if mode != "pretrain" and (not isinstance(num_outputs, int) or num_outputs < 1 or repeated_sampling > 1):
+            raise ValueError(f"VideoDataset: mode={mode!r} needs num_outputs >= 1 (num_classes, or the number of "
+                             f"regression values), got {num_outputs!r}, and repeated_sampling=1, got {repeated_sampling}")
         if mode == "pretrain":
             mask_cfg = mask_cfg or SVFAPConfig(img_size=img_size, num_frames=num_frames)
             if (mask_cfg.img_size, mask_cfg.num_frames) != (img_size, num_frames):
@@ -639,7 +596,7 @@ class VideoDataset(torch.utils.data.Dataset):
                 return self._training_item(index, g)
             except VideoReadError as e:
                 self.skipped += 1
-                if self.skipped > self.max_fail_fraction * max(self.tried, MIN_TRIED_FOR_FAIL):
+                if self.skipped > self.max_fail_fraction * max(self.tried, 100):
                     raise RuntimeError(
                         f"{self.skipped} of {self.tried} samples tried from {self.annotation_file} were unreadable, "
                         f"more than max_fail_fraction={self.max_fail_fraction}; last: {e}. Check the paths (root, "
@@ -670,20 +627,17 @@ def atomic_path(path):
         raise
 
 
-def write_mp4(path, frames, fps=25, codec="libx264", gop=None, options=None):
-    """Write uint8 frames (H, W, 3), an array (T, H, W, 3) or any iterable, to an mp4 through PyAV (atomically):
-    H.264 by default ("mpeg4" also works), one encoder thread so the same frames always give the same bytes."""
+def write_mp4(path, frames, fps=25, gop=None, options=None):
+    """Write uint8 frames (H, W, 3), an array (T, H, W, 3) or any iterable, to an H.264 mp4 through PyAV,
+    atomically; one encoder thread, so the same frames always give the same bytes."""
     with atomic_path(path) as tmp, av.open(tmp, "w", format="mp4") as container:
         stream = None
         for frame in frames:
             if stream is None:  # the first frame gives the size
-                stream = container.add_stream(codec, rate=fps)
-                stream.height, stream.width = frame.shape[:2]
-                stream.pix_fmt = "yuv420p"
-                if gop:
-                    stream.codec_context.gop_size = gop
-                if codec == "libx264":
-                    stream.options = {"crf": "18", "preset": "veryfast", "threads": "1", **(options or {})}
+                stream = container.add_stream("libx264", rate=fps)
+                stream.height, stream.width, stream.pix_fmt = *frame.shape[:2], "yuv420p"
+                stream.codec_context.gop_size = gop or stream.codec_context.gop_size
+                stream.options = {"crf": "18", "preset": "veryfast", "threads": "1", **(options or {})}
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                 container.mux(packet)
         if stream is None:
@@ -722,11 +676,10 @@ def _prepare_one(job):
 
 
 def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1):
-    """Training-ready copies of the videos (or frame folders) of list_file: one H.264 mp4 per entry under
-    out/clips with the crop box applied, every keep_every-th frame kept, scaled to size x size if given.
-    Writes out/<name of list_file> with the new paths and the original labels, and out/prepare_failed.txt
-    with every input that could not be read and why. A rerun skips the files already written. Returns the
-    new list's path."""
+    """Training-ready copies of list_file's videos or frame folders: an H.264 mp4 per entry under out/clips, crop
+    box applied, every keep_every-th frame kept, scaled to size x size if given; out/<name of list_file> with
+    the new paths and the labels; out/prepare_failed.txt with every unreadable input and why. A rerun skips
+    finished files. Returns the new list's path."""
     if 4 % keep_every or os.path.abspath(out) == os.path.dirname(os.path.abspath(list_file)):
         raise ValueError(f"prepare: keep_every={keep_every} must be 1, 2 or 4 (it divides the sampling rate 4), "
                          f"and out={out} must not be the folder of {list_file} (its list would be overwritten)")
