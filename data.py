@@ -141,19 +141,16 @@ class _Clip:
         self.wanted, self.filled = sorted(self.slots), set()
 
     def _rgb(self, frame, source):
-        if self.crop_box is None:
-            h, w = _scaled_size(frame.height, frame.width, self.size)
-            return _swscale("convert", frame, width=w, height=h, format="rgb24")
-        top, bottom, left, right = self.crop_box
+        top, bottom, left, right = self.crop_box or (0, frame.height, 0, frame.width)
         if not (0 <= top < bottom <= frame.height and 0 <= left < right <= frame.width):
             raise ValueError(f"{source}: crop_box (top, bottom, left, right)={tuple(self.crop_box)} does not fit its "
                              f"{frame.width}x{frame.height} frames (needs 0 <= top < bottom <= {frame.height}, "
                              f"0 <= left < right <= {frame.width})")
-        rgb = np.ascontiguousarray(_swscale("convert", frame, format="rgb24")[top:bottom, left:right])
         h, w = _scaled_size(bottom - top, right - left, self.size)
-        if (h, w) == rgb.shape[:2]:
-            return rgb
-        return _swscale("scale", av.VideoFrame.from_ndarray(rgb, format="rgb24"), width=w, height=h)
+        if self.crop_box is None:  # scaled while converting
+            return _swscale("convert", frame, width=w, height=h, format="rgb24")
+        rgb = np.ascontiguousarray(_swscale("convert", frame, format="rgb24")[top:bottom, left:right])
+        return rgb if (h, w) == rgb.shape[:2] else _swscale("scale", av.VideoFrame.from_ndarray(rgb, "rgb24"), width=w, height=h)
 
     def put(self, position, frame, source=None):
         rgb = self._rgb(frame, source or self.path)
