@@ -1262,6 +1262,6 @@ if __name__ == "__main__":
     elif args == ["--bench"]:
         bench()
     else:
-        print(f"usage: python data.py --bench | python data.py demo [--out=data/demo] [--seed=0] | {prepare_main.__doc__[7:]}",
+        print(f"usage: python data.py --bench | python data.py demo [--out=data/demo] [--seed=0] | {prepare_main.__doc__}",
               file=sys.stderr)
         sys.exit(2)
