@@ -633,7 +633,8 @@ def write_mp4(path, frames, fps=25, gop=None, options=None):
             if stream is None:  # the first frame gives the size
                 stream = container.add_stream("libx264", rate=fps)
                 stream.height, stream.width, stream.pix_fmt = *frame.shape[:2], "yuv420p"
-                stream.codec_context.gop_size = gop or stream.codec_context.gop_size
+                if gop:
+                    stream.codec_context.gop_size = gop
                 stream.options = {"crf": "18", "preset": "veryfast", "threads": "1", **(options or {})}
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                 container.mux(packet)
