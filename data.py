@@ -480,7 +480,8 @@ class VideoDataset(torch.utils.data.Dataset):
     Item `index` of epoch `epoch` (set_epoch) draws everything random (windows, crops, flips, tube mask, the
     stand-in for a broken file) from a torch.Generator seeded with item_seed(seed, epoch, index): items do
     not depend on the number of workers or the order of fetching, so a resumed run sees the same clips.
-    Labels (train, eval) are checked against num_outputs (num_classes, or the number D of regression values).
+    Labels (train, eval) are checked against num_outputs (num_classes, or the number D of regression values);
+    num_outputs=None (pretraining's reconstruction clips): unchecked, the target is the float32 values.
     Broken files: pretrain and train skip an unreadable sample with a warning and take another; `skipped`
     and `tried` count them (per worker) and more than max_fail_fraction failed (of at least 100) raises.
     Eval never skips: it raises naming the file; check eval lists at start-up with unreadable().
@@ -492,9 +493,8 @@ class VideoDataset(torch.utils.data.Dataset):
                  seed=0):
         if mode not in MODES or task not in TASKS:
             raise ValueError(f"VideoDataset: mode={mode!r}, task={task!r}; valid modes: {MODES}, tasks: {TASKS}")
-        if mode != "pretrain" and (not isinstance(num_outputs, int) or num_outputs < 1 or repeated_sampling > 1):
-            raise ValueError(f"VideoDataset: mode={mode!r} needs num_outputs >= 1 (num_classes, or the number of "
-                             f"regression values), got {num_outputs!r}, and repeated_sampling=1, got {repeated_sampling}")
+        if mode != "pretrain" and repeated_sampling > 1:
+            raise ValueError(f"VideoDataset: repeated_sampling={repeated_sampling} is for mode='pretrain' only")
         if mode == "pretrain":
             mask_cfg = mask_cfg or SVFAPConfig(img_size=img_size, num_frames=num_frames)
             if (mask_cfg.img_size, mask_cfg.num_frames) != (img_size, num_frames):
@@ -509,7 +509,7 @@ class VideoDataset(torch.utils.data.Dataset):
         rows = _parse_annotation_lines(annotation_file, root, replace_prefix)
         self.samples = [(p, v) for _, p, v in rows]
         self.line_numbers = [n for n, _, _ in rows]
-        self.targets = None if mode == "pretrain" else self._targets(rows, num_outputs)
+        self.targets = None if mode == "pretrain" or num_outputs is None else self._targets(rows, num_outputs)
         self.skipped = self.tried = 0  # broken files skipped and items attempted so far (in this process)
 
     def _targets(self, rows, n):
@@ -532,6 +532,9 @@ class VideoDataset(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.samples)
+
+    def _target(self, index):
+        return torch.tensor(self.samples[index][1]) if self.targets is None else self.targets[index]
 
     def set_epoch(self, epoch):
         """Items draw from streams seeded with (seed, epoch, index): call before each epoch's loader starts."""
@@ -574,7 +577,7 @@ class VideoDataset(torch.utils.data.Dataset):
                               for _ in range(self.repeated_sampling)])  # (k, 5): top, left, height, width, flip
         if self.mode == "pretrain":
             return frames, boxes, tube_mask(self.repeated_sampling, self.mask_cfg, generator=g)
-        return frames[0], boxes[0], self.targets[index]
+        return frames[0], boxes[0], self._target(index)
 
     def __getitem__(self, index):
         if self.mode == "eval":
@@ -585,7 +588,7 @@ class VideoDataset(torch.utils.data.Dataset):
                 raise VideoReadError(f"{e} [line {self.line_numbers[index]} of {self.annotation_file}; evaluation "
                                      f"never skips a sample: fix the file or remove the line]") from e
             views = [v for clip in clips for v in eval_crops(clip, self.img_size, self.num_crops)]
-            return torch.stack(views), self.targets[index], index  # (V, T, 3, S, S)
+            return torch.stack(views), self._target(index), index  # (V, T, 3, S, S)
         g = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
         while True:
             self.tried += 1
