@@ -1253,7 +1253,6 @@ def demo_main(argv):
                              args["pretrain_factor"], args["size"], args["frames"], args["workers"])
 
 
-
 # -----------------------------------------------------------------------------------------------------
 # command line
 
