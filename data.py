@@ -1,39 +1,31 @@
 """
-Data for SVFAP: from face videos on disk to normalised clip tensors, in one file.
+Data for SVFAP: from face videos on disk to clips on the device, in one file.
 
 Reading order:
-  1. read_annotations               the split files of section 8: "<path> <label>" or "<path> <v1> ... <vD>"
+  1. read_annotations               the split files: "<path> <label>" or "<path> <v1> ... <vD>"
   2. read_video_clip, count_frames  exact frames of any video PyAV decodes, or of a folder of frame images
   3. sampling                       which frame indices make a clip (train: random window; eval: N uniform)
-  4. spatial transforms             crop box, multi-scale crop + flip, resize, ImageNet normalisation
-  5. VideoDataset                   pre-training / fine-tuning / evaluation items, broken-file policy
-  6. benchmark                      `python data.py --bench`
-  7. demo dataset                   `python data.py demo`
+  4. transforms                     worker: crop box, scaling, multi-scale crop and flip drawn; device:
+                                    crop, resize, flip, normalise (device_transform)
+  5. VideoDataset                   uint8 items with their augmentation parameters, labels, broken files
+  6. tools                          atomic_path, write_mp4, `python data.py prepare`, `python data.py --bench`
+  7. demo dataset                   `python data.py demo` (not needed to learn the method)
 
-What "frame i" means. Frame i of a video is the i-th frame that a full sequential decode of its video
-stream outputs (the first video stream that is not cover art, whatever stream 0 is). read_video_clip
-returns exactly those frames without decoding from the start:
-  - A frame index per file maps positions to presentation timestamps (pts) and marks the keyframes. It
-    comes from one demux pass (packet headers only, no decoding) and is cached per process, keyed by
-    path, size and mtime. Container frame counts and durations are never used.
-  - A read seeks to the last keyframe at or before the first wanted frame (stepping back a keyframe when
-    a demuxer lands after it; reopening the file to reach the start), drops any frames decoded before
-    that keyframe and decodes forward. Every frame must carry the pts of the index's next position; the
-    only gaps accepted are unwanted frames the reader itself asked the decoder to skip (skip_frame=
-    "NONREF": frames that no other frame refers to, so skipping them changes no pixel of any other).
-    Anything else the index did not predict (a missing, extra or unknown frame, a stream that ends
-    early) makes the reader decode the whole file once and keep that decoded truth as the index; if
-    seeking still disagrees with it, the file is read sequentially from then on.
-  - The demux pass is not trusted at all when packets lack a pts, share one, are flagged corrupt or
-    discard, or when the first frame in presentation order is not a keyframe (leading frames of an open
-    GOP, which decoders may drop): such files get the decoded index at once.
-  - Left open: a packet that decodes to nothing in a part of the file that no read has decoded shifts
-    later positions without the quick index noticing. count_frames(path) (exact=True) decodes all.
-Any decoding error raises VideoReadError naming the file; nothing waits on a bad file (only regular
-files are opened, every loop ends with the stream).
+Frame i of a video is the i-th frame a full sequential decode of its video stream outputs (the first
+video stream that is not cover art). Opening a video reads its packets into memory (one pass, no decoding;
+a face clip is a few hundred kB); their headers give a quick index (the pts of frames 0..n-1, the
+keyframes; container frame counts are never used). A read decodes from the last keyframe at or before the
+first wanted frame and checks that every frame carries the pts of the index's next position; the only
+gaps accepted are unwanted frames it asked the decoder to skip (skip_frame="NONREF": frames no other frame
+refers to). Anything else makes it decode all packets in order and take that as the truth, as it does at
+once when packets lack a pts, share one, are corrupt, or the first frame shown is not a keyframe. Left
+open: a packet that decodes to nothing where no read decodes shifts later positions unseen.
 """
 
+import ast
 import contextlib
+import hashlib
+import math
 import multiprocessing
 import os
 import re
@@ -43,18 +35,18 @@ import tempfile
 import threading
 import time
 import warnings
-from collections import OrderedDict
-from dataclasses import dataclass, replace
 
 import av
 import numpy as np
 import torch
-import torch.nn.functional as F
+from tqdm import tqdm
 
 from model import IMAGENET_MEAN, IMAGENET_STD, SVFAPConfig, tube_mask
 
 # -----------------------------------------------------------------------------------------------------
 # 1. Annotation files
+
+NUMBER = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"  # what float() reads, less nan and inf
 
 
 def _parse_annotation_lines(path, root=None, replace_prefix=None):
@@ -75,39 +67,24 @@ def _parse_annotation_lines(path, root=None, replace_prefix=None):
         fields = line.split()
         if not fields:
             continue
-        if len(fields) < 2:
-            raise ValueError(f"{path}, line {number}: {line.strip()!r} has no label; expected "
-                             f"'<path> <label>' or '<path> <v1> ... <vD>' separated by spaces")
-        try:
-            values = [float(v) for v in fields[1:]]
-        except ValueError:
-            bad = next(v for v in fields[1:] if not _is_number(v))
-            raise ValueError(f"{path}, line {number}: {bad!r} is not a number; expected '<path> <label>' or "
-                             f"'<path> <v1> ... <vD>' separated by spaces (paths cannot contain spaces)") from None
+        bad = next((f"{v!r} is not a number" for v in fields[1:] if not re.fullmatch(NUMBER, v)), None)
+        bad = f"{line.strip()!r} has no label" if len(fields) < 2 else bad
+        if bad:
+            raise ValueError(f"{path}, line {number}: {bad}; expected '<path> <label>' or '<path> <v1> ... <vD>' "
+                             f"separated by spaces (paths cannot contain spaces)")
         sample = fields[0]
         if replace_prefix is not None and sample.startswith(replace_prefix[0]):
             sample = replace_prefix[1] + sample[len(replace_prefix[0]):]
-        rows.append((number, os.path.join(base, sample), values))  # join keeps absolute paths as they are
+        rows.append((number, os.path.join(base, sample), [float(v) for v in fields[1:]]))  # absolute paths stay
     if not rows:
         raise ValueError(f"annotation file {path} holds no samples")
     return rows
 
 
-def _is_number(text):
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
 def read_annotations(path, root=None, replace_prefix=None):
-    """[(sample_path, [v1, ...])] from lines "<path> <v1> [<v2> ...]".
-
-    Relative paths resolve against `root`, or the annotation file's folder when root is None.
-    replace_prefix=(old, new) (or "old=new") rewrites paths that start with `old`, so the authors' split
-    files with their absolute paths (e.g. /data/ycs/AC/Dataset/DFEW/Clip/jpg_256/02522) work unchanged.
-    """
+    """[(sample_path, [v1, ...])] from lines "<path> <v1> [<v2> ...]". Relative paths resolve against `root`
+    (default: the file's folder); replace_prefix=(old, new) (or "old=new") rewrites paths that start with old, so
+    the authors' split files with their absolute paths (/data/ycs/AC/Dataset/DFEW/...) work unchanged."""
     return [(p, v) for _, p, v in _parse_annotation_lines(path, root, replace_prefix)]
 
 
@@ -125,150 +102,58 @@ class _FrameOutOfRange(VideoReadError):
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 DECODER_THREADS = 1  # DataLoader workers are the parallelism; decoder threads would oversubscribe the cores
-INDEX_CACHE_SIZE = 4096  # per-file indices kept per process (a few kB each)
-MAX_SEEK_BACKOFF = 3  # keyframes to step back when a demuxer lands after the target (MPEG-TS does)
-SKIP_NONREF = True  # seeking reads skip unwanted frames that no other frame refers to (their pixels matter to none)
 # FFmpeg's own decoders, which apply skip_frame to the packet being sent; wrappers such as libdav1d queue
 # packets and would apply it to the wrong frame (harmless, the check catches it, but then nothing is gained)
 SKIP_NONREF_DECODERS = ("h264", "hevc", "mpeg4", "mpeg2video", "mpeg1video", "vp8", "vp9")
+ATTACHED_PIC = 0x400  # AV_DISPOSITION_ATTACHED_PIC: a video stream that is cover art
+_thread_state = threading.local()  # per thread: swscale contexts, reused from frame to frame
+_SWSCALE_THREADS = {"threads": 1} if int(av.__version__.split(".")[0]) >= 14 else {}  # PyAV < 14: no option
 
 
-@dataclass
-class FrameIndex:
-    """Where the frames of one video file are. Position i = i-th frame of a full sequential decode."""
-    num_frames: int
-    pts: np.ndarray | None  # (num_frames,) int64, ascending: pts of frame i; None = no usable timestamps
-    key_positions: np.ndarray | None  # ascending positions of keyframes, the places a seek can land
-    exact: bool  # True: built by decoding every frame; False: from packet headers only
-    seekable: bool  # False: read by decoding from the start
-
-    def position(self, pts):
-        """Frame position carrying this pts, or None when the index knows no such frame."""
-        if pts is None:
-            return None
-        j = int(self.pts.searchsorted(pts))
-        return j if j < self.num_frames and self.pts[j] == pts else None
-
-    def is_keyframe(self, position):
-        j = int(np.searchsorted(self.key_positions, position))
-        return j < len(self.key_positions) and self.key_positions[j] == position
-
-    def keyframe_before(self, position):
-        """The last keyframe position <= position (the first keyframe if none is)."""
-        return int(self.key_positions[max(int(np.searchsorted(self.key_positions, position, "right")) - 1, 0)])
+def _swscale(name, frame, **kw):
+    """frame.reformat(**kw).to_ndarray() through this thread's VideoReformatter `name`, with one swscale thread."""
+    if not hasattr(_thread_state, name):
+        setattr(_thread_state, name, av.video.reformatter.VideoReformatter())
+    return getattr(_thread_state, name).reformat(frame, **kw, **_SWSCALE_THREADS).to_ndarray()
 
 
-_cache = OrderedDict()  # (path, size, mtime_ns) -> FrameIndex or tuple of image names; per process
-_cache_lock = threading.Lock()
-_thread_state = threading.local()  # one pixel-format converter per thread (its SwsContext is reused)
-
-
-def _cache_get(key):
-    with _cache_lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
-    return None
-
-
-def _cache_put(key, value):
-    with _cache_lock:
-        _cache[key] = value
-        _cache.move_to_end(key)
-        while len(_cache) > INDEX_CACHE_SIZE:
-            _cache.popitem(last=False)
-
-
-def _stat_key(path):
-    """Cache key; also the check that the path exists. Only regular files and folders are opened."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise VideoReadError(f"{path}: no such file or folder") from None
-    except OSError as e:
-        raise VideoReadError(f"{path}: cannot access it ({e.strerror})") from None
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-        raise VideoReadError(f"{path}: not a regular file or a folder (a pipe or device could block forever)")
-    return (path, st.st_size, st.st_mtime_ns)
-
-
-def _to_rgb(frame):
-    """uint8 (H, W, 3) RGB of a decoded frame (any pixel format), exactly as frame.to_ndarray(format="rgb24")."""
-    state = _thread_state
-    if not hasattr(state, "reformatter"):
-        state.reformatter = av.video.reformatter.VideoReformatter()
-        try:  # one swscale thread per reader, as for the decoder (PyAV < 14 has no such option)
-            state.reformatter.reformat(av.VideoFrame(16, 16, "yuv420p"), format="rgb24", threads=1)
-            state.options = {"threads": 1}
-        except TypeError:
-            state.options = {}
-    return state.reformatter.reformat(frame, format="rgb24", **state.options).to_ndarray()
-
-
-def _is_cover_art(stream):
-    try:
-        return bool(stream.disposition & av.stream.Disposition.attached_pic)
-    except AttributeError:  # PyAV builds without Stream.disposition
-        return False
-
-
-@contextlib.contextmanager
-def _open_video(path):
-    """(container, video stream), closed on exit. The stream is the first video stream that is not cover art."""
-    try:
-        # skip_frame=all applies to the probing decoders only: without it, opening decodes the first frames
-        # (a keyframe) just to learn the pixel format, on every read. Our decoder is a separate context.
-        container = av.open(path, metadata_errors="ignore", options={"skip_frame": "all"})
-    except av.error.FFmpegError as e:
-        raise VideoReadError(f"{path}: not a readable video ({e.strerror or e})") from e
-    try:
-        streams = [s for s in container.streams.video if not _is_cover_art(s)]
-        if not streams:
-            kinds = ", ".join(s.type for s in container.streams) or "none"
-            raise VideoReadError(f"{path}: no video stream (streams: {kinds})")
-        stream = streams[0]
-        stream.codec_context.thread_count = DECODER_THREADS
-        stream.codec_context.skip_frame = "DEFAULT"
-        yield container, stream
-    finally:
-        container.close()
-
-
-def _scan_packets(path):
-    """Quick FrameIndex from packet headers (no decoding), or None when they cannot be trusted."""
-    pts, key_pts = [], []
-    with _open_video(path) as (container, stream):
-        for packet in container.demux(stream):
-            if packet.size == 0:  # the demuxer's closing flush packet: no frame
-                continue
-            if packet.pts is None or packet.is_corrupt or packet.is_discard:
-                return None
-            pts.append(packet.pts)
-            if packet.is_keyframe:
-                key_pts.append(packet.pts)
-    pts = np.sort(np.asarray(pts, dtype=np.int64))
-    if len(pts) == 0 or np.any(np.diff(pts) <= 0):  # no frames, or two packets share a pts
-        return None
-    key_positions = np.searchsorted(pts, np.sort(np.asarray(key_pts, dtype=np.int64)))
-    if len(key_positions) == 0 or key_positions[0] != 0:  # first frame shown is not a keyframe: open GOP
-        return None
-    return FrameIndex(len(pts), pts, key_positions, exact=False, seekable=True)
+def _scaled_size(height, width, size):
+    """size (h, w) as it is; an int: the short side scaled to it (evaluation); None: (height, width)."""
+    if not isinstance(size, int):
+        return tuple(size or (height, width))
+    scale = size / min(height, width)
+    return (size, max(size, round(width * scale))) if height <= width else (max(size, round(height * scale)), size)
 
 
 class _Clip:
-    """The (T, H, W, 3) result of one read, filled in place as frames decode: converted frames are copied
-    once and freed at once, which keeps a read from churning large allocations."""
+    """The uint8 (T, h, w, 3) result of one read, filled in place as frames decode. Each frame becomes RGB
+    with the crop box (top, bottom, left, right) cut out and scaled to `size` (see _scaled_size) by swscale
+    in the same pass, which costs almost nothing. Without both it is frame.to_ndarray(format="rgb24")."""
 
-    def __init__(self, path, indices):
-        self.path, self.count, self.array = path, len(indices), None
+    def __init__(self, path, indices, crop_box=None, size=None):
+        indices = [int(i) for i in indices]
+        if not indices or min(indices) < 0:
+            raise ValueError(f"{path}: frame indices must be a non-empty list of integers >= 0, got {indices}")
+        self.path, self.count, self.crop_box, self.size, self.array = path, len(indices), crop_box, size, None
         self.slots = {}  # frame position -> places in the output (an index may be asked for twice)
         for j, i in enumerate(indices):
             self.slots.setdefault(i, []).append(j)
-        self.wanted = sorted(self.slots)
-        self.filled = set()
+        self.wanted, self.filled = sorted(self.slots), set()
+
+    def _rgb(self, frame, source):
+        top, bottom, left, right = self.crop_box or (0, frame.height, 0, frame.width)
+        if not (0 <= top < bottom <= frame.height and 0 <= left < right <= frame.width):
+            raise ValueError(f"{source}: crop_box (top, bottom, left, right)={tuple(self.crop_box)} does not fit its "
+                             f"{frame.width}x{frame.height} frames (needs 0 <= top < bottom <= {frame.height}, "
+                             f"0 <= left < right <= {frame.width})")
+        h, w = _scaled_size(bottom - top, right - left, self.size)
+        if self.crop_box is None:  # scaled while converting
+            return _swscale("convert", frame, width=w, height=h, format="rgb24")
+        rgb = np.ascontiguousarray(_swscale("convert", frame, format="rgb24")[top:bottom, left:right])
+        return rgb if (h, w) == rgb.shape[:2] else _swscale("scale", av.VideoFrame.from_ndarray(rgb, "rgb24"), width=w, height=h)
 
     def put(self, position, frame, source=None):
-        rgb = _to_rgb(frame)
+        rgb = self._rgb(frame, source or self.path)
         if self.array is None:
             self.array = np.empty((self.count,) + rgb.shape, dtype=np.uint8)
         elif rgb.shape != self.array.shape[1:]:
@@ -286,205 +171,193 @@ class _Clip:
         return self.array
 
 
-def _scan_frames(path, clip=None, stop_after=None):
-    """Decode from the start, filling clip's frames; the exact FrameIndex (None when stopped at stop_after)."""
-    pts, key_pts = [], set()
-    with _open_video(path) as (container, stream):
-        for packet in container.demux(stream):
-            if packet.is_keyframe and packet.pts is not None:
-                key_pts.add(packet.pts)
-            for frame in packet.decode():
-                position = len(pts)
-                pts.append(frame.pts)
-                if clip is not None and position in clip.slots:
-                    clip.put(position, frame)
-                if stop_after is not None and position >= stop_after:
-                    return None
-    n = len(pts)
-    if n and all(p is not None for p in pts) and all(b > a for a, b in zip(pts, pts[1:])):
-        pts = np.asarray(pts, dtype=np.int64)
-        key_positions = np.asarray([i for i, p in enumerate(pts.tolist()) if p in key_pts], dtype=np.int64)
-        seekable = bool(len(key_positions) > 0 and key_positions[0] == 0)
-        return FrameIndex(n, pts, key_positions, exact=True, seekable=seekable)
-    return FrameIndex(n, None, None, exact=True, seekable=False)
+def _quick_index(packets):
+    """(pts of frames 0..n-1, keyframe positions) from packet headers, or None when they cannot be trusted."""
+    if any(p.pts is None or p.is_corrupt or p.is_discard for p in packets):
+        return None
+    pts = np.sort(np.array([p.pts for p in packets], dtype=np.int64))
+    if len(pts) == 0 or np.any(np.diff(pts) <= 0):  # no frames, or two packets share a pts
+        return None
+    keys = np.searchsorted(pts, np.sort(np.array([p.pts for p in packets if p.is_keyframe], dtype=np.int64)))
+    return (pts, keys) if len(keys) and keys[0] == 0 else None  # else the first frame shown is not a keyframe
 
 
-def _frame_index(path, key, exact=False):
-    """The cached FrameIndex of a video file, built on first use (exact=True: the decoded truth)."""
-    index = _cache_get(key)
-    if index is None:
-        index = _scan_packets(path)
-    if index is None or (exact and not index.exact) or index.num_frames == 0:
-        index = _scan_frames(path)
-    _cache_put(key, index)
-    if index.num_frames == 0:
-        raise VideoReadError(f"{path}: the video stream decodes to no frames")
-    return index
+class _Video:
+    """An open video file: its stream's packets in memory (decode order) and the index of its frames."""
 
+    def __init__(self, path, container):
+        streams = [s for s in container.streams.video if not getattr(s, "disposition", 0) & ATTACHED_PIC]
+        if not streams:
+            kinds = ", ".join(s.type for s in container.streams) or "none"
+            raise VideoReadError(f"{path}: no video stream (streams: {kinds})")
+        self.path, self.context = path, streams[0].codec_context
+        self.context.thread_count = DECODER_THREADS
+        self.packets = [p for p in container.demux(streams[0]) if p.size > 0]  # size 0: the closing flush packet
+        self.exact, self.seekable = False, False
+        quick = _quick_index(self.packets)
+        if quick is not None:
+            self._set_index(*quick)
 
-def _decode(container, stream, index, wanted, skipped):
-    """Frames from the current position. Packets of unwanted frames are decoded with skip_frame="NONREF",
-    so a frame that nothing refers to is skipped (about half of the B-frames of typical H.264); their
-    positions go into `skipped`, the only gaps the caller will accept in the decoded sequence."""
-    context = stream.codec_context
-    may_skip = SKIP_NONREF and context.name in SKIP_NONREF_DECODERS
-    for packet in container.demux(stream):
-        position = index.position(packet.pts)
-        skip = may_skip and position is not None and position not in wanted
-        if skip:
-            skipped.add(position)
-        context.skip_frame = "NONREF" if skip else "DEFAULT"
-        yield from packet.decode()
+    def _set_index(self, pts, keys):
+        self.pts, self.keys, self.count, self.seekable = pts, keys, len(pts), True
+        self.position = {int(p): i for i, p in enumerate(pts)}  # pts -> frame position
+        self.packet_of = {p.pts: j for j, p in enumerate(self.packets)}  # pts -> packet number
 
+    def frame_count(self, exact=True):
+        """Frames of a full sequential decode; exact=False: the quick count from packet headers when trusted."""
+        if not (self.seekable or self.exact) or (exact and not self.exact):
+            self._decode_in_order()
+        return self.count
 
-def _first_keyframe(decoded, index, target):
-    """After a seek: skip leading frames up to the first keyframe. Returns (position, frame); position is
-    past the target (or infinite when the stream ended first) if the seek overshot, None if a frame's pts
-    is unknown to the index."""
-    for frame in decoded:
-        position = index.position(frame.pts)
-        if position is None:
-            return None, None
-        if position > target or index.is_keyframe(position):
-            return position, frame
-    return float("inf"), None
+    def _frames(self, start, wanted=()):
+        """Decoded frames from packet `start` on. Unwanted frames are sent with skip_frame="NONREF" (skipped if
+        nothing refers to them: about half of x264's B-frames); self.skipped holds them, the gaps a read accepts."""
+        context, self.skipped = self.context, set()
+        context.flush_buffers()
+        may_skip = bool(wanted) and context.name in SKIP_NONREF_DECODERS
+        for packet in self.packets[start:]:
+            position = self.position.get(packet.pts) if may_skip else None
+            skip = position is not None and position not in wanted
+            if skip:
+                self.skipped.add(position)
+            context.skip_frame = "NONREF" if skip else "DEFAULT"
+            yield from context.decode(packet)
+        context.skip_frame = "DEFAULT"
+        yield from context.decode(None)
 
+    def _decode_in_order(self, clip=None):
+        """Decode every packet from the first, filling clip; the result becomes the (exact) index."""
+        pts = []
+        for frame in self._frames(0):
+            if clip is not None and len(pts) in clip.slots:
+                clip.put(len(pts), frame)
+            pts.append(frame.pts)
+        if not pts:
+            raise VideoReadError(f"{self.path}: the video stream decodes to no frames")
+        key_pts = {p.pts for p in self.packets if p.is_keyframe}
+        keys = np.array([i for i, p in enumerate(pts) if p in key_pts], dtype=np.int64)
+        if None not in pts and all(b > a for a, b in zip(pts, pts[1:])) and len(keys) and keys[0] == 0:
+            self._set_index(np.array(pts, dtype=np.int64), keys)
+        else:  # no usable timestamps: every read decodes in order
+            self.count, self.seekable = len(pts), False
+        self.exact = True
 
-def _read_seeking(path, index, clip):
-    """Fill clip by seeking; False when the decoder contradicts the index.
-
-    After the keyframe, each decoded frame must be the next position of the index, except that unwanted
-    frames this reader asked the decoder to skip (non-reference, unwanted) may be missing. A frame that the
-    index lists but no packet delivered, or a packet that decoded to nothing, is a gap that makes it fail.
-    """
-    wanted, i, skipped = clip.wanted, 0, set()
-    with contextlib.ExitStack() as stack:
-        container, stream = stack.enter_context(_open_video(path))
-        at_start = True  # nothing demuxed yet: decoding from here is decoding from the start
+    def _read_seeking(self, clip):
+        """Fill clip decoding from keyframes; False when the decoder contradicts the index."""
+        wanted, i = clip.wanted, 0
         while i < len(wanted):
-            target = wanted[i]
-            k = int(np.searchsorted(index.key_positions, target, "right")) - 1
-            for back in range(MAX_SEEK_BACKOFF + 1):
-                keyframe = int(index.key_positions[max(k - back, 0)])
-                if keyframe == 0:  # the start is reached by (re)opening: some demuxers (MPEG-TS) cannot seek there
-                    if not at_start:
-                        container, stream = stack.enter_context(_open_video(path))
-                else:
-                    container.seek(int(index.pts[keyframe]), stream=stream, backward=True, any_frame=False)
-                at_start = False
-                decoded = _decode(container, stream, index, clip.slots, skipped)
-                position, frame = _first_keyframe(decoded, index, target)
-                if position is None:
+            key = int(self.keys[np.searchsorted(self.keys, wanted[i], "right") - 1])
+            decoded = self._frames(self.packet_of[int(self.pts[key])], clip.slots)
+            for frame in decoded:  # frames before the keyframe (leading frames of an open GOP) are dropped
+                position = self.position.get(frame.pts)
+                if position is None or position > key:
                     return False
-                if position <= target:
+                if position == key:
                     break
             else:
-                return False  # the demuxer never landed at or before the target
+                return False
             while True:  # decode forward, checking that every frame is where the index says
                 if position == wanted[i]:
                     clip.put(position, frame)
                     i += 1
                     if i == len(wanted):
                         return True
-                    if index.keyframe_before(wanted[i]) > position + 1:
-                        break  # a keyframe lies between here and the next wanted frame: seek to it instead
+                    if self.keys[np.searchsorted(self.keys, wanted[i], "right") - 1] > position + 1:
+                        break  # a keyframe lies between here and the next wanted frame: start from it
                 frame = next(decoded, None)
-                nxt = None if frame is None else index.position(frame.pts)
-                if nxt is None or nxt <= position or any(p not in skipped for p in range(position + 1, nxt)):
+                nxt = None if frame is None else self.position.get(frame.pts)
+                if nxt is None or nxt <= position or any(p not in self.skipped for p in range(position + 1, nxt)):
                     return False
                 position = nxt
-    return True
+        return True
 
-
-def _read_video(path, key, clip):
-    """Fill clip from a video file (see the module docstring for the rules)."""
-    index = _frame_index(path, key)
-    if clip.wanted[-1] < index.num_frames:
-        if index.seekable:
-            if _read_seeking(path, index, clip):
-                return clip.array
+    def read(self, indices, crop_box=None, size=None):
+        """uint8 (T, h, w, 3): the frames at indices (any order, repeats ok); see _Clip for crop_box and size."""
+        clip = _Clip(self.path, indices, crop_box, size)
+        if self.seekable and clip.wanted[-1] < self.count and self._read_seeking(clip):
+            return clip.array
+        if not (self.exact and clip.wanted[-1] >= self.count):  # else nothing to decode: out of range
             clip.filled.clear()
-            if index.exact:  # the decoded truth, yet seeking disagrees with it: read this file from the start
-                _cache_put(key, replace(index, seekable=False))
-        if index.exact:
-            _scan_frames(path, clip, stop_after=clip.wanted[-1])
-            return clip.check_complete(index.num_frames)
-    elif index.exact:
-        return clip.check_complete(index.num_frames)
-    # the quick index was wrong (or counts too few frames): decode everything once and keep that as the index
-    index = _scan_frames(path, clip)
-    _cache_put(key, index)
-    return clip.check_complete(index.num_frames)
+            self._decode_in_order(clip)  # the quick index was wrong, counts too few frames, or is untrusted
+        return clip.check_complete(self.count)
 
 
-def _natural_key(name):
-    """frame_2.jpg before frame_10.jpg; identical to plain sorting for zero-padded names."""
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+class _Folder:
+    """A folder of frame images in natural name order (frame_2 before frame_10), each decoded with PyAV."""
+
+    def __init__(self, path):
+        natural = lambda name: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+        self.path, self.names = path, sorted((n for n in os.listdir(path) if not n.startswith(".")
+                                              and n.lower().endswith(IMAGE_EXTENSIONS)), key=natural)
+        if not self.names:
+            raise VideoReadError(f"{path}: folder holds no frame images ({', '.join(IMAGE_EXTENSIONS)})")
+
+    def frame_count(self, exact=True):
+        return len(self.names)
+
+    def read(self, indices, crop_box=None, size=None):
+        clip = _Clip(self.path, indices, crop_box, size)
+        for i in (i for i in clip.wanted if i < len(self.names)):
+            image = os.path.join(self.path, self.names[i])
+            try:
+                with av.open(image, metadata_errors="ignore") as container:
+                    frame = next(container.decode(video=0), None)
+                    if frame is None:
+                        raise VideoReadError(f"{image}: the image holds no picture")
+                    clip.put(i, frame, source=image)
+            except av.error.FFmpegError as e:
+                raise VideoReadError(f"{image}: cannot decode the image ({e.strerror or e})") from e
+        return clip.check_complete(len(self.names))
 
 
-def _frame_images(folder, key):
-    names = _cache_get(key)
-    if names is None:
-        names = tuple(sorted((n for n in os.listdir(folder)
-                              if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")), key=_natural_key))
-        _cache_put(key, names)
-    if not names:
-        raise VideoReadError(f"{folder}: folder holds no frame images ({', '.join(IMAGE_EXTENSIONS)})")
-    return names
+@contextlib.contextmanager
+def open_video(path):
+    """A video file or a folder of frame images, opened once: .frame_count(exact) and .read(indices,
+    crop_box, size). Only regular files and folders are opened: a pipe or device could block forever."""
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        reason = "no such file or folder" if isinstance(e, FileNotFoundError) else f"cannot access it ({e.strerror})"
+        raise VideoReadError(f"{path}: {reason}") from None
+    if stat.S_ISDIR(mode):
+        yield _Folder(path)
+        return
+    if not stat.S_ISREG(mode):
+        raise VideoReadError(f"{path}: not a regular file or a folder (a pipe or device could block forever)")
+    try:
+        # skip_frame=all applies to the probing decoders only: without it, opening decodes the first frames
+        # (a keyframe) just to learn the pixel format. Our decoder is a separate context.
+        container = av.open(path, metadata_errors="ignore", options={"skip_frame": "all"})
+    except av.error.FFmpegError as e:
+        raise VideoReadError(f"{path}: not a readable video ({e.strerror or e})") from e
+    try:
+        yield _Video(path, container)
+    except av.error.FFmpegError as e:
+        raise VideoReadError(f"{path}: decoding failed ({type(e).__name__}: {e.strerror or e})") from e
+    finally:
+        container.close()
 
 
-def _read_folder(folder, key, clip):
-    """Fill clip from a folder of frame images, each decoded with PyAV."""
-    names = _frame_images(folder, key)
-    for i in clip.wanted:
-        if i >= len(names):
-            break
-        image = os.path.join(folder, names[i])
-        try:
-            with av.open(image, metadata_errors="ignore") as container:
-                frame = next(container.decode(video=0), None)
-                if frame is None:
-                    raise VideoReadError(f"{image}: the image holds no picture")
-                clip.put(i, frame, source=image)
-        except av.error.FFmpegError as e:
-            raise VideoReadError(f"{image}: cannot decode the image ({e.strerror or e})") from e
-    return clip.check_complete(len(names))
+def _read_chosen(video, choose, crop_box=None, size=None):
+    """video.read(choose(frame count), ...); chosen again with the decoded count if the quick one was too high."""
+    try:
+        return video.read(choose(video.frame_count(exact=False)), crop_box, size)
+    except _FrameOutOfRange:  # the read has replaced the quick count by the decoded one
+        return video.read(choose(video.frame_count()), crop_box, size)
 
 
 def read_video_clip(path, frame_indices):
-    """uint8 (T, H, W, 3) RGB: the frames a full sequential decode gives at frame_indices (any order, repeats ok).
-
-    path is a video file or a folder of frame images (.jpg .jpeg .png .bmp, in natural name order).
-    Raises VideoReadError (a RuntimeError) naming the file and the reason.
-    """
-    path = os.fspath(path)
-    indices = [int(i) for i in frame_indices]
-    if not indices or min(indices) < 0:
-        raise ValueError(f"{path}: frame_indices must be a non-empty list of integers >= 0, got {indices}")
-    key = _stat_key(path)
-    clip = _Clip(path, indices)
-    try:
-        if os.path.isdir(path):
-            return _read_folder(path, key, clip)
-        return _read_video(path, key, clip)
-    except av.error.FFmpegError as e:
-        raise VideoReadError(f"{path}: decoding failed ({type(e).__name__}: {e.strerror or e})") from e
+    """uint8 (T, H, W, 3) RGB: the frames a full sequential decode gives at frame_indices (any order, repeats
+    ok). path is a video file or a folder of frame images (.jpg .jpeg .png .bmp). Raises VideoReadError."""
+    with open_video(path) as video:
+        return video.read(frame_indices)
 
 
 def count_frames(path, exact=True):
-    """Number of usable frames: what a full sequential decode outputs (a folder: its number of images).
-
-    exact=False returns the quick count from packet headers (no decoding; what the dataset samples with);
-    it becomes the decoded count as soon as any read of this file in this process found them to differ.
-    """
-    path = os.fspath(path)
-    key = _stat_key(path)
-    if os.path.isdir(path):
-        return len(_frame_images(path, key))
-    try:
-        return _frame_index(path, key, exact).num_frames
-    except av.error.FFmpegError as e:
-        raise VideoReadError(f"{path}: decoding failed ({type(e).__name__}: {e.strerror or e})") from e
+    """Frames a full sequential decode outputs (a folder: its images); exact=False: the quick count."""
+    with open_video(path) as video:
+        return video.frame_count(exact)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -497,11 +370,8 @@ def window_span(num_frames, sampling_rate):
 
 
 def clip_indices(start, num_frames, sampling_rate, total):
-    """start, start + rate, ...; past the last frame the last frame repeats.
-
-    Rule for a video shorter than the window: keep the stride and repeat the last frame, so motion runs at
-    the speed of every other clip (VideoMAE's loader, which the release builds on, pads with it too).
-    """
+    """start, start + rate, ...; past the last frame the last frame repeats: a short video keeps the stride, so
+    motion runs at the speed of every other clip (VideoMAE's loader, which the release builds on, pads so too)."""
     return [min(start + i * sampling_rate, total - 1) for i in range(num_frames)]
 
 
@@ -513,56 +383,15 @@ def random_clip_start(total, span, generator=None):
 def uniform_clip_starts(total, span, num_clips):
     """Evaluation: num_clips windows spread evenly from the first to the last possible start."""
     last = max(total - span, 0)
-    if num_clips == 1:
-        return [last // 2]
-    return [round(j * last / (num_clips - 1)) for j in range(num_clips)]
+    return [last // 2] if num_clips == 1 else [round(j * last / (num_clips - 1)) for j in range(num_clips)]
 
 
 # -----------------------------------------------------------------------------------------------------
-# 4. Spatial transforms. Clips travel as (T, 3, H, W): frames are the batch of F.interpolate.
+# 4. Transforms: the worker cuts the crop box and scales while converting to RGB (_Clip) and draws the
+# multi-scale crop and flip; the device applies them and normalises (device_transform).
 
 MULTISCALE_SCALES = (1.0, 0.875, 0.75, 0.66)
 VOXCELEB2_CROP_BOX = (0, 160, 32, 192)  # rows 0-160, columns 32-192 of a 224x224 frame: the face
-
-
-def frames_to_tensor(frames):
-    """uint8 numpy (T, H, W, 3) -> uint8 tensor (T, 3, H, W)."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
-
-
-def apply_crop_box(clip, crop_box, path="clip"):
-    """clip[..., top:bottom, left:right]; crop_box = (top, bottom, left, right) in pixels."""
-    if crop_box is None:
-        return clip
-    top, bottom, left, right = crop_box
-    height, width = clip.shape[-2:]
-    if not (0 <= top < bottom <= height and 0 <= left < right <= width):
-        raise ValueError(f"{path}: crop_box (top, bottom, left, right)={tuple(crop_box)} does not fit its "
-                         f"{width}x{height} frames (needs 0 <= top < bottom <= {height}, 0 <= left < right <= {width})")
-    return clip[..., top:bottom, left:right]
-
-
-def resize(clip, size):
-    """(T, 3, H, W) uint8 or float -> float (T, 3, h, w) in [0, 1]; bilinear, antialiased when shrinking.
-
-    uint8 clips are resized as uint8 in channels-last layout, torch's fast path (about 6x faster than
-    float32 on the CPU); the rounding to 8 bits that this adds is below the precision of the source.
-    """
-    if tuple(clip.shape[-2:]) != tuple(size):
-        shrinking = size[0] < clip.shape[-2] or size[1] < clip.shape[-1]
-        if clip.dtype == torch.uint8:
-            clip = clip.contiguous(memory_format=torch.channels_last)
-        clip = F.interpolate(clip, size=tuple(size), mode="bilinear", align_corners=False, antialias=shrinking)
-    return clip.float() / 255.0 if clip.dtype == torch.uint8 else clip.clamp(0.0, 1.0)
-
-
-def normalize(clip):
-    """float (T, 3, H, W) in [0, 1] -> (3, T, H, W) normalised with the ImageNet mean and std."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return ((clip - mean) / std).permute(1, 0, 2, 3).contiguous()
-
-
 # VideoMAE's GroupMultiScaleCrop (more_fix_crop): 13 fixed places, in quarters of the free space (x, y)
 _CROP_PLACES = ((0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0), (1, 1), (3, 1), (1, 3), (3, 3))
 
@@ -577,30 +406,49 @@ def multiscale_crop_box(height, width, scales=MULTISCALE_SCALES, generator=None)
     return qy * ((height - crop_h) // 4), qx * ((width - crop_w) // 4), crop_h, crop_w
 
 
-def train_transform(clip, img_size, generator=None, scales=MULTISCALE_SCALES):
-    """Training augmentation: multi-scale crop, resize to img_size x img_size, random horizontal flip,
-    normalise. uint8 (T, 3, H, W) -> float (3, T, img_size, img_size). scales=(1.0,): flip only."""
-    top, left, crop_h, crop_w = multiscale_crop_box(clip.shape[-2], clip.shape[-1], scales, generator=generator)
-    out = resize(clip[..., top:top + crop_h, left:left + crop_w], (img_size, img_size))
-    if bool(torch.rand((), generator=generator) < 0.5):
-        out = out.flip(-1)
-    return normalize(out)
-
-
-def eval_views(clip, img_size, num_crops):
-    """Evaluation: resize the short side to img_size, then num_crops square crops spread evenly along the
-    long side (one crop: the centre). uint8 (T, 3, H, W) -> [float (3, T, img_size, img_size)] * num_crops.
-    Face clips are square, so their crops coincide, as they do in the release."""
-    height, width = clip.shape[-2:]
-    scale = img_size / min(height, width)
-    long_side = max(img_size, round(max(height, width) * scale))
-    size = (img_size, long_side) if height <= width else (long_side, img_size)
-    out = resize(clip, size)
-    free = max(size) - img_size
+def eval_crops(clip, img_size, num_crops):
+    """uint8 (T, 3, h, w) whose short side is img_size -> [(T, 3, img_size, img_size)] * num_crops, spread
+    evenly along the long side (one: the centre). Face clips are square: crops coincide, as in the release."""
+    free = max(clip.shape[-2:]) - img_size
     offsets = [free // 2] if num_crops == 1 else [round(j * free / (num_crops - 1)) for j in range(num_crops)]
-    if height <= width:
-        return [normalize(out[..., :, o:o + img_size]) for o in offsets]
-    return [normalize(out[..., o:o + img_size, :]) for o in offsets]
+    if clip.shape[-2] <= clip.shape[-1]:
+        return [clip[..., :, o:o + img_size] for o in offsets]
+    return [clip[..., o:o + img_size, :] for o in offsets]
+
+
+def _bilinear_taps(start, length, size):
+    """F.interpolate's bilinear sampling (align_corners=False) of `size` outputs from [start, start + length)
+    of each clip: the two source rows (or columns) of every output, (B, size) each, and the second's weight."""
+    src = ((torch.arange(size, device=start.device) + 0.5) * (length.float() / size).unsqueeze(1) - 0.5).clamp(min=0)
+    lo = src.long()  # floor: src >= 0
+    hi = torch.minimum(lo + 1, length.unsqueeze(1) - 1)
+    return start.unsqueeze(1) + lo, start.unsqueeze(1) + hi, src - lo
+
+
+def device_transform(frames, boxes, img_size):
+    """uint8 frames (..., T, 3, H, W) on the device -> float32 (..., 3, T, img_size, img_size) for the model:
+    each clip's box (..., 5) = (top, left, height, width, flip) cut out and resized to img_size (bilinear,
+    align_corners=False: F.interpolate's values), mirrored where flip is 1, scaled to [0, 1], normalised
+    (ImageNet mean, std); boxes=None (evaluation views): only the last two. Batched gathers: no loop over clips,
+    no device-to-host sync. Where the order differs from the release: it crops, resizes (PIL, uint8), flips
+    and normalises in the workers and sends float32; here the workers send uint8 (a quarter of the bytes) and
+    the same crop, resize and flip of the same frames run here, so the model sees the release's values up to
+    its 8-bit rounding. One difference: a source larger than img_size (DFEW's 256 px) is scaled to img_size
+    in the worker first, so a 0.66 crop is upsampled from 105 px instead of taken from 168: a little softer."""
+    lead, (T, C, H, W), S = frames.shape[:-4], frames.shape[-4:], img_size
+    x = frames.reshape(-1, T, C, H, W).transpose(1, 2)  # (B, 3, T, H, W), a view
+    if boxes is not None:
+        B = x.shape[0]
+        top, left, height, width, flip = boxes.reshape(B, 5).unbind(1)
+        y0, y1, wy = _bilinear_taps(top, height, S)
+        x0, x1, wx = (torch.where(flip.bool().unsqueeze(1), t.flip(1), t) for t in _bilinear_taps(left, width, S))
+        rows = lambda i: x.gather(3, i.view(B, 1, 1, S, 1).expand(B, C, T, S, W)).float()  # (B, 3, T, S, W)
+        x = rows(y0) * (1 - wy).view(B, 1, 1, S, 1) + rows(y1) * wy.view(B, 1, 1, S, 1)
+        cols = lambda i: x.gather(4, i.view(B, 1, 1, 1, S).expand(B, C, T, S, S))  # (B, 3, T, S, S)
+        x = cols(x0) * (1 - wx).view(B, 1, 1, 1, S) + cols(x1) * wx.view(B, 1, 1, 1, S)
+    # per channel with Python numbers: a mean tensor would be a host-to-device copy, which waits for the device
+    x = torch.cat([(x[:, c:c + 1].float() - 255 * m) / (255 * s) for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))], 1)
+    return x.reshape(*lead, C, T, x.shape[-2], x.shape[-1])
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -608,136 +456,147 @@ def eval_views(clip, img_size, num_crops):
 
 MODES = ("pretrain", "train", "eval")
 TASKS = ("classification", "regression")
-MIN_TRIED_FOR_FAIL = 100  # below this many tried items, max_fail_fraction is measured against 100
+
+
+def item_seed(seed, epoch, index):
+    """A 63-bit seed that depends only on (seed, epoch, index): the random stream of one item."""
+    digest = hashlib.blake2b(f"{seed},{epoch},{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class VideoDataset(torch.utils.data.Dataset):
-    """Clips of the videos listed in an annotation file.
+    """Clips of the videos listed in an annotation file, as uint8 frames plus what device_transform needs.
 
-    mode "pretrain": (video float (k, 3, T, H, W), mask bool (k, N)), k = repeated_sampling clips taken
-        from one decoded range of at most two windows, each with its own window, crop and flip; the mask
-        is model.tube_mask for mask_cfg (default: SVFAPConfig(img_size, num_frames)). Labels are ignored.
-    mode "train": (video (3, T, H, W), target); target is a 0-d int64 tensor (classification) or
-        float32 (D,) (regression).
-    mode "eval": (views (V, 3, T, H, W), target, index) with V = num_clips * num_crops (clip-major);
-        index is the sample's position in the annotation file (its line index when there are no blank lines).
-    crop_box = (top, bottom, left, right) is cut from every frame first (VoxCeleb2: VOXCELEB2_CROP_BOX).
-
-    Broken files: in pretrain and train mode an unreadable sample is skipped with a warning and another
-    random sample is taken; `skipped` and `tried` count them. When more than max_fail_fraction of the items
-    tried fail (measured over at least 100 tries), it raises. The counts live in each DataLoader worker's
-    copy of the dataset, so the fraction is per worker. Eval never skips: it raises naming the file.
+    mode "pretrain": (frames uint8 (k, T, 3, S, S), boxes int64 (k, 5), mask bool (k, N)), S = img_size;
+        k = repeated_sampling clips from one decoded range of at most two windows, each with its own window,
+        crop and flip; mask = model.tube_mask for mask_cfg (default SVFAPConfig(img_size, num_frames)).
+    mode "train": (frames uint8 (T, 3, S, S), boxes int64 (5,), target int64 () or float32 (D,)).
+    mode "eval": (views uint8 (V, T, 3, S, S), target, index), V = num_clips * num_crops (clip-major): the
+        short side scaled to S, num_crops crops along the long side; index = the sample's place in the list.
+    Frames: crop_box = (top, bottom, left, right) is cut out first (VoxCeleb2: VOXCELEB2_CROP_BOX), then
+    scaled to S x S by swscale while converting to RGB (non-square frames are squashed: give a crop_box).
+    boxes = (top, left, height, width, flip): the paper's multi-scale crop (crop_scales, 13 places,
+    max_distort 1) of the S x S frames and a horizontal flip.
+    Item `index` of epoch `epoch` (set_epoch) draws everything random (windows, crops, flips, tube mask, the
+    stand-in for a broken file) from a torch.Generator seeded with item_seed(seed, epoch, index): items do
+    not depend on the number of workers or the order of fetching, so a resumed run sees the same clips.
+    Labels (train, eval) are checked against num_outputs (num_classes, or the number D of regression values);
+    num_outputs=None (pretraining's reconstruction clips): unchecked, the target is the float32 values.
+    Broken files: pretrain and train skip an unreadable sample with a warning and take another; `skipped`
+    and `tried` count them (per worker) and more than max_fail_fraction failed (of at least 100) raises.
+    Eval never skips: it raises naming the file; check eval lists at start-up with unreadable().
     """
 
     def __init__(self, annotation_file, mode, img_size=160, num_frames=16, sampling_rate=4, crop_box=None,
                  root=None, replace_prefix=None, num_clips=2, num_crops=2, repeated_sampling=1, mask_cfg=None,
-                 max_fail_fraction=0.05, task="classification", crop_scales=MULTISCALE_SCALES):
-        if mode not in MODES:
-            raise ValueError(f"VideoDataset: mode={mode!r}; valid modes: {MODES}")
-        if task not in TASKS:
-            raise ValueError(f"VideoDataset: task={task!r}; valid tasks: {TASKS}")
-        for name, value in (("img_size", img_size), ("num_frames", num_frames), ("sampling_rate", sampling_rate),
-                            ("num_clips", num_clips), ("num_crops", num_crops),
-                            ("repeated_sampling", repeated_sampling)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"VideoDataset: {name}={value!r} must be a positive integer")
-        if repeated_sampling > 1 and mode != "pretrain":
+                 max_fail_fraction=0.05, task="classification", crop_scales=MULTISCALE_SCALES, num_outputs=None,
+                 seed=0):
+        if mode not in MODES or task not in TASKS:
+            raise ValueError(f"VideoDataset: mode={mode!r}, task={task!r}; valid modes: {MODES}, tasks: {TASKS}")
+        if mode != "pretrain" and repeated_sampling > 1:
             raise ValueError(f"VideoDataset: repeated_sampling={repeated_sampling} is for mode='pretrain' only")
-        if not 0.0 <= max_fail_fraction < 1.0:
-            raise ValueError(f"VideoDataset: max_fail_fraction={max_fail_fraction} must be in [0, 1)")
-        if crop_box is not None and len(crop_box) != 4:
-            raise ValueError(f"VideoDataset: crop_box={crop_box!r} must be (top, bottom, left, right)")
         if mode == "pretrain":
             mask_cfg = mask_cfg or SVFAPConfig(img_size=img_size, num_frames=num_frames)
             if (mask_cfg.img_size, mask_cfg.num_frames) != (img_size, num_frames):
                 raise ValueError(f"VideoDataset: mask_cfg is for {mask_cfg.num_frames} frames of "
                                  f"{mask_cfg.img_size} px but the clips have {num_frames} frames of {img_size} px")
         self.annotation_file = os.fspath(annotation_file)
-        self.mode, self.task = mode, task
+        self.mode, self.task, self.seed, self.epoch = mode, task, seed, 0
         self.img_size, self.num_frames, self.sampling_rate = img_size, num_frames, sampling_rate
-        self.crop_box = tuple(crop_box) if crop_box is not None else None
+        self.crop_box = tuple(crop_box) if crop_box is not None else None  # (top, bottom, left, right)
         self.num_clips, self.num_crops, self.repeated_sampling = num_clips, num_crops, repeated_sampling
-        self.mask_cfg, self.max_fail_fraction = mask_cfg, max_fail_fraction
-        self.crop_scales = tuple(crop_scales)
+        self.mask_cfg, self.max_fail_fraction, self.crop_scales = mask_cfg, max_fail_fraction, tuple(crop_scales)
         rows = _parse_annotation_lines(annotation_file, root, replace_prefix)
         self.samples = [(p, v) for _, p, v in rows]
         self.line_numbers = [n for n, _, _ in rows]
-        self.targets = None if mode == "pretrain" else self._targets(rows)
-        self.skipped = 0  # broken files skipped so far (in this process)
-        self.tried = 0  # items attempted in pretrain / train mode (in this process)
+        self.targets = None if mode == "pretrain" or num_outputs is None else self._targets(rows, num_outputs)
+        self.skipped = self.tried = 0  # broken files skipped and items attempted so far (in this process)
 
-    def _targets(self, rows):
+    def _targets(self, rows, n):
         """Checked once at start-up, so a bad label fails before training instead of in a worker."""
-        targets = []
-        for number, _, values in rows:
-            where = f"{self.annotation_file}, line {number}"
-            if self.task == "classification":
-                if len(values) != 1 or not values[0].is_integer() or values[0] < 0:
-                    raise ValueError(f"{where}: classification needs one integer class index >= 0 after the path, "
-                                     f"got {values}")
-                targets.append(torch.tensor(int(values[0]), dtype=torch.int64))
-            else:
-                if len(values) != len(rows[0][2]):
-                    raise ValueError(f"{where}: {len(values)} regression values, but line {rows[0][0]} has "
-                                     f"{len(rows[0][2])}; every line needs the same number")
-                targets.append(torch.tensor(values, dtype=torch.float32))
-        return targets
+        where = lambda number, values: f"{self.annotation_file}, line {number}: label {' '.join(f'{v:g}' for v in values)}"
+        if self.task == "regression":
+            for number, _, values in rows:
+                if len(values) != n:
+                    raise ValueError(f"{where(number, values)} has {len(values)} values; regression needs {n} "
+                                     f"numbers after the path (num_outputs={n})")
+            return [torch.tensor(v, dtype=torch.float32) for _, _, v in rows]
+        labels = [v[0] if len(v) == 1 else math.nan for _, _, v in rows]
+        one_based = all(x.is_integer() and 1 <= x <= n for x in labels) and max(labels) == n
+        for (number, _, values), x in zip(rows, labels):
+            if not (x.is_integer() and 0 <= x < n):
+                raise ValueError(f"{where(number, values)} is not a class index in 0..{n - 1} (num_classes={n})"
+                                 + (f"; every label of the list lies in 1..{n}: they look 1-based, and this code "
+                                    f"counts classes from 0 (subtract 1 from each)" if one_based else ""))
+        return [torch.tensor(int(x)) for x in labels]
 
     def __len__(self):
         return len(self.samples)
 
-    def _read_clips(self, path, choose):
-        """[uint8 (T, 3, H, W)] for the clips that choose(total_frames) lists, read in one pass."""
-        for attempt in range(2):
-            total = count_frames(path, exact=False)
-            clips = choose(total)
-            try:
-                frames = read_video_clip(path, [i for clip in clips for i in clip])
-            except _FrameOutOfRange:
-                if attempt:
-                    raise
-                continue  # the quick count was too high; the reader has replaced it with the decoded count
-            frames = apply_crop_box(frames_to_tensor(frames), self.crop_box, path)
-            return list(frames.split(self.num_frames))
+    def _target(self, index):
+        return torch.tensor(self.samples[index][1]) if self.targets is None else self.targets[index]
 
-    def _choose_training(self, total):
+    def set_epoch(self, epoch):
+        """Items draw from streams seeded with (seed, epoch, index): call before each epoch's loader starts."""
+        self.epoch = epoch
+
+    def unreadable(self):
+        """[(line_number, path, reason)] of the entries whose quick frame count fails. Evaluation never skips
+        a file, so the scripts check their val and test lists with this at start-up."""
+        bad = []
+        listed = tqdm(self.samples, desc=f"checking {os.path.basename(self.annotation_file)}", unit="file", leave=False)
+        for number, (path, _) in zip(self.line_numbers, listed):
+            try:
+                count_frames(path, exact=False)
+            except VideoReadError as e:
+                bad.append((number, path, str(e)))
+        return bad
+
+    def _read_clips(self, path, choose, size):
+        """uint8 (k, T, 3, h, w): the k clips of the indices choose(total_frames) gives, from one opening."""
+        with open_video(path) as video:
+            frames = torch.from_numpy(_read_chosen(video, choose, self.crop_box, size))
+        return frames.permute(0, 3, 1, 2).unflatten(0, (-1, self.num_frames))  # (k*T, h, w, 3) -> (k, T, 3, h, w)
+
+    def _choose_training(self, total, g):
         span = window_span(self.num_frames, self.sampling_rate)
         length = min(total, span if self.repeated_sampling == 1 else 2 * span)  # one decoded range for all k
-        first = random_clip_start(total, length)
-        return [clip_indices(first + random_clip_start(length, span), self.num_frames, self.sampling_rate, total)
-                for _ in range(self.repeated_sampling)]
+        first = random_clip_start(total, length, g)
+        return [i for _ in range(self.repeated_sampling)
+                for i in clip_indices(first + random_clip_start(length, span, g), self.num_frames, self.sampling_rate, total)]
 
     def _choose_eval(self, total):
         span = window_span(self.num_frames, self.sampling_rate)
-        return [clip_indices(s, self.num_frames, self.sampling_rate, total)
-                for s in uniform_clip_starts(total, span, self.num_clips)]
+        return [i for s in uniform_clip_starts(total, span, self.num_clips)
+                for i in clip_indices(s, self.num_frames, self.sampling_rate, total)]
 
-    def _training_item(self, index):
-        path = self.samples[index][0]
+    def _training_item(self, index, g):
+        S = self.img_size
+        frames = self._read_clips(self.samples[index][0], lambda total: self._choose_training(total, g), (S, S))
+        boxes = torch.tensor([multiscale_crop_box(S, S, self.crop_scales, g) + (int(torch.rand((), generator=g) < 0.5),)
+                              for _ in range(self.repeated_sampling)])  # (k, 5): top, left, height, width, flip
         if self.mode == "pretrain":
-            clips = self._read_clips(path, self._choose_training)
-            video = torch.stack([train_transform(c, self.img_size, scales=self.crop_scales) for c in clips])  # (k, 3, T, H, W)
-            return video, tube_mask(self.repeated_sampling, self.mask_cfg)
-        clips = self._read_clips(path, self._choose_training)  # one random window: repeated_sampling is 1 here
-        return train_transform(clips[0], self.img_size, scales=self.crop_scales), self.targets[index]
+            return frames, boxes, tube_mask(self.repeated_sampling, self.mask_cfg, generator=g)
+        return frames[0], boxes[0], self._target(index)
 
     def __getitem__(self, index):
         if self.mode == "eval":
             path = self.samples[index][0]
             try:
-                clips = self._read_clips(path, self._choose_eval)
+                clips = self._read_clips(path, self._choose_eval, self.img_size)
             except VideoReadError as e:
                 raise VideoReadError(f"{e} [line {self.line_numbers[index]} of {self.annotation_file}; evaluation "
                                      f"never skips a sample: fix the file or remove the line]") from e
-            views = [v for clip in clips for v in eval_views(clip, self.img_size, self.num_crops)]
-            return torch.stack(views), self.targets[index], index  # (V, 3, T, H, W)
+            views = [v for clip in clips for v in eval_crops(clip, self.img_size, self.num_crops)]
+            return torch.stack(views), self._target(index), index  # (V, T, 3, S, S)
+        g = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
         while True:
             self.tried += 1
             try:
-                return self._training_item(index)
+                return self._training_item(index, g)
             except VideoReadError as e:
                 self.skipped += 1
-                if self.skipped > self.max_fail_fraction * max(self.tried, MIN_TRIED_FOR_FAIL):
+                if self.skipped > self.max_fail_fraction * max(self.tried, 100):
                     raise RuntimeError(
                         f"{self.skipped} of {self.tried} samples tried from {self.annotation_file} were unreadable, "
                         f"more than max_fail_fraction={self.max_fail_fraction}; last: {e}. Check the paths (root, "
@@ -745,133 +604,177 @@ class VideoDataset(torch.utils.data.Dataset):
                 warnings.warn(f"skipping unreadable sample: {e} [{self.skipped} of {self.tried} tried so far "
                               f"in this process]", RuntimeWarning, stacklevel=2)
                 if len(self.samples) > 1:  # another sample, never the one that just failed
-                    index = (index + 1 + int(torch.randint(len(self.samples) - 1, ()))) % len(self.samples)
+                    index = (index + 1 + int(torch.randint(len(self.samples) - 1, (), generator=g))) % len(self.samples)
 
 
 # -----------------------------------------------------------------------------------------------------
-def write_mp4(path, frames, fps=25, codec="libx264", gop=None, options=None):
-    """Write uint8 frames (H, W, 3), an array (T, H, W, 3) or any iterable, to an mp4 through PyAV: H.264 by
-    default ("mpeg4" also works), one encoder thread so the same frames always give the same bytes.
-    Written to a temporary file and renamed, so a crash never leaves a half-written video."""
-    tmp = f"{path}.{os.getpid()}.part"
-    with av.open(tmp, "w", format="mp4") as container:
+# 6. Tools: atomic writes, mp4 files, `python data.py prepare`, `python data.py --bench`
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary path in path's folder to write to: on success it is fsynced and renamed to path, on an
+    exception removed. Readers see the old file or the new one, never a half-written one."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_mp4(path, frames, fps=25, gop=None, options=None):
+    """Write uint8 frames (H, W, 3), an array (T, H, W, 3) or any iterable, to an H.264 mp4 through PyAV,
+    atomically; one encoder thread, so the same frames always give the same bytes."""
+    with atomic_path(path) as tmp, av.open(tmp, "w", format="mp4") as container:
         stream = None
         for frame in frames:
             if stream is None:  # the first frame gives the size
-                stream = container.add_stream(codec, rate=fps)
-                stream.height, stream.width = frame.shape[:2]
-                stream.pix_fmt = "yuv420p"
+                stream = container.add_stream("libx264", rate=fps)
+                stream.height, stream.width, stream.pix_fmt = *frame.shape[:2], "yuv420p"
                 if gop:
                     stream.codec_context.gop_size = gop
-                if codec == "libx264":
-                    stream.options = {"crf": "18", "preset": "veryfast", "threads": "1", **(options or {})}
+                stream.options = {"crf": "18", "preset": "veryfast", "threads": "1", **(options or {})}
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                 container.mux(packet)
         if stream is None:
             raise ValueError(f"write_mp4: no frames to write to {path}")
         for packet in stream.encode(None):
             container.mux(packet)
-    os.replace(tmp, path)
 
 
-# 6. Benchmark: `python data.py --bench`
+PREPARE_GOP = 16  # a keyframe at least every 16 kept frames: a clip decodes at most 15 frames it does not use
+PREPARE_CRFS = (16, 12, 8, 4, 0)  # x264 quality, tried in turn until every kept frame is within 40 dB of its source
+# tune=fastdecode: CAVLC instead of CABAC, no deblocking; measured 1.7x faster to decode for 10% more bytes
+PREPARE_X264 = {"preset": "veryfast", "tune": "fastdecode", "threads": "1"}
 
 
-def write_bench_video(path, seconds=20, fps=25, width=640, height=360, gop=50):
-    """H.264 mp4 (x264 defaults: CRF 23, B-frames) with a keyframe every gop frames, drawn like web footage:
-    a smooth background under a slow camera pan, a moving head-sized ellipse with detail, sensor noise."""
-    rng = np.random.default_rng(0)
-    coarse = torch.from_numpy(rng.uniform(30, 220, (1, 3, 10, 24)).astype(np.float32))
-    background = F.interpolate(coarse, size=(height + 40, 2 * width), mode="bicubic", align_corners=False)
-    background = background[0].permute(1, 2, 0).numpy()  # (H + 40, 2W, 3), low-frequency "scene"
-    detail = rng.normal(0, 12, (height, width, 3)).astype(np.float32)
-    noise = rng.normal(0, 2, (8, height, width, 3)).astype(np.float32)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-
-    def frames():
-        for t in range(seconds * fps):
-            pan = int(t * width / (seconds * fps))
-            img = background[20 + int(10 * np.sin(t / 30)):][:height, pan:pan + width].copy()
-            cx, cy = width * (0.5 + 0.2 * np.sin(t / 23)), height * (0.5 + 0.1 * np.cos(t / 17))
-            head = ((xx - cx) / (height / 5)) ** 2 + ((yy - cy) / (height / 3.5)) ** 2 < 1
-            img[head] = np.array([190, 140, 120], np.float32) + detail[head]
-            yield np.clip(img + noise[t % 8], 0, 255).astype(np.uint8)
-
-    # x264 defaults (CRF 23, B-frames, 2 threads as a web encoder), keyframes on the gop only
-    write_mp4(path, frames(), fps, gop=gop, options={"crf": "23", "threads": "2", "sc_threshold": "0"})
+def psnr(a, b):
+    """PSNR in dB of each frame of uint8 (T, H, W, 3) a against b."""
+    mse = ((a.astype(np.float32) - b.astype(np.float32)) ** 2).reshape(len(a), -1).mean(1)
+    return 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))
 
 
-def bench(num_windows=64, train_items=20):
-    """Print clips/s of the seeking reader vs decoding from the start, and of full training items."""
+def _prepare_one(job):
+    """One entry of prepare: (line number, source, target, crop_box, keep_every, size) -> (line number, error)."""
+    number, source, target, crop_box, keep_every, size = job
+    try:
+        with open_video(source) as video:
+            frames = _read_chosen(video, lambda total: range(0, total, keep_every), crop_box, size)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with atomic_path(target) as tmp:  # the target appears only once its quality is checked
+            for crf in PREPARE_CRFS:  # (sources with full-resolution colour noise cannot reach 40 dB in yuv420p)
+                write_mp4(tmp, frames, gop=PREPARE_GOP, options={**PREPARE_X264, "crf": str(crf)})
+                if psnr(read_video_clip(tmp, range(len(frames))), frames).min() >= 40:
+                    break
+        return number, None
+    except (VideoReadError, ValueError) as e:
+        return number, str(e)
+
+
+def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1):
+    """Training-ready copies of list_file's videos or frame folders: an H.264 mp4 per entry under out/clips, crop
+    box applied, every keep_every-th frame kept, scaled to size x size if given; out/<name of list_file> with
+    the new paths and the labels; out/prepare_failed.txt with every unreadable input and why. A rerun skips
+    finished files. Returns the new list's path."""
+    if 4 % keep_every or os.path.abspath(out) == os.path.dirname(os.path.abspath(list_file)):
+        raise ValueError(f"prepare: keep_every={keep_every} must be 1, 2 or 4 (it divides the sampling rate 4), "
+                         f"and out={out} must not be the folder of {list_file} (its list would be overwritten)")
+    lines = open(list_file, encoding="utf-8").read().splitlines()
+    entries, jobs = {}, []
+    for number, source, _ in _parse_annotation_lines(list_file):
+        name, labels = lines[number - 1].split(maxsplit=1)
+        parts = [p for p in os.path.normpath(name).split(os.sep) if p not in ("", ".", "..")]  # stays under out
+        target = os.path.join(out, "clips", *parts[:-1], os.path.splitext(parts[-1])[0] + ".mp4")
+        entries[number] = (source, target, labels)
+        if not os.path.exists(target):
+            jobs.append((number, source, target, crop_box, keep_every, (size, size) if size else None))
+    with contextlib.ExitStack() as stack:
+        results = map(_prepare_one, jobs)
+        if workers > 1:
+            context = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
+            results = stack.enter_context(context.Pool(workers)).imap_unordered(_prepare_one, jobs)
+        results = tqdm(results, total=len(jobs), desc=f"prepare {os.path.basename(list_file)}", unit="file")
+        failed = {number: error for number, error in results if error is not None}
+    new_list, failed_list = os.path.join(out, os.path.basename(list_file)), os.path.join(out, "prepare_failed.txt")
+    with atomic_path(new_list) as tmp, open(tmp, "w") as f:
+        f.writelines(f"{os.path.relpath(t, out)} {labels}\n" for n, (_, t, labels) in entries.items() if n not in failed)
+    with atomic_path(failed_list) as tmp, open(tmp, "w") as f:
+        f.writelines(f"line {n}: {entries[n][0]}: {error}\n" for n, error in sorted(failed.items()))
+    print(f"prepare: {len(entries) - len(failed)} of {len(entries)} entries ready in {out} ({len(jobs)} written now); "
+          f"{len(failed)} unreadable, listed in {failed_list}\nread them with these config lines (train_list, or "
+          f"the key {os.path.basename(list_file)} was for):\ntrain_list = {os.path.abspath(new_list)!r}\n"
+          f"data_root = ''\nreplace_prefix = ()\ncrop_box = ()\nsampling_rate = {4 // keep_every}")
+    return new_list
+
+
+def prepare_main(argv):
+    """python data.py prepare --list=IN.txt --out=DIR [--crop_box="(0, 160, 32, 192)"] [--keep_every=4] [--size=S] [--workers=N]"""
+    args = dict(list=None, out=None, crop_box="None", keep_every="4", size="None", workers=str(os.cpu_count() or 1))
+    for arg in argv:
+        key, sep, value = arg[2:].partition("=")
+        if not arg.startswith("--") or not sep or key not in args:
+            raise SystemExit(f"prepare: unknown argument {arg!r}; usage: {prepare_main.__doc__}")
+        args[key] = value
+    if args["list"] is None or args["out"] is None:
+        raise SystemExit(f"prepare: --list and --out are needed; usage: {prepare_main.__doc__}")
+    try:
+        prepare(args["list"], args["out"], ast.literal_eval(args["crop_box"]), int(args["keep_every"]),
+                ast.literal_eval(args["size"]), int(args["workers"]))
+    except (OSError, ValueError, TypeError) as e:
+        raise SystemExit(f"prepare: {e}; usage: {prepare_main.__doc__}") from None
+
+
+BENCH_DIR = os.path.join(tempfile.gettempdir(), "svfap_bench")
+BASELINE_MS = {1: 32.0, 2: 20.7}  # ms per clip of commit d84c921's loader on these clips, by repeated_sampling
+
+
+def write_voxceleb2_like(path, seed, seconds=8, fps=25, size=224, noise=7.0):
+    """A clip like VoxCeleb2's: a demo face (section 7) at 224 px with camera noise, 8 s at 25 fps, encoded with
+    x264's defaults (preset medium, CRF 23, B-frames, a keyframe every 250 frames: one per clip): ~290 kbit/s."""
+    n = seconds * fps
+    clip = render_demo_clip(demo_identity(seed, seed), demo_clip_plan(seed, seed, seed, seed % 6, n), size, n)
+    clip = clip + np.random.default_rng(seed).normal(0, noise, clip.shape).astype(np.float32)
+    write_mp4(path, np.clip(clip + 0.5, 0, 255).astype(np.uint8), fps, options={"crf": "23", "preset": "medium"})
+
+
+def bench(num_clips=8, rounds=3):
+    """CPU time a DataLoader worker spends per pre-training clip (16 x 160 px, VoxCeleb2's crop box) from raw
+    and from prepared files, and the device-side transform's cost on the CPU; torch threads 1, best of rounds.
+    Baseline, measured before this loader existed on the same clips and machine (commit d84c921's loader, each
+    file's first visit): 32.0 ms CPU per clip at repeated_sampling 1, 20.7 ms at 2, 4.92 MB sent per clip."""
     torch.set_num_threads(1)  # "per worker": DataLoader workers run torch with one thread
-    path = os.path.join(tempfile.gettempdir(), "svfap_bench_640x360_25fps_gop50.mp4")
-    if not os.path.exists(path):
-        t0 = time.perf_counter()
-        write_bench_video(path)
-        print(f"wrote {path} in {time.perf_counter() - t0:.1f} s")
-    t0 = time.process_time()
-    total = count_frames(path, exact=False)
-    t_index = time.process_time() - t0
-    keys = _cache_get(_stat_key(path)).key_positions
-    print(f"{path}\n  640x360 H.264 (x264 veryfast, CRF 23, B-frames), {os.path.getsize(path) * 8e-6 / 20:.2f} Mbit/s, "
-          f"{total} frames, a keyframe every {int(np.diff(keys).mean())} frames")
-    print(f"  quick frame index (demux only, once per file and process): {t_index * 1e3:.1f} ms")
-    print("one decoder thread per reader; clips per CPU-second of this process (the machine may be shared)")
-
-    span = window_span(16, 4)
-    gen = torch.Generator().manual_seed(0)
-    windows = [clip_indices(random_clip_start(total, span, gen), 16, 4, total) for _ in range(num_windows)]
-
-    def from_start(idx):  # decode every frame from frame 0 to the window's end; same RGB conversion
-        clip = _Clip(path, idx)
-        _scan_frames(path, clip, stop_after=max(idx))
-        return clip.check_complete(total)
-
-    def every_frame(idx):  # the seeking reader, also decoding the frames that nothing refers to
-        global SKIP_NONREF
-        SKIP_NONREF = False
-        try:
-            return read_video_clip(path, idx)
-        finally:
-            SKIP_NONREF = True
-
-    readers = {"seeking reader": lambda idx: read_video_clip(path, idx),
-               "seeking reader, decoding every frame": every_frame, "decoding from the start": from_start}
-    cpu = dict.fromkeys(readers, 0.0)
-    for idx in windows:  # interleave the readers so that load from other processes hits all alike
-        clips = []
-        for name, read in readers.items():
-            t0 = time.process_time()
-            clips.append(read(idx))
-            cpu[name] += time.process_time() - t0
-        if not all(np.array_equal(clips[0], c) for c in clips[1:]):
-            raise AssertionError(f"the readers differ on frames {idx}")
-    print(f"{num_windows} random 16x4 windows (frames identical in all readers):")
-    for name in readers:
-        print(f"  {name:40s} {num_windows / cpu[name]:6.2f} clips/s")
-    ratio = cpu["decoding from the start"] / cpu["seeking reader"]
-    print(f"  {'seeking / from the start':40s} {ratio:6.2f}x   (target >= 3x)")
-
-    print(f"full items, img_size 160, per worker ({train_items} each):")
-    clip = frames_to_tensor(read_video_clip(path, windows[0]))
-    t0 = time.process_time()
-    for _ in range(train_items):
-        train_transform(clip, 160)
-    print(f"  {'transform alone (16 x 640x360 -> 160)':40s} {train_items / (time.process_time() - t0):6.2f} clips/s")
-    with tempfile.TemporaryDirectory() as tmp:
-        listing = os.path.join(tmp, "bench.txt")
-        with open(listing, "w") as f:
+    os.makedirs(BENCH_DIR, exist_ok=True)
+    raw_list, prepared = os.path.join(BENCH_DIR, "raw.txt"), os.path.join(BENCH_DIR, "prepared")
+    with open(raw_list, "w") as f:
+        for path in (os.path.join(BENCH_DIR, f"raw_{i:02d}.mp4") for i in range(num_clips)):
+            if not os.path.exists(path):
+                write_voxceleb2_like(path, int(path[-6:-4]))
             f.write(f"{path} 0\n")
-        for mode, first_visit in (("train", False), ("train", True), ("pretrain", False)):
-            ds = VideoDataset(listing, mode, img_size=160)
-            t0 = time.process_time()
-            for _ in range(train_items):
-                if first_visit:  # as on a dataset too large to revisit a file: the demux scan every time
-                    _cache.clear()
-                ds[0]
-            what = f"{mode} item" + (", file's first visit" if first_visit else "")
-            what += " + tube mask" if mode == "pretrain" else ""
-            print(f"  {what:40s} {train_items / (time.process_time() - t0):6.2f} clips/s")
+    prepared_list = prepare(raw_list, prepared, VOXCELEB2_CROP_BOX, keep_every=4)
+    kbit = sum(os.path.getsize(p) for p, _ in read_annotations(raw_list)) * 8e-3 / 8 / num_clips
+    print(f"{num_clips} VoxCeleb2-like clips, {kbit:.0f} kbit/s; one process, torch threads 1, CPU time, best of {rounds}")
+    for name, listing, crop_box, rate in (("raw", raw_list, VOXCELEB2_CROP_BOX, 4), ("prepared", prepared_list, None, 1)):
+        for rs in (1, 2):
+            ds, best = VideoDataset(listing, "pretrain", sampling_rate=rate, crop_box=crop_box, repeated_sampling=rs), math.inf
+            for r in range(rounds):
+                ds.set_epoch(r)
+                t0 = time.process_time()
+                items = [ds[i] for i in range(len(ds))]
+                best = min(best, (time.process_time() - t0) / (len(ds) * rs))
+            print(f"  {name:8s} repeated_sampling={rs}: {best * 1e3:5.1f} ms per clip ({best * 1e3 / BASELINE_MS[rs]:.2f} "
+                  f"of the baseline's {BASELINE_MS[rs]}), {1 / best:6.1f} clips per CPU-second, "
+                  f"{sum(t.nbytes for t in items[-1]) / rs / 1e6:.2f} MB sent per clip")
+    frames, boxes, best = torch.cat([it[0] for it in items]), torch.cat([it[1] for it in items]), math.inf
+    for _ in range(rounds):
+        t0 = time.process_time()
+        device_transform(frames, boxes, 160)
+        best = min(best, (time.process_time() - t0) / len(frames))
+    print(f"  device_transform on this CPU (batch of {len(frames)}): {best * 1e3:.1f} ms per clip")
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -1274,8 +1177,11 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     if args[:1] == ["demo"]:
         demo_main(args[1:])
+    elif args[:1] == ["prepare"]:
+        prepare_main(args[1:])
     elif args == ["--bench"]:
         bench()
     else:
-        print("usage: python data.py --bench | python data.py demo [--out=data/demo] [--seed=0]", file=sys.stderr)
+        print(f"usage: python data.py --bench | python data.py demo [--out=data/demo] [--seed=0] | {prepare_main.__doc__}",
+              file=sys.stderr)
         sys.exit(2)

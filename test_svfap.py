@@ -1002,21 +1002,22 @@ def data_broken(tmp_path_factory):
 @pytest.mark.parametrize("name", list(DATA_READABLE))
 def test_reader_frames_equal_full_sequential_decode(data_inputs, name):
     path = data_inputs[name]
-    D._cache.clear()
     reference = data_reference(path)
     assert D.count_frames(path, exact=False) == len(reference)
     for indices in data_index_sets(len(reference)):
         clip = D.read_video_clip(path, indices)
         assert clip.dtype == np.uint8 and clip.shape == (len(indices),) + reference.shape[1:]
         assert np.array_equal(clip, reference[indices]), f"{name}: frames differ at {indices}"
-    if not os.path.isdir(path):  # containers with timestamps were read by seeking, verified, with no fallback
-        index = D._cache_get(D._stat_key(path))
-        assert (index.exact, index.seekable) == ((True, False) if name == "raw_h264_no_timestamps" else (False, True))
     assert D.count_frames(path) == len(reference)  # exact: decodes everything
-    if not os.path.isdir(path):  # the decoded index seeks as well, and gives the same frames
-        assert D._cache_get(D._stat_key(path)).exact
-        for indices in data_index_sets(len(reference), seed=1):
-            assert np.array_equal(D.read_video_clip(path, indices), reference[indices])
+    if not os.path.isdir(path):  # containers with timestamps are read from their keyframes, verified, no fallback
+        with D.open_video(path) as video:
+            assert (video.exact, video.seekable) == (False, name != "raw_h264_no_timestamps")
+            for indices in data_index_sets(len(reference), seed=1):
+                assert np.array_equal(video.read(indices), reference[indices])
+            assert not video.exact or name == "raw_h264_no_timestamps"
+            video.frame_count(exact=True)  # the decoded index gives the same frames
+            for indices in data_index_sets(len(reference), seed=2):
+                assert np.array_equal(video.read(indices), reference[indices])
 
 
 def test_reader_picks_video_stream_when_stream_0_is_audio(data_inputs):
@@ -1025,46 +1026,43 @@ def test_reader_picks_video_stream_when_stream_0_is_audio(data_inputs):
     assert D.count_frames(data_inputs["mp4_audio_stream_first"]) == 50
 
 
-def test_reader_seeks_instead_of_decoding_from_the_start(data_inputs, monkeypatch):
+def test_reader_starts_at_the_keyframe_instead_of_decoding_from_the_start(data_inputs, monkeypatch):
     """A window near the end of a gop-6 file decodes about one gop plus the window, not the whole file."""
     path = data_inputs["mp4_h264_bframes"]
-    D._cache.clear()
-    D.count_frames(path, exact=False)
     decoded = []
-    real = D._decode
+    real = D._Video._frames
 
-    def counting(*args):
-        for frame in real(*args):
+    def counting(self, *args):
+        for frame in real(self, *args):
             decoded.append(frame.pts)
             yield frame
 
-    monkeypatch.setattr(D, "_decode", counting)
+    monkeypatch.setattr(D._Video, "_frames", counting)
     clip = D.read_video_clip(path, range(70, 76))
     assert np.array_equal(clip, data_reference(path)[70:76])
     assert 0 < len(decoded) <= 6 + 6 + 3  # from keyframe 66: at most 4 lead-in frames + the 6 wanted (+ slack)
 
 
-def test_reader_recovers_when_its_index_is_wrong(data_inputs):
+def test_reader_recovers_when_its_index_is_wrong(data_inputs, monkeypatch):
     """An index that contradicts the decoder (here: timestamps shifted by one frame) is detected and
     replaced by the decoded truth; the frames returned are still those of a sequential decode."""
     path = data_inputs["mkv_mpeg4_bframes"]
     reference = data_reference(path)
-    D._cache.clear()
-    key = D._stat_key(path)
-    good = D._frame_index(path, key)
-    assert not good.exact and good.seekable
-    D._cache_put(key, D.FrameIndex(good.num_frames, good.pts + (good.pts[1] - good.pts[0]), good.key_positions,
-                                   exact=False, seekable=True))
-    assert np.array_equal(D.read_video_clip(path, [30, 34, 38]), reference[[30, 34, 38]])
-    assert D._cache_get(key).exact  # rebuilt by decoding
-    assert np.array_equal(D.read_video_clip(path, range(50, 60)), reference[50:60])
+    real = D._quick_index
+    monkeypatch.setattr(D, "_quick_index", lambda packets: (lambda pts, keys: (pts + pts[1] - pts[0], keys))(*real(packets)))
+    with D.open_video(path) as video:
+        assert np.array_equal(video.read([30, 34, 38]), reference[[30, 34, 38]])
+        assert video.exact  # rebuilt by decoding
+        assert np.array_equal(video.read(range(50, 60)), reference[50:60])
 
-    # a phantom frame at position 41 (as if a packet decoded to nothing): the gap is seen while decoding
-    pts = np.insert(good.pts, 41, (good.pts[40] + good.pts[41]) // 2)
-    keys = good.key_positions + (good.key_positions >= 41)
-    D._cache_put(key, D.FrameIndex(good.num_frames + 1, pts, keys, exact=False, seekable=True))
-    assert np.array_equal(D.read_video_clip(path, [38, 42, 46]), reference[[38, 42, 46]])
-    assert D._cache_get(key).exact and D._cache_get(key).num_frames == len(reference)
+    def phantom(packets):  # a phantom frame at position 41 (as if a packet decoded to nothing)
+        pts, keys = real(packets)
+        return np.insert(pts, 41, (pts[40] + pts[41]) // 2), keys + (keys >= 41)
+
+    monkeypatch.setattr(D, "_quick_index", phantom)
+    with D.open_video(path) as video:
+        assert np.array_equal(video.read([38, 42, 46]), reference[[38, 42, 46]])
+        assert video.exact and video.frame_count() == len(reference)
 
 
 def test_reader_out_of_range_names_file_and_valid_range(data_inputs):
@@ -1074,7 +1072,7 @@ def test_reader_out_of_range_names_file_and_valid_range(data_inputs):
     folder = data_inputs["jpeg_folder_66x50"]
     with pytest.raises(D.VideoReadError, match=r"jpg.*frame 24 requested"):
         D.read_video_clip(folder, [24])
-    with pytest.raises(ValueError, match="frame_indices"):
+    with pytest.raises(ValueError, match="frame indices"):
         D.read_video_clip(path, [-1])
 
 
@@ -1128,20 +1126,26 @@ def test_annotations_resolve_paths_and_name_bad_lines(tmp_path):
         D.read_annotations(tmp_path / "nowhere.txt")
 
 
-def test_dataset_checks_labels_per_task(tmp_path):
-    listing = tmp_path / "l.txt"
-    listing.write_text("a.mp4 0\nb.mp4 2.5\n")
-    with pytest.raises(ValueError, match=r"l\.txt, line 2: classification needs one integer"):
-        D.VideoDataset(listing, "train")
-    listing.write_text("a.mp4 0.1 0.2\nb.mp4 0.3\n")
-    with pytest.raises(ValueError, match=r"line 2: 1 regression values, but line 1 has 2"):
-        D.VideoDataset(listing, "train", task="regression")
+@pytest.mark.parametrize("text, task, n, message", [
+    ("a.mp4 1\nb.mp4 7\nc.mp4 3\n", "classification", 7,
+     r"l\.txt, line 2: label 7 is not a class index in 0\.\.6 \(num_classes=7\); every label of the list lies in "
+     r"1\.\.7: they look 1-based, and this code counts classes from 0"),
+    ("a.mp4 0\nb.mp4 2.5\n", "classification", 7, r"l\.txt, line 2: label 2\.5 is not a class index in 0\.\.6 \(num_classes=7\)$"),
+    ("a.mp4 0.1 0.2\nb.mp4 0.3\n", "regression", 2, r"l\.txt, line 2: label 0\.3 has 1 values; regression needs 2 numbers"),
+    ("a.mp4 0.1 0.2\n\nb.mp4 0.3 n/a\n", "regression", 2, r"l\.txt, line 3: 'n/a' is not a number"),
+    ("a.mp4 0.1 nan\n", "regression", 2, r"l\.txt, line 1: 'nan' is not a number"),
+])
+def test_every_label_problem_is_one_line_naming_file_line_and_value(tmp_path, text, task, n, message):
+    (tmp_path / "l.txt").write_text(text)
+    with pytest.raises(ValueError, match=message) as err:
+        D.VideoDataset(tmp_path / "l.txt", "train", task=task, num_outputs=n)
+    assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="mode="):
-        D.VideoDataset(listing, "finetune")
+        D.VideoDataset(tmp_path / "l.txt", "finetune", num_outputs=n)
 
 
 # -----------------------------------------------------------------------------------------------------
-# sampling and spatial transforms
+# sampling and transforms
 
 
 def test_sampling_rules():
@@ -1156,38 +1160,44 @@ def test_sampling_rules():
     assert min(starts) == 0 and max(starts) == 39
 
 
-def test_multiscale_crop_uses_the_paper_scales():
+def data_slow_transform(frames, boxes, size):
+    """Per clip, on floats: crop the box, F.interpolate, flip, normalise."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
+    out = []
+    for clip, (top, left, h, w, flip) in zip(frames, boxes.tolist()):
+        crop = clip[..., top:top + h, left:left + w].float() / 255  # (T, 3, h, w)
+        crop = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)
+        crop = crop.flip(-1) if flip else crop
+        out.append((crop.permute(1, 0, 2, 3) - mean) / std)  # (3, T, size, size)
+    return torch.stack(out)
+
+
+def test_device_transform_equals_slow_per_clip_reference():
     g = torch.Generator().manual_seed(0)
-    sides = {int(360 * s) for s in D.MULTISCALE_SCALES}
-    boxes = [D.multiscale_crop_box(360, 640, generator=g) for _ in range(300)]
-    for top, left, h, w in boxes:
-        assert h in sides and w in sides and 0 <= top and top + h <= 360 and 0 <= left and left + w <= 640
-    assert {h for _, _, h, _ in boxes} == sides and len({(t, l) for t, l, _, _ in boxes}) > 10
+    frames = torch.randint(0, 256, (40, 3, 3, 40, 40), dtype=torch.uint8, generator=g)
+    boxes = torch.tensor([D.multiscale_crop_box(40, 40, generator=g) + (i % 2,) for i in range(40)])
+    assert {h for _, _, h, _, _ in boxes.tolist()} == {int(40 * s) for s in D.MULTISCALE_SCALES}
+    out = D.device_transform(frames, boxes, 40)
+    assert out.shape == (40, 3, 3, 40, 40) and out.dtype == torch.float32
+    assert torch.allclose(out, data_slow_transform(frames, boxes, 40), atol=1e-5, rtol=0)
+    up = D.device_transform(frames[:4].unflatten(0, (2, 2)), boxes[:4].view(2, 2, 5), 56)  # (B, k, ...), to 56 px
+    assert torch.allclose(up.flatten(0, 1), data_slow_transform(frames[:4], boxes[:4], 56), atol=1e-5, rtol=0)
+    plain = D.device_transform(frames[:2], None, 40)  # evaluation: only scale and normalise
+    assert torch.allclose(plain, data_slow_transform(frames[:2], torch.tensor([[0, 0, 40, 40, 0]] * 2), 40), atol=1e-5)
 
 
-def test_train_transform_shape_flip_and_normalisation():
-    ramp = np.broadcast_to(np.linspace(0, 255, 48).astype(np.uint8)[None, None, :, None], (8, 40, 48, 3)).copy()
-    clip = D.frames_to_tensor(ramp)
-    g = torch.Generator().manual_seed(0)
-    outs = [D.train_transform(clip, 32, generator=g) for _ in range(30)]
-    assert all(o.shape == (3, 8, 32, 32) and o.dtype == torch.float32 for o in outs)
-    slopes = [float(o[0, 0, 0, -1] - o[0, 0, 0, 0]) for o in outs]
-    assert any(s > 0 for s in slopes) and any(s < 0 for s in slopes)  # flipped and not flipped
-    up = D.train_transform(clip, 96, generator=g)  # upscaling path
-    assert up.shape == (3, 8, 96, 96) and abs(float(up[0, 0, 0, 1:].diff().abs().max())) < 0.2
-    lo = (0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
-    hi = (1 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
-    assert all(lo - 1e-4 <= float(o[0].min()) and float(o[0].max()) <= hi + 1e-4 for o in outs)
-
-
-def test_eval_views_resize_short_side_and_spread_crops():
+def test_eval_views_scale_short_side_and_spread_crops(tmp_path):
     ramp = np.broadcast_to(np.linspace(0, 255, 96).astype(np.uint8)[None, None, :, None], (4, 48, 96, 3)).copy()
-    views = D.eval_views(D.frames_to_tensor(ramp), 32, 3)
-    assert [tuple(v.shape) for v in views] == [(3, 4, 32, 32)] * 3
-    means = [float(v.mean()) for v in views]
+    wide = data_write_folder(tmp_path / "wide", list(ramp), ext="png")
+    tall = data_write_folder(tmp_path / "tall", list(np.transpose(ramp, (0, 2, 1, 3)).copy()), ext="png")
+    listing = data_listing(tmp_path, [(wide, 0), (tall, 1)])
+    ds = D.VideoDataset(listing, "eval", img_size=32, num_frames=4, sampling_rate=1, num_clips=1, num_crops=3,
+                        num_outputs=2)
+    views, _, _ = ds[0]
+    assert views.shape == (3, 4, 3, 32, 32) and views.dtype == torch.uint8
+    means = [float(v.float().mean()) for v in views]
     assert means[0] < means[1] < means[2]  # left, centre, right of a left-to-right ramp
-    tall = D.frames_to_tensor(np.transpose(ramp, (0, 2, 1, 3)).copy())
-    assert [tuple(v.shape) for v in D.eval_views(tall, 32, 1)] == [(3, 4, 32, 32)]
+    assert ds[1][0].shape == (3, 4, 3, 32, 32)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -1200,46 +1210,89 @@ def data_listing(tmp_path, lines, name="list.txt"):
     return path
 
 
+def data_mask_cfg(size=32, frames=8):
+    return SVFAPConfig(img_size=size, patch_size=8, num_frames=frames, embed_dim=64, num_heads=4, decoder_dim=64,
+                       decoder_heads=4)
+
+
 def test_dataset_items_have_the_agreed_shapes(data_inputs, tmp_path):
     files = [data_inputs[k] for k in ("mp4_h264_bframes", "webm_vp8_66x50", "jpeg_folder_66x50",
                                       "mkv_odd_67x51_mpeg4", "short_20_frames")]
     listing = data_listing(tmp_path, [(f, i % 3) for i, f in enumerate(files)])
-    train = D.VideoDataset(listing, "train", img_size=32, num_frames=8, sampling_rate=2)
+    train = D.VideoDataset(listing, "train", img_size=32, num_frames=8, sampling_rate=2, num_outputs=3)
     for i in range(len(train)):
-        video, target = train[i]
-        assert video.shape == (3, 8, 32, 32) and video.dtype == torch.float32 and torch.isfinite(video).all()
+        frames, box, target = train[i]
+        assert frames.shape == (8, 3, 32, 32) and frames.dtype == torch.uint8 and box.shape == (5,)
         assert target.dtype == torch.int64 and target.dim() == 0 and int(target) == i % 3
-    ev = D.VideoDataset(listing, "eval", img_size=32, num_frames=8, sampling_rate=2, num_clips=3, num_crops=2)
+    ev = D.VideoDataset(listing, "eval", img_size=32, num_frames=8, sampling_rate=2, num_clips=3, num_crops=2,
+                        num_outputs=3)
     views, target, index = ev[4]
-    assert views.shape == (6, 3, 8, 32, 32) and int(target) == 1 and index == 4
-    cfg = SVFAPConfig(img_size=32, patch_size=8, num_frames=8, embed_dim=64, num_heads=4, decoder_dim=64,
-                      decoder_heads=4)
+    assert views.shape == (6, 8, 3, 32, 32) and views.dtype == torch.uint8 and int(target) == 1 and index == 4
+    cfg = data_mask_cfg()
     pre = D.VideoDataset(listing, "pretrain", img_size=32, num_frames=8, sampling_rate=2, repeated_sampling=3,
                          mask_cfg=cfg)
-    video, mask = pre[0]
-    assert video.shape == (3, 3, 8, 32, 32) and mask.shape == (3, cfg.num_patches) and mask.dtype == torch.bool
+    frames, boxes, mask = pre[0]
+    assert frames.shape == (3, 8, 3, 32, 32) and boxes.shape == (3, 5) and boxes.dtype == torch.int64
+    assert mask.shape == (3, cfg.num_patches) and mask.dtype == torch.bool
     assert (mask.sum(1) == cfg.grid[0] * cfg.num_masked_spatial).all()
+    assert sum(t.nbytes for t in pre[0]) / 3 < 1.3e6 * (32 * 32 * 8) / (160 * 160 * 16)  # uint8, not float32
     with pytest.raises(ValueError, match="mask_cfg"):
         D.VideoDataset(listing, "pretrain", img_size=64, mask_cfg=cfg)
     reg = D.VideoDataset(data_listing(tmp_path, [(files[0], "0.5 -0.25")], "reg.txt"), "train", img_size=32,
-                         task="regression")
-    assert reg[0][1].dtype == torch.float32 and reg[0][1].tolist() == [0.5, -0.25]
+                         task="regression", num_outputs=2)
+    assert reg[0][2].dtype == torch.float32 and reg[0][2].tolist() == [0.5, -0.25]
+
+
+def test_crop_scales_places_and_flips_follow_the_paper(tmp_path, monkeypatch):
+    """Over 3,000 clips the 10 (height, width) pairs of max_distort 1, the flip and the 13 places are uniform
+    (chi-square below the 0.1% critical value), so heights of scales 1, .875, .75, .66 come 2:3:3:2."""
+    listing = data_listing(tmp_path, [("x.mp4", 0)] * 300)
+    ds = D.VideoDataset(listing, "pretrain", img_size=160, num_frames=8, repeated_sampling=10,
+                        mask_cfg=data_mask_cfg(160, 8))
+    monkeypatch.setattr(ds, "_read_clips", lambda *args: torch.zeros(10, 8, 3, 160, 160, dtype=torch.uint8))
+    boxes = torch.cat([ds[i][1] for i in range(len(ds))]).tolist()
+    sides = [int(160 * s) for s in D.MULTISCALE_SCALES]
+
+    def chi2(values, categories):
+        counts = np.array([sum(v == c for v in values) for c in categories])
+        assert counts.sum() == len(values)  # nothing outside the categories
+        return ((counts - len(values) / len(categories)) ** 2 / (len(values) / len(categories))).sum()
+
+    pairs = [(h, w) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= 1]
+    assert chi2([(b[2], b[3]) for b in boxes], pairs) < 27.9 and chi2([b[4] for b in boxes], [0, 1]) < 10.8
+    small = [b for b in boxes if (b[2], b[3]) == (sides[3], sides[3])]  # the smallest crop: 13 distinct places
+    places = sorted({(b[0], b[1]) for b in small})
+    assert len(places) == 13 and chi2([(b[0], b[1]) for b in small], places) < 32.9
+
+
+def test_items_do_not_depend_on_workers_or_fetch_order(data_inputs, tmp_path):
+    files = [data_inputs[k] for k in ("mp4_h264_bframes", "mkv_mpeg4_bframes", "jpeg_folder_66x50", "mpegts_h264")]
+    ds = D.VideoDataset(data_listing(tmp_path, [(f, 0) for f in files]), "pretrain", img_size=32, num_frames=8,
+                        sampling_rate=2, repeated_sampling=2, mask_cfg=data_mask_cfg(), seed=3)
+    ds.set_epoch(5)
+    loaded = [list(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=w)) for w in (0, 2)]
+    backwards = [ds[i] for i in reversed(range(len(ds)))][::-1]
+    for j in range(3):
+        in_order = torch.cat([batch[j] for batch in loaded[0]])
+        assert torch.equal(in_order, torch.cat([batch[j] for batch in loaded[1]]))
+        assert torch.equal(in_order, torch.stack([item[j] for item in backwards]))
+    ds.set_epoch(6)
+    assert not all(torch.equal(ds[i][1], backwards[i][1]) for i in range(len(ds)))  # a new epoch, new crops
 
 
 def test_repeated_sampling_draws_k_windows_from_one_range(data_inputs, tmp_path):
     listing = data_listing(tmp_path, [(data_inputs["mp4_h264_bframes"], 0)])
     ds = D.VideoDataset(listing, "pretrain", img_size=32, num_frames=8, sampling_rate=2, repeated_sampling=4,
-                        mask_cfg=SVFAPConfig(img_size=32, patch_size=8, num_frames=8))
-    span = D.window_span(8, 2)
-    torch.manual_seed(0)
+                        mask_cfg=data_mask_cfg())
+    span, g = D.window_span(8, 2), torch.Generator().manual_seed(0)
     for _ in range(50):
-        clips = ds._choose_training(80)
-        flat = [i for c in clips for i in c]
+        flat = ds._choose_training(80, g)
+        clips = [flat[j:j + 8] for j in range(0, 32, 8)]
         assert len(clips) == 4 and max(flat) - min(flat) < 2 * span and max(flat) < 80
         assert all(c == D.clip_indices(c[0], 8, 2, 80) for c in clips)
 
 
-def test_eval_normalisation_and_crop_box(tmp_path):
+def test_crop_box_is_cut_first_and_eval_views_are_normalised_on_the_device(tmp_path):
     """A 224x224 frame that is (200, 100, 50) inside VoxCeleb2's box (rows 0-160, columns 32-192) and
     black outside: after the crop box every pixel is that colour, normalised with ImageNet mean/std."""
     img = np.zeros((224, 224, 3), np.uint8)
@@ -1247,14 +1300,18 @@ def test_eval_normalisation_and_crop_box(tmp_path):
     folder = data_write_folder(tmp_path / "box", [img] * 6, ext="png")
     listing = data_listing(tmp_path, [(folder, 0)])
     ds = D.VideoDataset(listing, "eval", img_size=32, num_frames=4, sampling_rate=1, num_clips=1, num_crops=2,
-                        crop_box=D.VOXCELEB2_CROP_BOX)
-    views, _, _ = ds[0]
+                        crop_box=D.VOXCELEB2_CROP_BOX, num_outputs=1)
+    views = D.device_transform(ds[0][0], None, 32)
     expected = [(c / 255 - m) / s for c, m, s in zip((200, 100, 50), IMAGENET_MEAN, IMAGENET_STD)]
     for ch in range(3):
         assert torch.allclose(views[:, ch], torch.full_like(views[:, ch], expected[ch]), atol=1e-5)
-    no_box = D.VideoDataset(listing, "eval", img_size=32, num_frames=4, sampling_rate=1, num_clips=1, num_crops=1)
-    assert float(no_box[0][0].min()) < expected[0] - 1  # black borders are there without the box
-    bad_box = D.VideoDataset(listing, "eval", img_size=32, crop_box=(0, 300, 0, 100))
+    train = D.VideoDataset(listing, "train", img_size=32, num_frames=4, sampling_rate=1, crop_box=D.VOXCELEB2_CROP_BOX,
+                           num_outputs=1)
+    assert (train[0][0] == torch.tensor([200, 100, 50], dtype=torch.uint8).view(3, 1, 1)).all()
+    no_box = D.VideoDataset(listing, "eval", img_size=32, num_frames=4, sampling_rate=1, num_clips=1, num_crops=1,
+                            num_outputs=1)
+    assert int(no_box[0][0].min()) == 0  # black borders are there without the box
+    bad_box = D.VideoDataset(listing, "eval", img_size=32, crop_box=(0, 300, 0, 100), num_outputs=1)
     with pytest.raises(ValueError, match=r"crop_box .* does not fit its 224x224 frames"):
         bad_box[0]
 
@@ -1263,13 +1320,12 @@ def test_eval_clips_spread_in_time_and_short_video_repeats_last_frame(tmp_path):
     frames = [np.full((24, 24, 3), 10 * t, np.uint8) for t in range(20)]  # brightness = time
     folder = data_write_folder(tmp_path / "ramp", frames, ext="png")
     listing = data_listing(tmp_path, [(folder, 0)])
-    ds = D.VideoDataset(listing, "eval", img_size=24, num_frames=4, sampling_rate=2, num_clips=3, num_crops=1)
-    views, _, _ = ds[0]  # starts 0, 6, 13 (span 7 in 20 frames)
-    first_frames = views[:, 0, 0, 0, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]
-    assert torch.allclose(first_frames * 255, torch.tensor([0.0, 60.0, 130.0]), atol=1e-3)
-    long = D.VideoDataset(listing, "eval", img_size=24, num_frames=16, sampling_rate=4, num_clips=1, num_crops=1)
-    clip = long[0][0][0, 0, :, 0, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]  # frames 0, 4, ..., 16, then 19 x 11
-    assert torch.allclose(clip * 255, torch.tensor([0.0, 40, 80, 120, 160] + [190.0] * 11), atol=1e-3)
+    ds = D.VideoDataset(listing, "eval", img_size=24, num_frames=4, sampling_rate=2, num_clips=3, num_crops=1,
+                        num_outputs=1)
+    assert ds[0][0][:, 0, 0, 0, 0].tolist() == [0, 60, 130]  # starts 0, 6, 13 (span 7 in 20 frames)
+    long = D.VideoDataset(listing, "eval", img_size=24, num_frames=16, sampling_rate=4, num_clips=1, num_crops=1,
+                          num_outputs=1)
+    assert long[0][0][0, :, 0, 0, 0].tolist() == [0, 40, 80, 120, 160] + [190] * 11  # then the last frame repeats
 
 
 def test_training_skips_and_counts_broken_files_eval_names_them(data_inputs, data_broken, tmp_path):
@@ -1277,24 +1333,27 @@ def test_training_skips_and_counts_broken_files_eval_names_them(data_inputs, dat
     lines = [(good, 0), (data_broken["truncated"], 1), (good, 2), (data_broken["random"], 1),
              (data_broken["missing"], 2), (good, 0)]
     listing = data_listing(tmp_path, lines)
-    ds = D.VideoDataset(listing, "train", img_size=32, num_frames=8, sampling_rate=2, max_fail_fraction=0.5)
-    torch.manual_seed(0)
+    ds = D.VideoDataset(listing, "train", img_size=32, num_frames=8, sampling_rate=2, max_fail_fraction=0.5,
+                        num_outputs=3)
     with pytest.warns(RuntimeWarning, match=r"skipping unreadable sample: .*truncated\.mp4"):
-        video, target = ds[1]
-    assert video.shape == (3, 8, 32, 32) and 1 <= ds.skipped <= 3 and ds.tried == ds.skipped + 1
+        frames, _, target = ds[1]
+    assert frames.shape == (8, 3, 32, 32) and 1 <= ds.skipped <= 3 and ds.tried == ds.skipped + 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i in range(len(ds)):
             ds[i]
     assert ds.skipped >= 3 and ds.tried == ds.skipped + len(ds) + 1
 
-    ev = D.VideoDataset(listing, "eval", img_size=32, num_frames=8, sampling_rate=2)
-    assert ev[0][0].shape == (4, 3, 8, 32, 32)
+    ev = D.VideoDataset(listing, "eval", img_size=32, num_frames=8, sampling_rate=2, num_outputs=3)
+    assert ev[0][0].shape == (4, 8, 3, 32, 32)
     with pytest.raises(D.VideoReadError, match=r"random\.mp4.*line 4 of .*list\.txt; evaluation never skips"):
         ev[3]
+    bad = ev.unreadable()
+    assert [(n, os.path.basename(p)) for n, p, _ in bad] == [(2, "truncated.mp4"), (4, "random.mp4"), (5, "missing.mp4")]
+    assert "no such file" in bad[2][2]
 
     all_bad = data_listing(tmp_path, [(data_broken[k], 0) for k in ("truncated", "random", "missing")], "bad.txt")
-    ds = D.VideoDataset(all_bad, "train", img_size=32, num_frames=8, sampling_rate=2)
+    ds = D.VideoDataset(all_bad, "train", img_size=32, num_frames=8, sampling_rate=2, num_outputs=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(RuntimeError, match=r"6 of 6 samples tried .* max_fail_fraction=0\.05"):
@@ -1305,18 +1364,78 @@ def test_dataset_in_dataloader_workers(data_inputs, data_broken, tmp_path):
     files = [data_inputs[k] for k in ("mp4_h264_bframes", "mkv_mpeg4_bframes", "jpeg_folder_66x50",
                                       "mpegts_h264", "webm_vp8_66x50", "mp4_audio_stream_first")]
     listing = data_listing(tmp_path, [(f, i % 2) for i, f in enumerate(files)] + [(data_broken["random"], 0)])
-    ds = D.VideoDataset(listing, "train", img_size=32, num_frames=8, sampling_rate=2, max_fail_fraction=0.5)
+    ds = D.VideoDataset(listing, "train", img_size=32, num_frames=8, sampling_rate=2, max_fail_fraction=0.5,
+                        num_outputs=2)
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, shuffle=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         batches = list(loader)
-    assert [b[0].shape for b in batches] == [(4, 3, 8, 32, 32), (3, 3, 8, 32, 32)]
-    assert all(torch.isfinite(b[0]).all() for b in batches)
+    assert [(b[0].shape, b[1].shape) for b in batches] == [((4, 8, 3, 32, 32), (4, 5)), ((3, 8, 3, 32, 32), (3, 5))]
     readable = data_listing(tmp_path, [(f, i % 2) for i, f in enumerate(files)], "readable.txt")
-    ev = D.VideoDataset(readable, "eval", img_size=32, num_frames=8, sampling_rate=2)
+    ev = D.VideoDataset(readable, "eval", img_size=32, num_frames=8, sampling_rate=2, num_outputs=2)
     loader = torch.utils.data.DataLoader(ev, batch_size=3, num_workers=2)
     got = [(v.shape, t.tolist(), i.tolist()) for v, t, i in loader]
-    assert got == [((3, 4, 3, 8, 32, 32), [0, 1, 0], [0, 1, 2]), ((3, 4, 3, 8, 32, 32), [1, 0, 1], [3, 4, 5])]
+    assert got == [((3, 4, 8, 3, 32, 32), [0, 1, 0], [0, 1, 2]), ((3, 4, 8, 3, 32, 32), [1, 0, 1], [3, 4, 5])]
+
+
+# -----------------------------------------------------------------------------------------------------
+# prepare: training-ready copies
+
+
+def data_prepare_inputs(tmp_path, data_broken):
+    """A list of five entries: videos of faces (two named a.mp4, in different folders), a folder of frames
+    extracted from a yuv420p video (as DFEW's are), a broken file."""
+    os.makedirs(tmp_path / "src" / "sub")
+    faces = [list(render_demo_clip(demo_identity(s, s), demo_clip_plan(s, s, s, s % 6, n), 48, n)) for s, n in
+             ((3, 44), (4, 30), (6, 20))]
+    paths = [data_write_video(tmp_path / "src" / "a.mp4", faces[0], gop=40),
+             data_write_video(tmp_path / "src" / "sub" / "a.mp4", faces[1])]
+    paths += [data_write_folder(tmp_path / "src" / "frames", list(data_reference(paths[1])[:13]), ext="png"),
+              data_broken["random"], data_write_video(tmp_path / "src" / "b.mp4", faces[2])]
+    listing = tmp_path / "src" / "train.txt"
+    listing.write_text(f"a.mp4 3\nsub/a.mp4 1\nframes 2\n{paths[3]} 0\nb.mp4 0.5 -1\n")
+    return listing, paths
+
+
+def test_prepared_frames_match_their_sources_and_broken_inputs_are_listed(tmp_path, data_broken, capsys):
+    listing, paths = data_prepare_inputs(tmp_path, data_broken)
+    out = tmp_path / "prepared"
+    new_list = D.prepare(listing, out, crop_box=(8, 40, 4, 44), keep_every=2)
+    assert "crop_box = ()\nsampling_rate = 2\n" in capsys.readouterr().out
+    rows = [line.split(maxsplit=1) for line in open(new_list).read().splitlines()]
+    assert rows == [["clips/a.mp4", "3"], ["clips/sub/a.mp4", "1"], ["clips/frames.mp4", "2"], ["clips/b.mp4", "0.5 -1"]]
+    failed = (out / "prepare_failed.txt").read_text().splitlines()
+    assert len(failed) == 1 and failed[0].startswith("line 4: ") and "random.mp4" in failed[0]
+    for source, (name, _) in zip([paths[0], paths[1], paths[2], paths[4]], rows):
+        kept = data_reference(source)[::2, 8:40, 4:44]
+        prepared = data_reference(str(out / name))
+        assert prepared.shape == kept.shape and D.psnr(prepared, kept).min() >= 40
+    with av.open(str(out / "clips" / "a.mp4")) as c:  # 22 kept frames, a keyframe every 16
+        assert [i for i, f in enumerate(c.decode(video=0)) if f.key_frame] == [0, 16]
+    D.prepare(listing, tmp_path / "small", keep_every=4, size=24)
+    assert data_reference(str(tmp_path / "small" / "clips" / "frames.mp4")).shape == (4, 24, 24, 3)
+
+
+def test_prepare_interrupted_and_rerun_finishes_without_redoing_a_file(tmp_path, data_broken, monkeypatch):
+    listing, _ = data_prepare_inputs(tmp_path, data_broken)
+    real, done = D._prepare_one, []
+
+    def crash_after_two(job):
+        if len(done) == 2:
+            raise KeyboardInterrupt
+        done.append(job[1])
+        return real(job)
+
+    monkeypatch.setattr(D, "_prepare_one", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        D.prepare(listing, tmp_path / "out", keep_every=4)
+    assert not (tmp_path / "out" / "train.txt").exists()
+    assert not [f for _, _, files in os.walk(tmp_path / "out") for f in files if f.endswith(".tmp")]
+    first, done[:] = list(done), []
+    monkeypatch.setattr(D, "_prepare_one", lambda job: (done.append(job[1]), real(job))[1])
+    D.prepare(listing, tmp_path / "out", keep_every=4)
+    assert len(first) == 2 and not set(first) & set(done) and len(first) + len(done) == 5  # the broken one retried
+    assert len((tmp_path / "out" / "train.txt").read_text().splitlines()) == 4
 
 
 # =====================================================================================================
