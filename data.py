@@ -68,7 +68,6 @@ def _parse_annotation_lines(path, root=None, replace_prefix=None):
         if not fields:
             continue
         bad = next((f"{v!r} is not a number" for v in fields[1:] if not re.fullmatch(NUMBER, v)), None)
-        bad = f"{line.strip()!r} has no label" if len(fields) < 2 else bad
         if bad:
             raise ValueError(f"{path}, line {number}: {bad}; expected '<path> <label>' or '<path> <v1> ... <vD>' "
                              f"separated by spaces (paths cannot contain spaces)")
@@ -515,6 +514,10 @@ class VideoDataset(torch.utils.data.Dataset):
     def _targets(self, rows, n):
         """Checked once at start-up, so a bad label fails before training instead of in a worker."""
         where = lambda number, values: f"{self.annotation_file}, line {number}: label {' '.join(f'{v:g}' for v in values)}"
+        number = next((number for number, _, values in rows if not values), None)
+        if number is not None:  # a path alone is enough where labels are not used (pretraining, --extract)
+            raise ValueError(f"{self.annotation_file}, line {number}: no label after the path; expected '<path> "
+                             f"<label>' or '<path> <v1> ... <vD>' separated by spaces")
         if self.task == "regression":
             for number, _, values in rows:
                 if len(values) != n:

@@ -175,8 +175,8 @@ def main(argv):
               f"{c.batch_size}/256, layer decay {c.layer_decay}")
 
     def loss_fn(net, batch):
-        frames, boxes, target = batch  # (b, T, 3, H, W) uint8, (b, 5), (b,) class indices or (b, D) values
-        video = device_transform(frames, boxes, mc.img_size)  # (b, 3, T, H, W)
+        frames, boxes, target = batch  # (b, T, 3, S, S) uint8, (b, 5), (b,) class indices or (b, D) values
+        video = device_transform(frames, boxes, mc.img_size)  # (b, 3, T, S, S)
         if c.random_erase > 0:  # an input augmentation of the release's data pipeline, so before mixup
             video = random_erasing(video, c.random_erase)
         if c.task == "regression":
@@ -295,7 +295,7 @@ def eval_dataset(c, key, mc):
     """An "eval" dataset of the list in config key `key`; every entry must be readable (evaluation never
     skips a video), which is checked now rather than after the last training epoch."""
     ds = make_dataset(c, key, "eval", mc, num_clips=c.num_clips, num_crops=c.num_crops, task=c.task,
-                      num_outputs=num_model_outputs(c) if key != "extract" else 0)
+                      num_outputs=num_model_outputs(c) if key != "extract" else None)
     bad = ds.unreadable()
     if bad:
         shown = "; ".join(f"line {n}: {path} ({reason})" for n, path, reason in bad[:20])
@@ -320,10 +320,10 @@ def evaluate(score_fn, dataset, d, c):
                         num_workers=c.num_workers, pin_memory=d.device.type == "cuda", generator=torch.Generator())
     rows = []
     for views, _, index in tqdm(loader, disable=not d.master, desc="evaluate", leave=False, dynamic_ncols=True):
-        B, V = views.shape[:2]
-        video = device_transform(views.flatten(0, 1).to(d.device, non_blocking=True), None, dataset.img_size)
+        B, V = views.shape[:2]  # views uint8 (B, V, T, 3, S, S)
+        video = device_transform(views.to(d.device, non_blocking=True), None, dataset.img_size).flatten(0, 1)
         with autocast(d):
-            scores = score_fn(video).float().view(B, V, -1).mean(1)  # (B, C)
+            scores = score_fn(video).float().view(B, V, -1).mean(1)  # (B*V, C) -> (B, C)
         rows += zip(index.tolist(), scores.cpu().tolist())
     if d.ddp:
         parts = [None] * d.world_size

@@ -26,6 +26,8 @@ from collections import namedtuple
 
 import numpy as np
 
+from data import atomic_path
+
 # -----------------------------------------------------------------------------
 # input checks shared by the metrics
 
@@ -224,11 +226,8 @@ def write_predictions(path, ids, targets, scores, class_names=None, task=None):
     rows = [["id"] + header] + [[i] + [repr(v) for v in t + s]
                                 for i, t, s in zip(ids, targets.tolist(), scores.tolist())]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(f"{path}.tmp", "w", newline="") as f:  # then a rename: a crash never leaves half a file
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:  # a crash never leaves half a file
         csv.writer(f).writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f"{path}.tmp", path)
 
 
 def _column_names(names, width, what, path):

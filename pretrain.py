@@ -114,7 +114,7 @@ def main(argv):
         raise ConfigError(f"repeated_sampling={c.repeated_sampling} must be at least 1")
     d = setup(c)
 
-    # data: items are (frames uint8 (k, T, 3, H, W), crop boxes (k, 5), tube masks (k, N)), k = repeated_sampling
+    # data: items are (frames uint8 (k, T, 3, S, S), crop boxes (k, 5), tube masks (k, N)), k = repeated_sampling
     dataset = make_dataset(c, "train_list", "pretrain", mc, mask_cfg=mc, repeated_sampling=c.repeated_sampling)
     vis = reconstruction_clips(c, mc, d) if d.master and c.vis_clips > 0 else None
 
@@ -128,14 +128,14 @@ def main(argv):
               f"{c.base_lr:g} x {clips_per_iter}/256")
 
     def loss_fn(net, batch):
-        frames, boxes, mask = batch  # (b, k, T, 3, H, W) uint8, (b, k, 5), (b, k, N)
-        video = device_transform(frames.flatten(0, 1), boxes.flatten(0, 1), mc.img_size)  # (b*k, 3, T, H, W)
+        frames, boxes, mask = batch  # (b, k, T, 3, S, S) uint8, (b, k, 5), (b, k, N)
+        video = device_transform(frames, boxes, mc.img_size).flatten(0, 1)  # (b*k, 3, T, S, S)
         return net(video, mask.flatten(0, 1))[0]
 
     def after_save(iter_num):
         if vis is not None:
-            with atomic_path(os.path.join(c.out_dir, reconstruction_video_name(iter_num, mc))) as path:
-                write_mp4(path, reconstruction_frames(model, *vis), fps=6)  # slow enough to watch 16 frames
+            path = os.path.join(c.out_dir, reconstruction_video_name(iter_num, mc))
+            write_mp4(path, reconstruction_frames(model, *vis), fps=6)  # slow enough to watch 16 frames
 
     example = (torch.zeros(1, mc.in_chans, mc.num_frames, mc.img_size, mc.img_size, device=d.device),
                tube_mask(1, mc, generator=torch.Generator()).to(d.device))
