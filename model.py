@@ -11,7 +11,7 @@ IEEE Trans. Affective Computing 2024):
   6. SVFAP                              pre-training: multi-scale fusion, decoder, reconstruction loss
   7. SVFAPClassifier                    fine-tuning: mean pooling and a linear head
   8. load_official_state_dict           import the authors' released checkpoints
-  9. count_macs, sizing table, --bench  `python model.py [--bench]`
+  9. count_macs, sizing table, bench   `python model.py [--bench [--device=cuda]]`
 
 Only torch and the standard library are imported, so this file can be copied into another project.
 """
@@ -88,9 +88,8 @@ class SVFAPConfig:
         def bad(field, rule):
             raise ValueError(f"SVFAPConfig.{field}={getattr(self, field)!r}: {rule}")
 
-        for f in ("img_size", "patch_size", "num_frames", "tubelet_size", "in_chans", "embed_dim",
-                  "num_heads", "num_bottleneck_tokens", "bottleneck_hidden", "decoder_dim",
-                  "decoder_depth", "decoder_heads"):
+        for f in ("img_size", "patch_size", "num_frames", "tubelet_size", "in_chans", "embed_dim", "num_heads",
+                  "num_bottleneck_tokens", "bottleneck_hidden", "decoder_dim", "decoder_depth", "decoder_heads"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 bad(f, "must be a positive integer")
         if not self.stage_depths or any(not isinstance(d, int) or d < 1 for d in self.stage_depths):
@@ -180,12 +179,10 @@ def sinusoid_table(num_positions, dim):
 
 
 def check_tube_mask(mask, cfg):
-    """The encoder reshapes visible tokens to (B, T', S_vis, C); that is only right for a tube mask."""
-    if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[1] != cfg.num_patches:
-        raise ValueError(f"mask must be a bool tensor (B, {cfg.num_patches}), got {mask.dtype} {tuple(mask.shape)}")
-    if mask.device.type == "meta" or torch.compiler.is_compiling():  # no values to read (or a graph break)
-        return
-    spatial = mask.view(mask.shape[0], cfg.grid[0], cfg.num_spatial)
+    """Raise ValueError unless `mask` is a tube mask of this config. tube_mask makes valid ones by
+    construction, so the forward pass does not call this: reading the mask would stall a GPU twice a step.
+    Call it on masks you make yourself: the encoder reshapes visible tokens to (B, T', S_vis, C)."""
+    spatial = mask.view(mask.shape[0], cfg.grid[0], cfg.num_spatial)  # (B, T', S)
     if not bool((spatial == spatial[:, :1]).all()) or not bool((spatial[:, 0].sum(1) == cfg.num_masked_spatial).all()):
         raise ValueError(f"mask must be a tube mask: the same {cfg.num_masked_spatial} of {cfg.num_spatial} "
                          f"spatial positions masked in every temporal slice (see tube_mask)")
@@ -195,16 +192,11 @@ def check_tube_mask(mask, cfg):
 # 3. Transformer pieces
 
 
-def split_heads(x, num_heads):
-    """(B, N, C) -> (B, heads, N, C/heads); heads are contiguous slices of the channels."""
-    B, N, C = x.shape
-    return x.view(B, N, num_heads, C // num_heads).transpose(1, 2)
-
-
-def merge_heads(x):
-    """(B, heads, N, d) -> (B, N, heads*d)."""
-    B, H, N, d = x.shape
-    return x.transpose(1, 2).reshape(B, N, H * d)
+def attend(q, k, v, num_heads):
+    """Multi-head scaled dot-product attention: q (B, Nq, C), k and v (B, Nk, C) -> (B, Nq, C); heads are
+    contiguous slices of the channels."""
+    q, k, v = (t.unflatten(-1, (num_heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, h, N, C/h)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, Nq, C)
 
 
 class Attention(nn.Module):
@@ -222,8 +214,7 @@ class Attention(nn.Module):
     def forward(self, x):
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         q, k, v = F.linear(x, self.qkv.weight, bias).chunk(3, dim=-1)  # 3 x (B, N, C)
-        q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))  # (B, h, N, C/h)
-        return self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        return self.proj(attend(q, k, v, self.num_heads))
 
 
 class CrossAttention(nn.Module):
@@ -241,19 +232,17 @@ class CrossAttention(nn.Module):
     def forward(self, x, context):
         q = F.linear(x, self.q.weight, self.q_bias)  # (B, Nq, C)
         k, v = F.linear(context, self.kv.weight, torch.cat([torch.zeros_like(self.v_bias), self.v_bias])).chunk(2, -1)
-        q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))  # (B, h, Nq or Nk, C/h)
-        return self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        return self.proj(attend(q, k, v, self.num_heads))  # keys and values (B, Nk, C)
 
 
 class MLP(nn.Module):
     def __init__(self, dim, hidden, out=None):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, out or dim)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class DropPath(nn.Module):
@@ -322,12 +311,7 @@ class TemporalPyramid(nn.Module):
     def forward(self, x):
         B, T, S, C = x.shape
         x = x.permute(0, 2, 3, 1).reshape(B * S, C, T)  # (B*S, C, T): each spatial position on its own
-        if self.mode == "conv":
-            x = self.conv(x)
-        elif self.mode == "avg":
-            x = F.avg_pool1d(x, 2)
-        else:
-            x = F.max_pool1d(x, 2)
+        x = self.conv(x) if self.conv is not None else (F.avg_pool1d if self.mode == "avg" else F.max_pool1d)(x, 2)
         return x.reshape(B, S, C, T // 2).permute(0, 3, 1, 2)  # (B, T/2, S, C)
 
 
@@ -448,8 +432,8 @@ class TPSBT(nn.Module):
         return names
 
     def forward(self, video, mask=None, return_all_stages=False):
-        """video (B, c, T, H, W) normalised; mask (B, N) bool tube mask or None.
-        Returns the last stage's tokens (B, T_last, S or S_vis, C), or the list of every stage's."""
+        """video (B, c, T, H, W) normalised; mask (B, N) bool tube mask (as tube_mask makes; not read here,
+        so no device sync) or None. Returns the last stage's tokens (B, T_last, S or S_vis, C), or the list of every stage's."""
         cfg = self.cfg
         expected = (cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size)
         if video.dim() != 5 or tuple(video.shape[1:]) != expected:
@@ -461,7 +445,9 @@ class TPSBT(nn.Module):
         if mask is None:
             x = self.patch_embed(video) + pos  # (B, N, C)
         else:
-            check_tube_mask(mask, cfg)
+            if mask.dtype != torch.bool or tuple(mask.shape) != (B, cfg.num_patches):
+                raise ValueError(f"mask must be a bool tube mask ({B}, {cfg.num_patches}), got {mask.dtype} "
+                                 f"{tuple(mask.shape)}")
             S = S - cfg.num_masked_spatial
             idx = token_order(mask)[:, :T * S]
             x = self.patch_embed(video, idx) + gather_tokens(pos, idx)
@@ -621,9 +607,7 @@ class SVFAPClassifier(nn.Module):
         if name.startswith("encoder.patch_embed"):
             return 0
         m = re.match(r"encoder\.(stages\.\d+\.(?:blocks\.\d+|reverse_block))\.", name)
-        if m:
-            return self._block_ids[m.group(1)]
-        return self.num_lr_layers - 1
+        return self._block_ids[m[1]] if m else self.num_lr_layers - 1
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -632,26 +616,18 @@ class SVFAPClassifier(nn.Module):
 
 def official_key_map(model, pretraining_layout):
     """{release key: our key} for every tensor of `model` that a release checkpoint can hold. The release
-    prefixes encoder keys with "encoder." in pre-training checkpoints and not in fine-tuned ones."""
-    pre = "encoder." if pretraining_layout else ""
-    ours = list(model.state_dict())
-    m = {f"{pre}patch_embed.proj.{p}": f"encoder.patch_embed.proj.{p}" for p in ("weight", "bias")}
-    for i, name in enumerate(model.encoder.block_names()):  # blocks.i counts over all stages
-        for k in ours:
-            if k.startswith(f"encoder.{name}."):
-                m[f"{pre}blocks.{i}.{k[len(name) + 9:]}"] = k
-    for s in range(1, len(model.encoder.stages)):  # stage s holds downsamples.{s-1}
-        for k in ours:
-            if k.startswith(f"encoder.stages.{s}.temporal_pyramid.conv."):
-                m[f"{pre}temporal_downsamples.{s - 1}.{k.rsplit('.', 1)[1]}"] = k
-            if k.startswith(f"encoder.stages.{s}.spatial_attention."):
-                m[f"{pre}spatial_downsamples.{s - 1}.{k.split('spatial_attention.', 1)[1]}"] = k
-    if isinstance(model, SVFAP):
-        m.update({k: k for k in ours if k.startswith("decoder.") or k in ("encoder_to_decoder.weight", "mask_token")})
-        m.update({f"encoder.norm.{p}": f"fusion_norm.{p}" for p in ("weight", "bias")})
-    else:
-        m.update({k: k for k in ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias")})
-    return m
+    numbers blocks over all stages (blocks.i) and gives stage s its downsamples.{s-1}; it prefixes encoder
+    keys with "encoder." in pre-training checkpoints and not in fine-tuned ones."""
+    pre, block_ids = "encoder." if pretraining_layout else "", {n: i for i, n in enumerate(model.encoder.block_names())}
+    key_map = {}
+    for k in model.state_dict():
+        if m := re.match(r"encoder\.(stages\.\d+\.(?:blocks\.\d+|reverse_block))\.(.*)", k):
+            key_map[f"{pre}blocks.{block_ids[m[1]]}.{m[2]}"] = k
+        elif m := re.match(r"encoder\.stages\.(\d+)\.(temporal_pyramid\.conv|spatial_attention)\.(.*)", k):
+            key_map[f"{pre}{m[2].split('_')[0]}_downsamples.{int(m[1]) - 1}.{m[3]}"] = k
+        else:  # the patch embedding; fusion_norm is the release's "encoder.norm"; decoder and head keep their names
+            key_map[re.sub(r"^encoder\.", pre, k).replace("fusion_norm.", "encoder.norm.")] = k
+    return key_map
 
 
 def load_official_state_dict(model, state_dict):
@@ -698,23 +674,21 @@ def count_macs(model, *inputs):
 def sizes(cfg, num_outputs=7):
     """(params in M of the fine-tuning model, fine-tune GMACs, pre-train GMACs counted as the paper does)."""
     with torch.device("meta"):
-        clf = SVFAPClassifier(cfg, num_outputs)
-        pre = SVFAP(cfg)
+        clf, pre = SVFAPClassifier(cfg, num_outputs), SVFAP(cfg)
         video = torch.empty(1, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size)
         mask = torch.zeros(1, cfg.num_patches, dtype=torch.bool)
-    params = sum(p.numel() for p in clf.parameters()) / 1e6
-    ft = count_macs(clf, video) / 1e9
     # the paper embeds all tubelets, masked ones too; we embed only the visible ones
     masked_embed = cfg.grid[0] * cfg.num_masked_spatial * cfg.patch_dim * cfg.embed_dim
-    pt = (count_macs(pre, video, mask) + masked_embed) / 1e9
-    return params, ft, pt
+    return (sum(p.numel() for p in clf.parameters()) / 1e6, count_macs(clf, video) / 1e9,
+            (count_macs(pre, video, mask) + masked_embed) / 1e9)
 
 
-# (label, config overrides of base, paper params M, paper fine-tune GMACs, paper pre-train GMACs)
+VIT_BASELINE = dict(stage_depths=(12, 8, 4), temporal_pyramid=False, spatial_bottleneck=False)
+# (label, preset or overrides of base, the paper's params M, fine-tune GMACs, pre-train GMACs)
 PAPER_TABLE = [
     ("TPSBT-B (base)", {}, 77.6, 43.6, 12.9),
     ("TPSBT-S (small)", "small", 29.7, 18.0, None),
-    ("ViT baseline (12,8,4)", dict(stage_depths=(12, 8, 4), temporal_pyramid=False, spatial_bottleneck=False), 76.4, 76.9, 14.9),
+    ("ViT baseline (12,8,4)", VIT_BASELINE, 76.4, 76.9, 14.9),
     ("TP only (12,8,4)", dict(stage_depths=(12, 8, 4), spatial_bottleneck=False), 77.5, 53.1, 13.1),
     ("SBT only", dict(temporal_pyramid=False), 76.6, 49.9, 13.5),
     ("K = 4", dict(num_bottleneck_tokens=4), 77.6, 43.2, 12.6),
@@ -727,67 +701,113 @@ PAPER_TABLE = [
 ]
 
 
+def paper_gaps(label):
+    """Our (params, fine-tune GMACs, pre-train GMACs) of a PAPER_TABLE row, the paper's, and the gaps in %."""
+    over, *paper = next(row[1:] for row in PAPER_TABLE if row[0] == label)
+    ours = sizes(CONFIGS[over] if isinstance(over, str) else replace(CONFIGS["base"], **over))
+    return ours, paper, [100 * (o - p) / p if p else 0.0 for o, p in zip(ours, paper)]
+
+
 def sizing_table():
-    rows = ["params M (paper) | fine-tune GMACs (paper) | pre-train GMACs (paper)",
-            f"{'variant':24s} {'params M':>16s} {'fine-tune GMACs':>18s} {'pre-train GMACs':>18s}  worst gap"]
-    worst = 0.0
-    for label, over, p_par, p_ft, p_pt in PAPER_TABLE:
-        cfg = CONFIGS[over] if isinstance(over, str) else replace(CONFIGS["base"], **over)
-        par, ft, pt = sizes(cfg)
-
-        def cell(ours, paper):
-            if paper is None:
-                return f"{ours:7.2f} (   -  )", 0.0
-            gap = 100 * (ours - paper) / paper
-            return f"{ours:7.2f} ({paper:5.1f})", gap
-
-        cells = [cell(par, p_par), cell(ft, p_ft), cell(pt, p_pt)]
-        gaps = [g for _, g in cells]
-        if label == "SBT only":
-            gaps_shown = f"params {gaps[0]:+.1f}%, GMACs {gaps[1]:+.1f}% / {gaps[2]:+.1f}% (see note)"
-            worst = max(worst, abs(gaps[0]))
-        else:
-            worst = max(worst, *map(abs, gaps))
-            gaps_shown = f"{max(gaps, key=abs):+.2f}%"
-        rows.append(f"{label:24s} {cells[0][0]:>16s} {cells[1][0]:>18s} {cells[2][0]:>18s}  {gaps_shown}")
-    rows += [
-        f"worst gap outside the 'SBT only' GMACs: {worst:.2f}%",
-        "MACs: torch.utils.flop_counter total / 2 (as fvcore counts), attention on the math SDPA backend so",
-        "  its matrix products are counted (the fused CPU kernel is invisible to the counter). Batch 1,",
-        "  16x160x160 input, params of the fine-tuning model with a 7-class head.",
-        "Pre-train GMACs include embedding the masked tubelets, as the paper counts; this code embeds only",
-        "  the visible ones, which saves that part (0.57 GMACs for base at 90%).",
-        "'SBT only': the paper's 49.9 / 13.5 GMACs could not be reproduced by any faithful build; stages 2-3",
-        "  at full temporal length give the figures above. We report the gap rather than bend the model.",
-    ]
-    return "\n".join(rows)
+    rows = [f"{'variant':24s} {'params M':>16s} {'fine-tune GMACs':>18s} {'pre-train GMACs':>18s}  worst gap"]
+    for label, *_ in PAPER_TABLE:
+        ours, paper, gaps = paper_gaps(label)
+        cells = [f"{o:7.2f} ({p:5.1f})" if p else f"{o:7.2f} (   -  )" for o, p in zip(ours, paper)]
+        rows.append(f"{label:24s} {cells[0]:>16s} {cells[1]:>18s} {cells[2]:>18s}  {max(gaps, key=abs):+.2f}%")
+    return "\n".join(rows) + """
+Ours (the paper's). MACs: torch.utils.flop_counter total / 2 (as fvcore counts), attention on the math SDPA
+  backend so its products are counted; batch 1, 16x160x160; params of the fine-tuning model, 7 classes.
+Pre-train GMACs include embedding the masked tubelets, as the paper counts; this code embeds only the
+  visible ones, which saves that part (0.57 GMACs for base at 90%).
+'SBT only': no faithful build gives the paper's 49.9 / 13.5 GMACs (stages 2-3 at full temporal length
+  give the figures above); we report the gap rather than bend the model."""
 
 
-def bench(steps=5):
-    """Fine-tune forward+backward time per clip, and TPSBT against a ViT baseline of the same width and
-    number of blocks (no temporal pyramid, no spatial bottleneck), measured in one run."""
-    torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fine-tune forward+backward, float32 CPU")
-    results = {}
-    for name, batch in (("tiny", 8), ("small", 2)):
-        base = CONFIGS[name]
-        vit = replace(base, temporal_pyramid=False, spatial_bottleneck=False)
-        for label, cfg in ((name, base), (f"{name} ViT baseline", vit)):
-            model = SVFAPClassifier(cfg, 7)
-            video = torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
-            model(video).sum().backward()  # warm-up
+# dense bf16 TFLOP/s by GPU name, for MFU (checked first to last; the PCIe H100 is clocked lower)
+PEAK_TFLOPS = {"H100 PCIe": 756, "A100": 312, "H100": 989, "H200": 989, "L40S": 362, "RTX 4090": 165, "RTX 3090": 71}
+
+
+def peak_tflops(device):
+    """Dense bf16 peak TFLOP/s of a device (torch.device, "cuda:1", or a GPU's name), from its name; None for
+    the CPU and GPUs not listed in PEAK_TFLOPS (give the training scripts' peak_tflops there)."""
+    name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else str(device)
+    return next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+
+
+def bench_steps(cfg, device, batch, steps=10, compile=False, dtype=torch.bfloat16, stages=("pretrain", "finetune"),
+                rounds=3):
+    """Time training steps of SVFAP ("pretrain") and SVFAPClassifier ("finetune") on a synthetic batch
+    already on `device`: autocast to dtype (none for float32), backward, fused AdamW; torch.compile'd when
+    `compile` is True or a backend name. Returns {stage: {ms (per step, best of the rounds), clips_s,
+    gmacs (forward, per clip), mfu (None without a known peak), peak_mb (CUDA only)}}."""
+    device, out = torch.device(device), {}
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else lambda device: None  # timings wait for the queued GPU work
+    video = torch.randn(batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)
+    mask, labels = tube_mask(batch, cfg, device=device), torch.randint(7, (batch,), device=device)
+    for stage in stages:
+        torch.manual_seed(0)
+        model = (SVFAP(cfg) if stage == "pretrain" else SVFAPClassifier(cfg, 7)).to(device)
+        macs = count_macs(model, video[:1], mask[:1]) if stage == "pretrain" else count_macs(model, video[:1])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # CPU and CUDA kernels since 2.4
+        run = torch.compile(model, backend=compile if isinstance(compile, str) else "inductor") if compile else model
+
+        def step():
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = run(video, mask)[0] if stage == "pretrain" else F.cross_entropy(run(video), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        for _ in range(3 if compile else 1):  # warm-up (and compilation)
+            step()
+        sync(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(rounds):
             t0 = time.perf_counter()
             for _ in range(steps):
-                model.zero_grad(set_to_none=True)
-                model(video).sum().backward()
-            dt = (time.perf_counter() - t0) / steps / batch
-            results[label] = dt
-            print(f"{label:22s} batch {batch}: {1000 * dt:8.1f} ms per clip")
-        print(f"{name}: TPSBT takes {results[name] / results[name + ' ViT baseline']:.2f}x the ViT baseline's time")
+                step()
+            sync(device)
+            times.append((time.perf_counter() - t0) / steps)
+        dt, peak = min(times), peak_tflops(device)
+        out[stage] = dict(ms=1000 * dt, clips_s=batch / dt, gmacs=macs / 1e9,
+                          mfu=6 * macs * batch / dt / (peak * 1e12) if peak else None,  # training = 3 forwards
+                          peak_mb=torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None)
+    return out
+
+
+def bench(device="cpu", presets=(("tiny", 8, 8), ("small", 2, 2)), compiles=(False,), dtype=torch.float32,
+          steps=2, rounds=2):
+    """Print the time of training steps for each (preset, pre-training batch, fine-tuning batch), and of
+    fine-tuning against a ViT baseline of the same width: the paper's (12, 8, 4) for base, the same blocks
+    without temporal pyramid and spatial bottleneck for the smaller presets."""
+    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__}, {where} (peak {peak_tflops(device) or '-'} TFLOP/s), {dtype}, best of "
+          f"{rounds} rounds of {steps} steps\n{'':42s} {'ms/step':>8s} {'clips/s':>8s} {'MFU':>6s} {'peak GB':>8s}")
+    for name, pre_batch, ft_batch in presets:
+        vit = replace(CONFIGS[name], **VIT_BASELINE) if name == "base" else \
+            replace(CONFIGS[name], temporal_pyramid=False, spatial_bottleneck=False)
+        for compile in compiles:
+            rows = [(f"{label}, batch {batch}, {'compiled' if compile else 'eager'}",
+                     bench_steps(cfg, device, batch, steps, compile, dtype, (stage,), rounds)[stage])
+                    for label, cfg, batch, stage in ((f"{name} pre-training", CONFIGS[name], pre_batch, "pretrain"),
+                                                     (f"{name} fine-tuning", CONFIGS[name], ft_batch, "finetune"),
+                                                     ("ViT baseline fine-tuning", vit, ft_batch, "finetune"))]
+            for label, r in rows:
+                print(f"{label:42s} {r['ms']:8.1f} {r['clips_s']:8.1f} " + (f"{100 * r['mfu']:5.1f}%" if r["mfu"] else
+                      "     -") + (f" {r['peak_mb'] / 1024:8.2f}" if r["peak_mb"] else "        -"))
+            (_, b), (_, v) = rows[1:]
+            print(f"{name}: fine-tuning takes {b['ms'] / v['ms']:.2f}x the ViT baseline's time; MACs ratio "
+                  f"{b['gmacs'] / v['gmacs']:.2f}" + (" (the paper's 43.6 / 76.9 = 0.57)" if name == "base" else ""))
 
 
 if __name__ == "__main__":
-    if "--bench" in sys.argv[1:]:
-        bench()
-    else:
+    args = dict(a.lstrip("-").partition("=")[::2] for a in sys.argv[1:])  # --bench [--device=cuda]
+    if "bench" not in args:
         print(sizing_table())
+    elif args.get("device", "cpu") == "cpu":
+        bench()
+    else:  # TPSBT-B at the per-GPU batches of the 4-GPU recipes (256 / 4 pre-training, 96 / 4 fine-tuning)
+        bench(args["device"], (("base", 64, 24),), compiles=(False, True), dtype=torch.bfloat16, steps=10, rounds=3)
