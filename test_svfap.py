@@ -323,7 +323,7 @@ class DeviceReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_training_steps_read_nothing_back_from_the_device():
+def test_forward_and_backward_read_nothing_back_from_the_device():
     cfg = replace(TINY, drop_path=0.1)
     mask = tube_mask(2, cfg)
     for model, loss_of in ((SVFAP(cfg).train(), lambda m, v: m(v, mask)[0]),
