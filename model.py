@@ -1,8 +1,7 @@
 """
-SVFAP: masked facial-video autoencoding with the TPSBT encoder, in one file.
-
-Reading order follows the paper (Sun et al., "SVFAP: Self-supervised Video Facial Affect Perceiver",
-IEEE Trans. Affective Computing 2024):
+SVFAP: masked facial-video autoencoding with the TPSBT encoder, in one file of torch and the standard
+library (copy it into another project). Reading order follows the paper (Sun et al., "SVFAP:
+Self-supervised Video Facial Affect Perceiver", IEEE Trans. Affective Computing 2024):
   1. SVFAPConfig, CONFIGS               sizes and switches of every model in the paper
   2. patchify / tube_mask              input tubelets and the tube masking of pre-training
   3. Attention, Block, SBTBlock         the Transformer pieces (self- and cross-attention through SDPA)
@@ -11,9 +10,7 @@ IEEE Trans. Affective Computing 2024):
   6. SVFAP                              pre-training: multi-scale fusion, decoder, reconstruction loss
   7. SVFAPClassifier                    fine-tuning: mean pooling and a linear head
   8. load_official_state_dict           import the authors' released checkpoints
-  9. count_macs, sizing table, --bench  `python model.py [--bench]`
-
-Only torch and the standard library are imported, so this file can be copied into another project.
+  9. count_macs, sizing table, bench   `python model.py [--bench [--device=cuda]]`
 """
 
 import math
@@ -21,6 +18,7 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -29,9 +27,7 @@ import torch.nn.functional as F
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# -----------------------------------------------------------------------------------------------------
-# 1. Configuration
-
+# 1. Configuration --------------------------------------------------------------------------------------
 
 @dataclass
 class SVFAPConfig:
@@ -63,23 +59,17 @@ class SVFAPConfig:
         self.validate()
 
     @property
-    def grid(self):
-        """(T', H', W'): the token grid of the patch embedding."""
-        return (self.num_frames // self.tubelet_size, self.img_size // self.patch_size,
-                self.img_size // self.patch_size)
-
+    def grid(self):  # (T', H', W'): the token grid of the patch embedding
+        return (self.num_frames // self.tubelet_size,) + (self.img_size // self.patch_size,) * 2
     @property
     def num_spatial(self):  # S, spatial positions per temporal slice
         return self.grid[1] * self.grid[2]
-
     @property
     def num_patches(self):  # N = T' * S
         return self.grid[0] * self.num_spatial
-
     @property
     def num_masked_spatial(self):  # floor(rho * S); the epsilon keeps 0.29 * 100 from becoming 28
         return math.floor(self.mask_ratio * self.num_spatial + 1e-6)
-
     @property
     def patch_dim(self):  # pixels per tubelet: tubelet x patch x patch x channels
         return self.tubelet_size * self.patch_size ** 2 * self.in_chans
@@ -88,9 +78,8 @@ class SVFAPConfig:
         def bad(field, rule):
             raise ValueError(f"SVFAPConfig.{field}={getattr(self, field)!r}: {rule}")
 
-        for f in ("img_size", "patch_size", "num_frames", "tubelet_size", "in_chans", "embed_dim",
-                  "num_heads", "num_bottleneck_tokens", "bottleneck_hidden", "decoder_dim",
-                  "decoder_depth", "decoder_heads"):
+        for f in ("img_size", "patch_size", "num_frames", "tubelet_size", "in_chans", "embed_dim", "num_heads",
+                  "num_bottleneck_tokens", "bottleneck_hidden", "decoder_dim", "decoder_depth", "decoder_heads"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 bad(f, "must be a positive integer")
         if not self.stage_depths or any(not isinstance(d, int) or d < 1 for d in self.stage_depths):
@@ -100,11 +89,10 @@ class SVFAPConfig:
         n_down = len(self.stage_depths) - 1 if self.temporal_pyramid else 0
         if self.num_frames % (self.tubelet_size * 2 ** n_down):
             bad("num_frames", f"must be divisible by tubelet_size x 2^(downsampling stages) = "
-                              f"{self.tubelet_size} x {2 ** n_down}")
-        if self.embed_dim % self.num_heads:
-            bad("embed_dim", f"must be divisible by num_heads={self.num_heads}")
-        if self.decoder_dim % self.decoder_heads:
-            bad("decoder_dim", f"must be divisible by decoder_heads={self.decoder_heads}")
+                              f"{self.tubelet_size * 2 ** n_down}")
+        for dim, heads in (("embed_dim", "num_heads"), ("decoder_dim", "decoder_heads")):
+            if getattr(self, dim) % getattr(self, heads):
+                bad(dim, f"must be divisible by {heads}={getattr(self, heads)}")
         if self.temporal_downsample not in ("conv", "avg", "max"):
             bad("temporal_downsample", 'must be "conv", "avg" or "max"')
         if self.spatial_bottleneck and self.num_bottleneck_tokens > self.num_spatial:
@@ -116,17 +104,14 @@ class SVFAPConfig:
         if self.mlp_ratio <= 0:
             bad("mlp_ratio", "must be positive")
 
-    def to_dict(self):
-        return asdict(self)
+    to_dict = asdict  # cfg.to_dict(): a plain dict of the fields, for checkpoints
 
     @classmethod
     def from_dict(cls, d):
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"SVFAPConfig: unknown field(s) {unknown}; valid fields: {sorted(known)}")
+        if set(d) - known:
+            raise ValueError(f"SVFAPConfig: unknown field(s) {sorted(set(d) - known)}; valid fields: {sorted(known)}")
         return cls(**d)
-
 
 CONFIGS = {
     # TPSBT-B, the paper's model: 77.6M params, 43.6 GMACs fine-tuning, 12.9 GMACs pre-training
@@ -138,9 +123,7 @@ CONFIGS = {
                         bottleneck_hidden=64, decoder_dim=128, decoder_depth=2, decoder_heads=4),
 }
 
-# -----------------------------------------------------------------------------------------------------
-# 2. Tubelets and tube masking
-
+# 2. Tubelets and tube masking --------------------------------------------------------------------------
 
 def patchify(video, tubelet_size, patch_size):
     """(B, c, T, H, W) -> (B, N, tubelet*patch*patch*c), tokens time-major, pixels in (t, row, col, c) order."""
@@ -149,7 +132,6 @@ def patchify(video, tubelet_size, patch_size):
     x = video.reshape(B, c, T // kt, kt, H // p, p, W // p, p)
     x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # (B, T', H', W', kt, p, p, c)
     return x.reshape(B, (T // kt) * (H // p) * (W // p), kt * p * p * c)
-
 
 def unpatchify(patches, cfg):
     """Inverse of patchify: (B, N, tubelet*patch*patch*c) -> (B, c, T, H, W)."""
@@ -160,57 +142,39 @@ def unpatchify(patches, cfg):
     x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, c, T', kt, H', p, W', p)
     return x.reshape(B, c, Tg * kt, Hg * p, Wg * p)
 
-
 def tube_mask(batch_size, cfg, generator=None, device=None):
     """Bool (B, N), True = masked: the same floor(rho*S) random spatial positions in every temporal slice."""
     T, S, n_masked = cfg.grid[0], cfg.num_spatial, cfg.num_masked_spatial
     noise = torch.rand(batch_size, S, generator=generator, device=device)
-    ranks = noise.argsort(dim=1).argsort(dim=1)  # a random permutation of 0..S-1 per clip
-    spatial = ranks < n_masked  # (B, S)
+    spatial = noise.argsort(dim=1).argsort(dim=1) < n_masked  # (B, S): ranks are a random permutation per clip
     return spatial.unsqueeze(1).expand(batch_size, T, S).reshape(batch_size, T * S)
-
 
 def sinusoid_table(num_positions, dim):
     """Fixed 1-D table (num_positions, dim): angle = pos / 10000^(2*(j//2)/dim); sin on even j, cos on odd."""
     pos = torch.arange(num_positions, dtype=torch.float64).unsqueeze(1)
     j = torch.arange(dim, dtype=torch.float64)
     angle = pos / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode="floor") / dim)
-    table = torch.where(j.long() % 2 == 0, torch.sin(angle), torch.cos(angle))
-    return table.float()
-
+    return torch.where(j.long() % 2 == 0, torch.sin(angle), torch.cos(angle)).float()
 
 def check_tube_mask(mask, cfg):
-    """The encoder reshapes visible tokens to (B, T', S_vis, C); that is only right for a tube mask."""
-    if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[1] != cfg.num_patches:
-        raise ValueError(f"mask must be a bool tensor (B, {cfg.num_patches}), got {mask.dtype} {tuple(mask.shape)}")
-    if mask.device.type == "meta" or torch.compiler.is_compiling():  # no values to read (or a graph break)
-        return
-    spatial = mask.view(mask.shape[0], cfg.grid[0], cfg.num_spatial)
+    """Raise ValueError unless `mask` is a tube mask of cfg, for masks not made by tube_mask: the encoder reshapes
+    visible tokens to (B, T', S_vis, C). The forward pass does not check: reading a mask stalls a GPU."""
+    spatial = mask.view(mask.shape[0], cfg.grid[0], cfg.num_spatial)  # (B, T', S)
     if not bool((spatial == spatial[:, :1]).all()) or not bool((spatial[:, 0].sum(1) == cfg.num_masked_spatial).all()):
         raise ValueError(f"mask must be a tube mask: the same {cfg.num_masked_spatial} of {cfg.num_spatial} "
                          f"spatial positions masked in every temporal slice (see tube_mask)")
 
+# 3. Transformer pieces ---------------------------------------------------------------------------------
 
-# -----------------------------------------------------------------------------------------------------
-# 3. Transformer pieces
-
-
-def split_heads(x, num_heads):
-    """(B, N, C) -> (B, heads, N, C/heads); heads are contiguous slices of the channels."""
-    B, N, C = x.shape
-    return x.view(B, N, num_heads, C // num_heads).transpose(1, 2)
-
-
-def merge_heads(x):
-    """(B, heads, N, d) -> (B, N, heads*d)."""
-    B, H, N, d = x.shape
-    return x.transpose(1, 2).reshape(B, N, H * d)
-
+def attend(q, k, v, num_heads):
+    """Multi-head scaled dot-product attention: q (B, Nq, C), k and v (B, Nk, C) -> (B, Nq, C); heads are
+    contiguous slices of the channels."""
+    q, k, v = (t.unflatten(-1, (num_heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, h, N, C/h)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, Nq, C)
 
 class Attention(nn.Module):
     """Multi-head self-attention (MHSA). Bias on q and v only: a bias on k shifts every logit of a query by
     the same constant, which softmax ignores."""
-
     def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads = num_heads
@@ -222,13 +186,10 @@ class Attention(nn.Module):
     def forward(self, x):
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         q, k, v = F.linear(x, self.qkv.weight, bias).chunk(3, dim=-1)  # 3 x (B, N, C)
-        q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))  # (B, h, N, C/h)
-        return self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))
-
+        return self.proj(attend(q, k, v, self.num_heads))
 
 class CrossAttention(nn.Module):
     """Multi-head cross-attention (MHCA): queries from x, keys and values from the context."""
-
     def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads = num_heads
@@ -241,60 +202,44 @@ class CrossAttention(nn.Module):
     def forward(self, x, context):
         q = F.linear(x, self.q.weight, self.q_bias)  # (B, Nq, C)
         k, v = F.linear(context, self.kv.weight, torch.cat([torch.zeros_like(self.v_bias), self.v_bias])).chunk(2, -1)
-        q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))  # (B, h, Nq or Nk, C/h)
-        return self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))
-
+        return self.proj(attend(q, k, v, self.num_heads))  # keys and values (B, Nk, C)
 
 class MLP(nn.Module):
     def __init__(self, dim, hidden, out=None):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, out or dim)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(F.gelu(self.fc1(x)))
 
+def drop_path(x, p, training):
+    """Stochastic depth: drop a whole residual branch per sample with probability p, rescale the kept ones."""
+    if p == 0.0 or not training:
+        return x
+    keep = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) >= p
+    return x * keep.to(x.dtype) / (1.0 - p)
 
-class DropPath(nn.Module):
-    """Stochastic depth: drop a whole residual branch per sample, rescale the kept ones."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) >= self.p
-        return x * keep.to(x.dtype) / (1.0 - self.p)
-
-
-def LayerNorm(dim):
-    return nn.LayerNorm(dim, eps=1e-6)
-
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)  # the release's epsilon
 
 class Block(nn.Module):
     """Standard pre-norm Transformer block: x += MHSA(LN(x)); x += FFN(LN(x))."""
-
     def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
         super().__init__()
         self.norm1 = LayerNorm(dim)
         self.attn = Attention(dim, num_heads)
         self.norm2 = LayerNorm(dim)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
-        self.drop_path = DropPath(drop_path)
+        self.drop_rate = drop_path
 
     def forward(self, x):
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
-
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_rate, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_rate, self.training)
 
 class SBTBlock(Block):
     """Spatial bottleneck Transformer block: a Block preceded by cross-attention to a context.
     z += MHCA(LN_q(z), LN_c(context)); then the Block. With z = bottleneck tokens and context = all tokens
     it is an SBT block; with the roles swapped it is the reverse block."""
-
     def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
         super().__init__(dim, num_heads, mlp_ratio, drop_path)
         self.cross_norm1 = LayerNorm(dim)  # LN_q, query side
@@ -302,18 +247,15 @@ class SBTBlock(Block):
         self.cross_attn = CrossAttention(dim, num_heads)
 
     def forward(self, x, context):
-        x = x + self.drop_path(self.cross_attn(self.cross_norm1(x), self.cross_norm2(context)))
+        attended = self.cross_attn(self.cross_norm1(x), self.cross_norm2(context))
+        x = x + drop_path(attended, self.drop_rate, self.training)
         return super().forward(x)
 
-
-# -----------------------------------------------------------------------------------------------------
-# 4. The two ideas of TPSBT
-
+# 4. The two ideas of TPSBT -----------------------------------------------------------------------------
 
 class TemporalPyramid(nn.Module):
     """Halve the temporal length at every spatial position: Conv1d(C, C, kernel 2, stride 2) along time,
     or average / max pooling (the paper's ablation)."""
-
     def __init__(self, dim, mode="conv"):
         super().__init__()
         self.mode = mode
@@ -322,18 +264,11 @@ class TemporalPyramid(nn.Module):
     def forward(self, x):
         B, T, S, C = x.shape
         x = x.permute(0, 2, 3, 1).reshape(B * S, C, T)  # (B*S, C, T): each spatial position on its own
-        if self.mode == "conv":
-            x = self.conv(x)
-        elif self.mode == "avg":
-            x = F.avg_pool1d(x, 2)
-        else:
-            x = F.max_pool1d(x, 2)
+        x = self.conv(x) if self.conv is not None else (F.avg_pool1d if self.mode == "avg" else F.max_pool1d)(x, 2)
         return x.reshape(B, S, C, T // 2).permute(0, 3, 1, 2)  # (B, T/2, S, C)
-
 
 class SpatialAttention(nn.Module):
     """Compress each temporal slice into K bottleneck tokens: K softmax-over-space weightings of its tokens."""
-
     def __init__(self, dim, num_tokens, hidden):
         super().__init__()
         self.norm = LayerNorm(dim)
@@ -348,29 +283,21 @@ class SpatialAttention(nn.Module):
         z = torch.einsum("btsk,btsc->btkc", self.weights(x), x)  # (B, T, K, C)
         return z.reshape(B, -1, C)  # (B, T*K, C): the bottleneck tokens
 
-
-# -----------------------------------------------------------------------------------------------------
-# 5. The encoder
-
+# 5. The encoder ----------------------------------------------------------------------------------------
 
 class TPSBTStage(nn.Module):
     """One stage on tokens (B, T, S, C). Stage 1 is plain blocks; later stages first apply the temporal
     pyramid, then either SBT (spatial attention, N-1 SBT blocks, one reverse block) or plain blocks."""
-
-    def __init__(self, cfg, depth, first, drop_paths):
+    def __init__(self, cfg, first, drop_paths):
         super().__init__()
         dim, heads, ratio = cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio
-        self.temporal_pyramid = TemporalPyramid(dim, cfg.temporal_downsample) \
-            if (not first and cfg.temporal_pyramid) else None
-        bottleneck = not first and cfg.spatial_bottleneck
-        if bottleneck:
-            self.spatial_attention = SpatialAttention(dim, cfg.num_bottleneck_tokens, cfg.bottleneck_hidden)
-            self.blocks = nn.ModuleList(SBTBlock(dim, heads, ratio, dp) for dp in drop_paths[:-1])
-            self.reverse_block = SBTBlock(dim, heads, ratio, drop_paths[-1])
-        else:
-            self.spatial_attention = None
-            self.blocks = nn.ModuleList(Block(dim, heads, ratio, dp) for dp in drop_paths)
-            self.reverse_block = None
+        tp, sbt = not first and cfg.temporal_pyramid, not first and cfg.spatial_bottleneck
+        self.temporal_pyramid = TemporalPyramid(dim, cfg.temporal_downsample) if tp else None
+        self.spatial_attention = SpatialAttention(dim, cfg.num_bottleneck_tokens, cfg.bottleneck_hidden) \
+            if sbt else None
+        self.blocks = nn.ModuleList((SBTBlock if sbt else Block)(dim, heads, ratio, dp)
+                                    for dp in (drop_paths[:-1] if sbt else drop_paths))
+        self.reverse_block = SBTBlock(dim, heads, ratio, drop_paths[-1]) if sbt else None
 
     def forward(self, x):
         if self.temporal_pyramid is not None:
@@ -386,15 +313,12 @@ class TPSBTStage(nn.Module):
             z = blk(z, context=tokens)  # the full token set stays fixed as context
         # The reverse block restores all tokens from the bottleneck. In pre-training `tokens` holds only
         # visible tokens here; the release passed the full unmasked embedding instead, leaking masked pixels.
-        y = self.reverse_block(tokens, context=z)
-        return y.view(B, T, S, C)
-
+        return self.reverse_block(tokens, context=z).view(B, T, S, C)
 
 class PatchEmbed(nn.Module):
     """Tubelet embedding. The weight is a Conv3d's (C, c, kt, p, p) so the release's checkpoints load, but
     it is applied as a Linear over patchified tubelets: the same function, faster on the CPU, and it lets
     pre-training embed only the visible tubelets."""
-
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -408,22 +332,18 @@ class PatchEmbed(nn.Module):
         weight = self.proj.weight.permute(0, 2, 3, 4, 1).flatten(1)  # (C, kt*p*p*c), patchify's pixel order
         return F.linear(patches, weight, self.proj.bias)  # (B, N or N_vis, C)
 
-
 def token_order(mask):
     """(B, N) bool -> (B, N) token indices: the visible ones, then the masked ones, each in increasing order.
     Gathering with these (rather than boolean indexing) keeps every shape known without reading the mask."""
     return torch.argsort(mask.to(torch.int8), dim=1, stable=True)
 
-
 def gather_tokens(x, idx):
     """x (B, N, D), idx (B, M) -> (B, M, D)."""
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
-
 class TPSBT(nn.Module):
     """Temporal Pyramid and Spatial Bottleneck Transformer: patch embedding + fixed sinusoidal positions,
     then the stages. With a tube mask only the visible tokens are embedded and processed."""
-
     def __init__(self, cfg):
         super().__init__()
         cfg.validate()
@@ -431,11 +351,9 @@ class TPSBT(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.register_buffer("pos_embed", sinusoid_table(cfg.num_patches, cfg.embed_dim), persistent=False)
         total = sum(cfg.stage_depths)
-        dpr = [cfg.drop_path * i / max(total - 1, 1) for i in range(total)]  # linear rise from 0
-        starts = [sum(cfg.stage_depths[:s]) for s in range(len(cfg.stage_depths))]
-        self.stages = nn.ModuleList(
-            TPSBTStage(cfg, d, first=(s == 0), drop_paths=dpr[starts[s]:starts[s] + d])
-            for s, d in enumerate(cfg.stage_depths))
+        dpr = iter([cfg.drop_path * i / max(total - 1, 1) for i in range(total)])  # linear rise from 0
+        self.stages = nn.ModuleList(TPSBTStage(cfg, first=(s == 0), drop_paths=[next(dpr) for _ in range(d)])
+                                    for s, d in enumerate(cfg.stage_depths))
         self.apply(init_weights)
 
     def block_names(self):
@@ -443,35 +361,33 @@ class TPSBT(nn.Module):
         names = []
         for s, stage in enumerate(self.stages):
             names += [f"stages.{s}.blocks.{j}" for j in range(len(stage.blocks))]
-            if stage.reverse_block is not None:
-                names.append(f"stages.{s}.reverse_block")
+            names += [f"stages.{s}.reverse_block"] if stage.reverse_block is not None else []
         return names
 
     def forward(self, video, mask=None, return_all_stages=False):
-        """video (B, c, T, H, W) normalised; mask (B, N) bool tube mask or None.
-        Returns the last stage's tokens (B, T_last, S or S_vis, C), or the list of every stage's."""
+        """video (B, c, T, H, W) normalised; mask (B, N) bool tube mask (values unchecked: no device sync) or
+        None. Returns the last stage's tokens (B, T_last, S or S_vis, C), or the list of every stage's."""
         cfg = self.cfg
         expected = (cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size)
         if video.dim() != 5 or tuple(video.shape[1:]) != expected:
             raise ValueError(f"TPSBT expects video (B, {', '.join(map(str, expected))}) = (B, channels, frames, "
                              f"height, width) for this config, got {tuple(video.shape)}")
-        B = video.shape[0]
-        T, S, C = cfg.grid[0], cfg.num_spatial, cfg.embed_dim
+        B, T, S, C = video.shape[0], cfg.grid[0], cfg.num_spatial, cfg.embed_dim
         pos = self.pos_embed.to(video.dtype).expand(B, -1, -1)  # (B, N, C)
         if mask is None:
             x = self.patch_embed(video) + pos  # (B, N, C)
         else:
-            check_tube_mask(mask, cfg)
+            if mask.dtype != torch.bool or tuple(mask.shape) != (B, cfg.num_patches):
+                raise ValueError(f"mask must be a bool tube mask ({B}, {cfg.num_patches}), got {mask.dtype} "
+                                 f"{tuple(mask.shape)}")
             S = S - cfg.num_masked_spatial
             idx = token_order(mask)[:, :T * S]
             x = self.patch_embed(video, idx) + gather_tokens(pos, idx)
         x = x.view(B, T, S, C)  # (B, T', S_vis, C): a tube mask keeps the same S_vis positions per slice
         outputs = []
         for stage in self.stages:
-            x = stage(x)
-            outputs.append(x)
+            outputs.append(x := stage(x))
         return outputs if return_all_stages else x
-
 
 def init_weights(m):
     """Xavier-uniform Linear weights (as the release's pre-training), zero biases, unit LayerNorms; the
@@ -487,15 +403,11 @@ def init_weights(m):
         nn.init.xavier_uniform_(m.proj.weight.view(m.proj.weight.shape[0], -1))
         nn.init.zeros_(m.proj.bias)
 
-
 def no_weight_decay(name, param):
     """AdamW decays matrices only: not norms, biases, q/v biases or the mask token."""
     return param.ndim <= 1 or name.endswith("mask_token")
 
-
-# -----------------------------------------------------------------------------------------------------
-# 6. Pre-training: SVFAP
-
+# 6. Pre-training: SVFAP --------------------------------------------------------------------------------
 
 class Decoder(nn.Module):
     def __init__(self, cfg):
@@ -510,11 +422,9 @@ class Decoder(nn.Module):
             x = blk(x)
         return self.head(self.norm(x[:, -num_masked:]))  # predictions for the masked tokens only
 
-
 class SVFAP(nn.Module):
     """Masked facial-video autoencoder: TPSBT on visible tubes, multi-scale fusion, a light decoder that
     reconstructs the masked tubelets."""
-
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -586,15 +496,11 @@ class SVFAP(nn.Module):
         pixels[mask] = rec.reshape(-1, D)
         return unpatchify(pixels, cfg).clamp(0, 1)
 
-
-# -----------------------------------------------------------------------------------------------------
-# 7. Fine-tuning: SVFAPClassifier
-
+# 7. Fine-tuning: SVFAPClassifier -----------------------------------------------------------------------
 
 class SVFAPClassifier(nn.Module):
     """TPSBT on all tokens, mean pooling over the last stage, LayerNorm, linear head (classes or
     regression dimensions)."""
-
     def __init__(self, cfg, num_outputs):
         super().__init__()
         self.cfg = cfg
@@ -618,70 +524,42 @@ class SVFAPClassifier(nn.Module):
 
     def lr_layer_id(self, name):
         """Layer for layer-wise lr decay: patch embedding 0, block i (release order) i+1, the rest on top."""
-        if name.startswith("encoder.patch_embed"):
-            return 0
         m = re.match(r"encoder\.(stages\.\d+\.(?:blocks\.\d+|reverse_block))\.", name)
-        if m:
-            return self._block_ids[m.group(1)]
-        return self.num_lr_layers - 1
+        return 0 if name.startswith("encoder.patch_embed") else self._block_ids[m[1]] if m else self.num_lr_layers - 1
 
-
-# -----------------------------------------------------------------------------------------------------
-# 8. Importing the authors' released checkpoints
-
+# 8. Importing the authors' released checkpoints --------------------------------------------------------
 
 def official_key_map(model, pretraining_layout):
     """{release key: our key} for every tensor of `model` that a release checkpoint can hold. The release
-    prefixes encoder keys with "encoder." in pre-training checkpoints and not in fine-tuned ones."""
-    pre = "encoder." if pretraining_layout else ""
-    ours = list(model.state_dict())
-    m = {f"{pre}patch_embed.proj.{p}": f"encoder.patch_embed.proj.{p}" for p in ("weight", "bias")}
-    for i, name in enumerate(model.encoder.block_names()):  # blocks.i counts over all stages
-        for k in ours:
-            if k.startswith(f"encoder.{name}."):
-                m[f"{pre}blocks.{i}.{k[len(name) + 9:]}"] = k
-    for s in range(1, len(model.encoder.stages)):  # stage s holds downsamples.{s-1}
-        for k in ours:
-            if k.startswith(f"encoder.stages.{s}.temporal_pyramid.conv."):
-                m[f"{pre}temporal_downsamples.{s - 1}.{k.rsplit('.', 1)[1]}"] = k
-            if k.startswith(f"encoder.stages.{s}.spatial_attention."):
-                m[f"{pre}spatial_downsamples.{s - 1}.{k.split('spatial_attention.', 1)[1]}"] = k
-    if isinstance(model, SVFAP):
-        m.update({k: k for k in ours if k.startswith("decoder.") or k in ("encoder_to_decoder.weight", "mask_token")})
-        m.update({f"encoder.norm.{p}": f"fusion_norm.{p}" for p in ("weight", "bias")})
-    else:
-        m.update({k: k for k in ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias")})
-    return m
-
+    numbers blocks over all stages (blocks.i) and gives stage s its downsamples.{s-1}; it prefixes encoder
+    keys with "encoder." in pre-training checkpoints and not in fine-tuned ones."""
+    pre, block_ids = "encoder." if pretraining_layout else "", {n: i for i, n in enumerate(model.encoder.block_names())}
+    key_map = {}
+    for k in model.state_dict():
+        if m := re.match(r"encoder\.(stages\.\d+\.(?:blocks\.\d+|reverse_block))\.(.*)", k):
+            key_map[f"{pre}blocks.{block_ids[m[1]]}.{m[2]}"] = k
+        elif m := re.match(r"encoder\.stages\.(\d+)\.(temporal_pyramid\.conv|spatial_attention)\.(.*)", k):
+            key_map[f"{pre}{m[2].split('_')[0]}_downsamples.{int(m[1]) - 1}.{m[3]}"] = k
+        else:  # the patch embedding; fusion_norm is the release's "encoder.norm"; decoder and head keep their names
+            key_map[re.sub(r"^encoder\.", pre, k).replace("fusion_norm.", "encoder.norm.")] = k
+    return key_map
 
 def load_official_state_dict(model, state_dict):
     """Load a checkpoint of the authors' release (pre-training or fine-tuned layout; a dict holding "model"
     or "module", or a bare state dict) into SVFAP or SVFAPClassifier. Returns (missing, unused): our keys
     left at their initial values and release keys that had no place. A shape mismatch raises ValueError."""
-    for key in ("model", "module"):
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-            break
+    state_dict = next((state_dict[k] for k in ("model", "module") if isinstance(state_dict.get(k), dict)), state_dict)
     src = {k.removeprefix("module."): v for k, v in state_dict.items()}  # saved from a DDP wrapper
     key_map = official_key_map(model, pretraining_layout=any(k.startswith("encoder.") for k in src))
-    ours = model.state_dict()
-    loaded, unused = {}, []
-    for k, v in src.items():
-        dst = key_map.get(k)
-        if dst is None:
-            unused.append(k)
-            continue
-        if tuple(v.shape) != tuple(ours[dst].shape):
-            raise ValueError(f"load_official_state_dict: {k} has shape {tuple(v.shape)} but {dst} in this model "
+    ours, pairs = model.state_dict(), [(k, dst) for k, dst in key_map.items() if k in src]
+    for k, dst in pairs:
+        if tuple(src[k].shape) != tuple(ours[dst].shape):
+            raise ValueError(f"load_official_state_dict: {k} has shape {tuple(src[k].shape)} but {dst} in this model "
                              f"has {tuple(ours[dst].shape)}; does the checkpoint's preset match the model's config?")
-        loaded[dst] = v
-    model.load_state_dict(loaded, strict=False)
-    return sorted(set(ours) - set(loaded)), sorted(unused)
+    model.load_state_dict({dst: src[k] for k, dst in pairs}, strict=False)
+    return sorted(set(ours) - {dst for _, dst in pairs}), sorted(set(src) - set(key_map))
 
-
-# -----------------------------------------------------------------------------------------------------
-# 9. Counting and benchmarking
-
+# 9. Counting and benchmarking --------------------------------------------------------------------------
 
 def count_macs(model, *inputs):
     """Multiply-accumulates of one forward (torch's flop counter total / 2, the way fvcore counts).
@@ -694,27 +572,23 @@ def count_macs(model, *inputs):
         model(*inputs)
     return counter.get_total_flops() // 2
 
-
 def sizes(cfg, num_outputs=7):
     """(params in M of the fine-tuning model, fine-tune GMACs, pre-train GMACs counted as the paper does)."""
     with torch.device("meta"):
-        clf = SVFAPClassifier(cfg, num_outputs)
-        pre = SVFAP(cfg)
+        clf, pre = SVFAPClassifier(cfg, num_outputs), SVFAP(cfg)
         video = torch.empty(1, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size)
         mask = torch.zeros(1, cfg.num_patches, dtype=torch.bool)
-    params = sum(p.numel() for p in clf.parameters()) / 1e6
-    ft = count_macs(clf, video) / 1e9
     # the paper embeds all tubelets, masked ones too; we embed only the visible ones
     masked_embed = cfg.grid[0] * cfg.num_masked_spatial * cfg.patch_dim * cfg.embed_dim
-    pt = (count_macs(pre, video, mask) + masked_embed) / 1e9
-    return params, ft, pt
+    return (sum(p.numel() for p in clf.parameters()) / 1e6, count_macs(clf, video) / 1e9,
+            (count_macs(pre, video, mask) + masked_embed) / 1e9)
 
-
-# (label, config overrides of base, paper params M, paper fine-tune GMACs, paper pre-train GMACs)
+VIT_BASELINE = dict(stage_depths=(12, 8, 4), temporal_pyramid=False, spatial_bottleneck=False)
+# (label, preset or overrides of base, the paper's params M, fine-tune GMACs, pre-train GMACs)
 PAPER_TABLE = [
     ("TPSBT-B (base)", {}, 77.6, 43.6, 12.9),
     ("TPSBT-S (small)", "small", 29.7, 18.0, None),
-    ("ViT baseline (12,8,4)", dict(stage_depths=(12, 8, 4), temporal_pyramid=False, spatial_bottleneck=False), 76.4, 76.9, 14.9),
+    ("ViT baseline (12,8,4)", VIT_BASELINE, 76.4, 76.9, 14.9),
     ("TP only (12,8,4)", dict(stage_depths=(12, 8, 4), spatial_bottleneck=False), 77.5, 53.1, 13.1),
     ("SBT only", dict(temporal_pyramid=False), 76.6, 49.9, 13.5),
     ("K = 4", dict(num_bottleneck_tokens=4), 77.6, 43.2, 12.6),
@@ -726,68 +600,101 @@ PAPER_TABLE = [
     ("mask ratio 95%", dict(mask_ratio=0.95), 77.6, 43.6, 11.2),
 ]
 
+def paper_gaps(label):
+    """Our (params, fine-tune GMACs, pre-train GMACs) of a PAPER_TABLE row, the paper's, and the gaps in %."""
+    over, *paper = next(row[1:] for row in PAPER_TABLE if row[0] == label)
+    ours = sizes(CONFIGS[over] if isinstance(over, str) else replace(CONFIGS["base"], **over))
+    return ours, paper, [100 * (o - p) / p if p else 0.0 for o, p in zip(ours, paper)]
 
 def sizing_table():
-    rows = ["params M (paper) | fine-tune GMACs (paper) | pre-train GMACs (paper)",
-            f"{'variant':24s} {'params M':>16s} {'fine-tune GMACs':>18s} {'pre-train GMACs':>18s}  worst gap"]
-    worst = 0.0
-    for label, over, p_par, p_ft, p_pt in PAPER_TABLE:
-        cfg = CONFIGS[over] if isinstance(over, str) else replace(CONFIGS["base"], **over)
-        par, ft, pt = sizes(cfg)
+    rows = [f"{'variant':24s} {'params M':>16s} {'fine-tune GMACs':>18s} {'pre-train GMACs':>18s}  worst gap"]
+    for label, *_ in PAPER_TABLE:
+        ours, paper, gaps = paper_gaps(label)
+        cells = [f"{o:7.2f} ({p:5.1f})" if p else f"{o:7.2f} (   -  )" for o, p in zip(ours, paper)]
+        rows.append(f"{label:24s} {cells[0]:>16s} {cells[1]:>18s} {cells[2]:>18s}  {max(gaps, key=abs):+.2f}%")
+    return "\n".join(rows) + """
+Ours (the paper's). MACs: torch.utils.flop_counter total / 2 (as fvcore counts), attention on the math SDPA
+  backend so its products are counted; batch 1, 16x160x160; params of the fine-tuning model, 7 classes.
+Pre-train GMACs include embedding the masked tubelets, as the paper counts (this code embeds only the
+  visible ones: 0.57 GMACs less for base at 90%). 'SBT only': no faithful build gives the paper's GMACs
+  (stages 2-3 run at full temporal length); we report the gap rather than bend the model."""
 
-        def cell(ours, paper):
-            if paper is None:
-                return f"{ours:7.2f} (   -  )", 0.0
-            gap = 100 * (ours - paper) / paper
-            return f"{ours:7.2f} ({paper:5.1f})", gap
+PEAK_TFLOPS = {"H100 PCIe": 756, "A100": 312, "H100": 989, "H200": 989, "L40S": 362, "RTX 4090": 165, "RTX 3090": 71}
 
-        cells = [cell(par, p_par), cell(ft, p_ft), cell(pt, p_pt)]
-        gaps = [g for _, g in cells]
-        if label == "SBT only":
-            gaps_shown = f"params {gaps[0]:+.1f}%, GMACs {gaps[1]:+.1f}% / {gaps[2]:+.1f}% (see note)"
-            worst = max(worst, abs(gaps[0]))
-        else:
-            worst = max(worst, *map(abs, gaps))
-            gaps_shown = f"{max(gaps, key=abs):+.2f}%"
-        rows.append(f"{label:24s} {cells[0][0]:>16s} {cells[1][0]:>18s} {cells[2][0]:>18s}  {gaps_shown}")
-    rows += [
-        f"worst gap outside the 'SBT only' GMACs: {worst:.2f}%",
-        "MACs: torch.utils.flop_counter total / 2 (as fvcore counts), attention on the math SDPA backend so",
-        "  its matrix products are counted (the fused CPU kernel is invisible to the counter). Batch 1,",
-        "  16x160x160 input, params of the fine-tuning model with a 7-class head.",
-        "Pre-train GMACs include embedding the masked tubelets, as the paper counts; this code embeds only",
-        "  the visible ones, which saves that part (0.57 GMACs for base at 90%).",
-        "'SBT only': the paper's 49.9 / 13.5 GMACs could not be reproduced by any faithful build; stages 2-3",
-        "  at full temporal length give the figures above. We report the gap rather than bend the model.",
-    ]
-    return "\n".join(rows)
+def peak_tflops(device):
+    """Dense bf16 peak TFLOP/s of a device (torch.device, "cuda:1", or a GPU's name), for MFU: the first key of
+    PEAK_TFLOPS in its name (the PCIe H100 is clocked lower than the SXM one). None for the CPU and GPUs not
+    listed (give the training scripts' peak_tflops there)."""
+    name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else str(device)
+    return next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
 
+def bench_steps(cfg, device, batch, stage, steps=10, compile=False, dtype=torch.bfloat16, rounds=3):
+    """Time training steps of SVFAP (stage "pretrain") or SVFAPClassifier ("finetune") on a synthetic batch
+    already on `device`: autocast to dtype (none for float32), backward, fused AdamW; torch.compile'd when
+    `compile` is True or a backend name. Returns {ms (per step, best of the rounds), clips_s, gmacs (forward,
+    per clip), mfu (None without a known peak), peak_mb (CUDA only)}."""
+    device = torch.device(device)
+    cuda, pretrain = device.type == "cuda", stage == "pretrain"
+    sync = torch.cuda.synchronize if cuda else lambda device: None  # timings wait for the queued GPU work
+    video = torch.randn(batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)
+    mask, labels = tube_mask(batch, cfg, device=device), torch.randint(7, (batch,), device=device)
+    model = (SVFAP(cfg) if pretrain else SVFAPClassifier(cfg, 7)).to(device)
+    macs = count_macs(model, video[:1], mask[:1]) if pretrain else count_macs(model, video[:1])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # CPU and CUDA kernels since torch 2.4
+    run = torch.compile(model, backend=compile if isinstance(compile, str) else "inductor") if compile else model
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = run(video, mask)[0] if pretrain else F.cross_entropy(run(video), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for _ in range(3 if compile else 1):  # warm-up (and compilation)
+        step()
+    sync(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        times.append((time.perf_counter() - t0) / steps)
+    dt, peak = min(times), peak_tflops(device)
+    return dict(ms=1000 * dt, clips_s=batch / dt, gmacs=macs / 1e9,
+                mfu=6 * macs * batch / dt / (peak * 1e12) if peak else None,  # training = 3 forwards
+                peak_mb=torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None)
 
-def bench(steps=5):
-    """Fine-tune forward+backward time per clip, and TPSBT against a ViT baseline of the same width and
-    number of blocks (no temporal pyramid, no spatial bottleneck), measured in one run."""
-    torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fine-tune forward+backward, float32 CPU")
-    results = {}
-    for name, batch in (("tiny", 8), ("small", 2)):
-        base = CONFIGS[name]
-        vit = replace(base, temporal_pyramid=False, spatial_bottleneck=False)
-        for label, cfg in ((name, base), (f"{name} ViT baseline", vit)):
-            model = SVFAPClassifier(cfg, 7)
-            video = torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
-            model(video).sum().backward()  # warm-up
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                model.zero_grad(set_to_none=True)
-                model(video).sum().backward()
-            dt = (time.perf_counter() - t0) / steps / batch
-            results[label] = dt
-            print(f"{label:22s} batch {batch}: {1000 * dt:8.1f} ms per clip")
-        print(f"{name}: TPSBT takes {results[name] / results[name + ' ViT baseline']:.2f}x the ViT baseline's time")
-
+def bench(device="cpu", presets=(("tiny", 8, 8), ("small", 2, 2)), compiles=(False,), dtype=torch.float32,
+          steps=2, rounds=2):
+    """Print the time of training steps for each (preset, pre-training batch, fine-tuning batch), and of
+    fine-tuning against a ViT baseline of the same width: the paper's (12, 8, 4) for base, the same blocks
+    without temporal pyramid and spatial bottleneck for the smaller presets."""
+    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where} (peak {peak_tflops(device) or '-'} TFLOP/s), {dtype}, best of "
+          f"{rounds} rounds of {steps} steps\n{'':46s} {'ms/step':>8s} {'clips/s':>8s} {'MFU':>6s} {'peak GB':>8s}")
+    for name, pre_batch, ft_batch in presets:
+        cfg = CONFIGS[name]
+        vit = replace(cfg, **VIT_BASELINE if name == "base" else dict(temporal_pyramid=False, spatial_bottleneck=False))
+        for compile in compiles:
+            rows = [(f"{label}, batch {batch}, {'compiled' if compile else 'eager'}",
+                     bench_steps(c, device, batch, stage, steps, compile, dtype, rounds))
+                    for label, c, batch, stage in ((f"{name} pre-training", cfg, pre_batch, "pretrain"),
+                                                   (f"{name} fine-tuning", cfg, ft_batch, "finetune"),
+                                                   ("ViT baseline fine-tuning", vit, ft_batch, "finetune"))]
+            for label, r in rows:
+                mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
+                gb = f"{r['peak_mb'] / 1024:.2f}" if r["peak_mb"] else "-"
+                print(f"{label:46s} {r['ms']:8.1f} {r['clips_s']:8.1f} {mfu:>6s} {gb:>8s}")
+            (_, b), (_, v) = rows[1:]
+            print(f"{name}: fine-tuning takes {b['ms'] / v['ms']:.2f}x the ViT baseline's time; MACs ratio "
+                  f"{b['gmacs'] / v['gmacs']:.2f}" + (" (the paper's 43.6 / 76.9 = 0.57)" if name == "base" else ""))
 
 if __name__ == "__main__":
-    if "--bench" in sys.argv[1:]:
-        bench()
-    else:
+    args = dict(a.lstrip("-").partition("=")[::2] for a in sys.argv[1:])  # --bench [--device=cuda]
+    if "bench" not in args:
         print(sizing_table())
+    elif args.get("device", "cpu") == "cpu":
+        bench()
+    else:  # TPSBT-B at the per-GPU batches of the 4-GPU recipes (256 / 4 pre-training, 96 / 4 fine-tuning)
+        bench(args["device"], (("base", 64, 24),), compiles=(False, True), dtype=torch.bfloat16, steps=10, rounds=3)
