@@ -244,48 +244,48 @@ def soft_cross_entropy(logits, soft_target):
     return torch.sum(-soft_target * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-def mixup_cutmix(video, soft_target, mixup_alpha, cutmix_alpha, switch_prob=0.5):
+def mixup_cutmix(video, soft_target, mixup_alpha, cutmix_alpha, switch_prob=0.5, generator=None):
     """Mix every clip with the batch in reverse order (timm's Mixup, mode "batch"), lam ~ Beta(alpha, alpha).
     Mixup blends the pixels lam : 1 - lam; cutmix pastes one box of the partner's frames (the same box in
     every frame) and sets lam to the area kept. Targets mix with the same lam. With both on, a batch uses
     cutmix with probability switch_prob. video (B, 3, T, H, W), soft_target (B, C)."""
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand(()).item() < switch_prob)
-    alpha = cutmix_alpha if use_cutmix else mixup_alpha
-    lam = torch.distributions.Beta(alpha, alpha).sample().item()
-    partner = video.flip(0)
-    if use_cutmix:
-        H, W = video.shape[-2:]
-        cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-        cy, cx = torch.randint(H, ()).item(), torch.randint(W, ()).item()
-        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
-        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
-        video = video.clone()
-        video[..., y0:y1, x0:x1] = partner[..., y0:y1, x0:x1]
-        lam = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)  # the box was clipped at the border: use the real area
-    else:
-        video = video * lam + partner * (1.0 - lam)
-    return video, soft_target * lam + soft_target.flip(0) * (1.0 - lam)
+    H, W, dev = video.shape[-2], video.shape[-1], video.device
+    rand = lambda: torch.rand((), generator=generator, device=dev)
+    use_cutmix = torch.full((), cutmix_alpha > 0, device=dev) & ((mixup_alpha <= 0) | (rand() < switch_prob))
+    alpha = torch.where(use_cutmix, cutmix_alpha, mixup_alpha).float()
+    # Beta(alpha, alpha) the way torch.distributions.Beta draws it, but with a generator and without the
+    # argument validation that reads values back to the host
+    lam = torch._sample_dirichlet(alpha.expand(2).contiguous(), generator=generator)[0]
+    cut_h, cut_w = (H * (1 - lam).sqrt()).floor(), (W * (1 - lam).sqrt()).floor()
+    cy, cx = (rand() * H).floor(), (rand() * W).floor()  # the box centre, clipped at the border below
+    rows, cols = torch.arange(H, device=dev), torch.arange(W, device=dev)
+    box = (((rows >= cy - cut_h // 2) & (rows < cy + cut_h // 2))[:, None]
+           & ((cols >= cx - cut_w // 2) & (cols < cx + cut_w // 2)) & use_cutmix)  # (H, W)
+    lam = torch.where(use_cutmix, 1 - box.float().mean(), lam)  # cutmix: the area kept
+    keep = torch.where(use_cutmix, (~box).to(video.dtype), lam.to(video.dtype))  # (H, W): 1 / 0 or lam
+    mixed = torch.lerp(video.flip(0), video, keep)  # exact at keep 0 and 1: cutmix copies pixels
+    return mixed, soft_target * lam + soft_target.flip(0) * (1 - lam)
 
 
-def random_erasing(video, prob, min_area=0.02, max_area=1 / 3, min_aspect=0.3):
+def random_erasing(video, prob, min_area=0.02, max_area=1 / 3, min_aspect=0.3, generator=None):
     """timm's RandomErasing (mode "pixel", one box) as the release applies it: each frame on its own, with
     probability prob, gets a box of normal noise covering 2-33% of its area, aspect ratio 0.3-3.3 (up to 10
-    tries to fit). video (B, 3, T, H, W), normalised, so the noise has the data's scale."""
+    tries to fit: all frames draw their 10 tries at once and keep the first that fits). video (B, 3, T, H, W),
+    normalised, so the noise has the data's scale."""
     B, C, T, H, W = video.shape
-    video = video.clone()
-    for b in range(B):
-        for t in range(T):
-            if torch.rand(()).item() >= prob:
-                continue
-            for _ in range(10):
-                area = H * W * (min_area + (max_area - min_area) * torch.rand(()).item())
-                aspect = math.exp(math.log(min_aspect) * (1 - 2 * torch.rand(()).item()))
-                h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-                if h < H and w < W:
-                    top, left = torch.randint(H - h + 1, ()).item(), torch.randint(W - w + 1, ()).item()
-                    video[b, :, t, top:top + h, left:left + w] = torch.randn(C, h, w, device=video.device)
-                    break
-    return video
+    rand = lambda *shape: torch.rand(shape, generator=generator, device=video.device)
+    area = H * W * (min_area + (max_area - min_area) * rand(B, T, 10))
+    aspect = torch.exp(math.log(min_aspect) * (1 - 2 * rand(B, T, 10)))
+    h, w = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()  # (B, T, 10 tries)
+    fits = (h < H) & (w < W)
+    first = fits.int().argmax(-1, keepdim=True)  # the first try that fits
+    h, w = h.gather(-1, first), w.gather(-1, first)  # (B, T, 1)
+    erase = (rand(B, T, 1) < prob) & fits.any(-1, keepdim=True)
+    top, left = (rand(B, T, 1) * (H - h + 1)).floor(), (rand(B, T, 1) * (W - w + 1)).floor()
+    rows, cols = torch.arange(H, device=video.device), torch.arange(W, device=video.device)
+    box = (erase & (rows >= top) & (rows < top + h))[..., None] & ((cols >= left) & (cols < left + w))[..., None, :]
+    noise = torch.randn(video.shape, generator=generator, device=video.device, dtype=video.dtype)
+    return torch.where(box[:, None], noise, video)  # box (B, 1, T, H, W)
 
 
 # --- evaluation ------------------------------------------------------------------------------------

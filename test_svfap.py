@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy.stats import pearsonr
+from scipy.stats import beta as beta_dist, ks_2samp, kstest, pearsonr
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import data as D
@@ -1855,21 +1855,13 @@ def test_a_training_step_reads_the_device_once_and_logging_steps_read_the_rest(t
     """At most one device-to-host sync per optimiser step (the non-finite check): counted as calls of
     aten._local_scalar_dense (what .item(), .tolist(), bool() and float() of a tensor run) between the starts of
     two iterations. Data loading runs in a worker process, so only the training process is counted."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountSyncs(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            CountSyncs.count += func is torch.ops.aten._local_scalar_dense.default
-            return func(*args, **(kwargs or {}))
-
     at_iteration = []
     lr_at = pretrain.lr_at
-    monkeypatch.setattr(pretrain, "lr_at", lambda it, *a: at_iteration.append(CountSyncs.count) or lr_at(it, *a))
+    reads = DeviceReads()
+    monkeypatch.setattr(pretrain, "lr_at", lambda it, *a: at_iteration.append(len(reads.reads)) or lr_at(it, *a))
     args = train_pretrain_args(train_data, tmp_path, "--vis_clips=0", "--log_interval=5", "--num_workers=1",
                                "--batch_size=2", "--max_iters=6")  # 6 iterations per epoch
-    with CountSyncs():
+    with reads:
         pretrain.main(args)
     per_iteration = np.diff(at_iteration)  # iterations 1..5 (the 6th ends the run)
     assert list(per_iteration[:4]) == [1] * 4, per_iteration
@@ -1902,7 +1894,7 @@ def test_a_broken_first_training_video_does_not_stop_pretraining(train_data, tmp
 
 
 @pytest.mark.parametrize("task, labels, words", [
-    ("classification", [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3], ["line 3", "3", "labels look 1-based", "from 0"]),
+    ("classification", [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3], ["line 3: label 3", "they look 1-based", "counts classes from 0"]),
     ("regression", [None, None, None, "0.5"] + [None] * 8, ["line 4", "0.5"]),
     ("regression", [None, None, "high"] + [None] * 9, ["line 3", "'high'"]),
 ])
@@ -1997,6 +1989,155 @@ def test_mixup_and_cutmix_keep_targets_a_distribution():
     erased = finetune.random_erasing(video, 1.0)
     changed = (erased != video).any(1).float().mean(dim=(-1, -2))  # (B, T) fraction of pixels per frame
     assert ((changed >= 0.015) & (changed <= 0.34)).all()
+
+
+# --- batched random erasing, mixup and cutmix against the per-frame loops they replace
+
+# --- the reference: finetune.py's implementations as of main d84c921 --------------------------------
+def mixup_cutmix_ref(video, soft_target, mixup_alpha, cutmix_alpha, switch_prob=0.5):
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand(()).item() < switch_prob)
+    alpha = cutmix_alpha if use_cutmix else mixup_alpha
+    lam = torch.distributions.Beta(alpha, alpha).sample().item()
+    partner = video.flip(0)
+    if use_cutmix:
+        H, W = video.shape[-2:]
+        cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+        cy, cx = torch.randint(H, ()).item(), torch.randint(W, ()).item()
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
+        video = video.clone()
+        video[..., y0:y1, x0:x1] = partner[..., y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
+    else:
+        video = video * lam + partner * (1.0 - lam)
+    return video, soft_target * lam + soft_target.flip(0) * (1.0 - lam)
+
+
+def random_erasing_ref(video, prob, min_area=0.02, max_area=1 / 3, min_aspect=0.3):
+    B, C, T, H, W = video.shape
+    video = video.clone()
+    for b in range(B):
+        for t in range(T):
+            if torch.rand(()).item() >= prob:
+                continue
+            for _ in range(10):
+                area = H * W * (min_area + (max_area - min_area) * torch.rand(()).item())
+                aspect = math.exp(math.log(min_aspect) * (1 - 2 * torch.rand(()).item()))
+                h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+                if h < H and w < W:
+                    top, left = torch.randint(H - h + 1, ()).item(), torch.randint(W - w + 1, ()).item()
+                    video[b, :, t, top:top + h, left:left + w] = torch.randn(C, h, w, device=video.device)
+                    break
+    return video
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+def erased_boxes(video, erased):
+    """Per frame: (erased, h, w, top, left) of the changed pixels, asserting they form one box of all channels."""
+    changed = erased != video  # (B, C, T, H, W)
+    assert torch.equal(changed.all(1), changed.any(1)), "every channel of an erased pixel changes"
+    out = []
+    for frame in changed.any(1).flatten(0, 1):  # (H, W)
+        rows, cols = frame.any(1).nonzero().flatten(), frame.any(0).nonzero().flatten()
+        if len(rows) == 0:
+            out.append((0, 0, 0, 0, 0))
+            continue
+        h, w, top, left = len(rows), len(cols), int(rows[0]), int(cols[0])
+        assert frame.sum() == h * w and frame[top:top + h, left:left + w].all(), "one rectangle"
+        out.append((1, h, w, top, left))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def erasing_samples(fn, seed, frames, H, W, **kw):
+    torch.manual_seed(seed)
+    video = torch.full((frames // 16, 3, 16, H, W), 100.0)  # no noise value equals it
+    gen = {"generator": torch.Generator().manual_seed(seed)} if fn is finetune.random_erasing else {}
+    return erased_boxes(video, fn(video, **kw, **gen))
+
+
+# --- random erasing -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("H,W,kw", [
+    (32, 32, dict(prob=0.5)),  # the recipe's setting
+    (12, 30, dict(prob=0.8, min_area=0.3, max_area=0.9, min_aspect=0.2)),  # many tries fail to fit
+])
+def test_random_erasing_keeps_the_reference_distributions(H, W, kw):
+    ref = erasing_samples(random_erasing_ref, 0, 3200, H, W, **kw)
+    new = erasing_samples(finetune.random_erasing, 1, 3200, H, W, **kw)
+    p_ref, p_new = ref[:, 0].mean().item(), new[:, 0].mean().item()
+    assert abs(p_ref - p_new) < 4 * math.sqrt(2 * p_ref * (1 - p_ref) / 3200), (p_ref, p_new)
+    if kw["prob"] == 0.5:  # every box fits on a square frame: the erased fraction is prob itself
+        assert abs(p_new - 0.5) < 4 * math.sqrt(0.25 / 3200)
+    r, n = ref[ref[:, 0] == 1], new[new[:, 0] == 1]
+    area, aspect = lambda s: s[:, 1] * s[:, 2] / (H * W), lambda s: (s[:, 1] / s[:, 2]).log()
+    free = lambda s, i, size: s[:, 3 + i] / (size - s[:, 1 + i])  # place in the free range, uniform in [0, 1]
+    for stat in (area, aspect, lambda s: s[:, 1], lambda s: s[:, 2], lambda s: free(s, 0, H), lambda s: free(s, 1, W)):
+        a, b = stat(r), stat(n)
+        keep = torch.isfinite(a), torch.isfinite(b)  # a box as tall as the frame has no free range
+        assert ks_2samp(a[keep[0]].numpy(), b[keep[1]].numpy()).pvalue > 1e-3
+    assert (n[:, 1] < H).all() and (n[:, 2] < W).all()
+
+
+def test_random_erasing_fills_boxes_with_unit_normal_noise_and_leaves_the_rest():
+    video = torch.randn(8, 3, 16, 32, 32)
+    erased = finetune.random_erasing(video, 0.5, generator=torch.Generator().manual_seed(0))
+    changed = erased != video
+    noise = erased[changed]
+    assert noise.numel() > 10_000 and abs(noise.mean().item()) < 0.05 and abs(noise.std().item() - 1) < 0.05
+    assert torch.equal(erased[~changed], video[~changed])
+    assert not torch.equal(finetune.random_erasing(video, 0.5), finetune.random_erasing(video, 0.5)), "the global generator moves on"
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(finetune.random_erasing(video, 0.5, generator=g1), finetune.random_erasing(video, 0.5, generator=g2))
+    assert torch.equal(finetune.random_erasing(video, 0.0), video)
+
+
+# --- mixup and cutmix ---------------------------------------------------------------------------------
+def mix_samples(fn, seed, calls, mixup, cutmix, H=20, W=28):
+    """Per call: (used cutmix, lam from the targets, fraction of pixels from the partner)."""
+    torch.manual_seed(seed)
+    gen = {"generator": torch.Generator().manual_seed(seed)} if fn is finetune.mixup_cutmix else {}
+    video = torch.rand(4, 3, 2, H, W) + 1.0
+    soft = torch.eye(4)
+    out = []
+    for _ in range(calls):
+        mixed, target = fn(video, soft, mixup, cutmix, **gen)
+        assert torch.allclose(target.sum(1), torch.ones(4)) and (target >= 0).all()
+        lam = target[0, 0].item()  # clip 0's partner is clip 3
+        from_partner = (mixed[0] == video[3]) & (mixed[0] != video[0])
+        cut = bool(((mixed[0] == video[0]) | from_partner).all())
+        if cut:  # one box, the same in every frame and channel, of area 1 - lam
+            assert torch.equal(from_partner, from_partner[:1, :1].expand_as(from_partner))
+            assert abs(from_partner.float().mean().item() - (1 - lam)) < 1e-6
+            assert torch.equal(mixed, torch.where(from_partner[0, 0], video.flip(0), video))
+        else:
+            assert torch.allclose(mixed, lam * video + (1 - lam) * video.flip(0), atol=1e-5)
+        out.append((cut, lam, from_partner.float().mean().item()))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("mixup,cutmix", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
+def test_mixup_cutmix_keeps_the_reference_distributions(mixup, cutmix):
+    ref, new = mix_samples(mixup_cutmix_ref, 0, 1500, mixup, cutmix), mix_samples(finetune.mixup_cutmix, 1, 1500, mixup, cutmix)
+    p_ref, p_new = ref[:, 0].mean().item(), new[:, 0].mean().item()
+    expected = 0.0 if cutmix == 0 else 1.0 if mixup == 0 else 0.5
+    assert abs(p_ref - expected) < 0.05 and abs(p_new - expected) < 0.05
+    for used_cut in (0, 1):
+        r, n = ref[ref[:, 0] == used_cut, 1], new[new[:, 0] == used_cut, 1]
+        if len(n):
+            assert ks_2samp(r.numpy(), n.numpy()).pvalue > 1e-3, used_cut
+    if mixup and not cutmix:  # mixup's lam is Beta(alpha, alpha) itself
+        assert kstest(new[:, 1].numpy(), beta_dist(mixup, mixup).cdf).pvalue > 1e-3
+
+
+def test_batched_augmentations_read_nothing_back_from_the_device():
+    video, soft = torch.randn(4, 3, 8, 16, 16), torch.eye(4)
+    for fn in (lambda: finetune.random_erasing(video, 0.5), lambda: finetune.mixup_cutmix(video, soft, 0.8, 1.0)):
+        with DeviceReads() as counter:
+            fn()
+        assert counter.reads == []
+    with DeviceReads() as counter:  # the reference reads: the counter can fail
+        random_erasing_ref(video, 0.5)
+        mixup_cutmix_ref(video, soft, 0.8, 1.0)
+    assert counter.reads
 
 
 def test_release_checkpoint_with_its_argparse_namespace_loads_safely(tmp_path, capsys):
