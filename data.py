@@ -480,7 +480,7 @@ class VideoDataset(torch.utils.data.Dataset):
     stand-in for a broken file) from a torch.Generator seeded with item_seed(seed, epoch, index): items do
     not depend on the number of workers or the order of fetching, so a resumed run sees the same clips.
     Labels (train, eval) are checked against num_outputs (num_classes, or the number D of regression values);
-    num_outputs=None (pretraining's reconstruction clips): unchecked, the target is the float32 values.
+    num_outputs=None (reconstruction clips, --extract): labels are optional and unused, the target is empty.
     Broken files: pretrain and train skip an unreadable sample with a warning and take another; `skipped`
     and `tried` count them (per worker) and more than max_fail_fraction failed (of at least 100) raises.
     Eval never skips: it raises naming the file; check eval lists at start-up with unreadable().
@@ -537,7 +537,7 @@ class VideoDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def _target(self, index):
-        return torch.tensor(self.samples[index][1]) if self.targets is None else self.targets[index]
+        return torch.zeros(0) if self.targets is None else self.targets[index]  # unchecked labels: no target
 
     def set_epoch(self, epoch):
         """Items draw from streams seeded with (seed, epoch, index): call before each epoch's loader starts."""
@@ -648,6 +648,15 @@ def write_mp4(path, frames, fps=25, gop=None, options=None):
             raise ValueError(f"write_mp4: no frames to write to {path}")
         for packet in stream.encode(None):
             container.mux(packet)
+
+
+def write_png(path, image):
+    """Write a uint8 image (H, W, 3) as a PNG with PyAV's encoder (no PIL), atomically."""
+    codec = av.CodecContext.create("png", "w")
+    codec.width, codec.height, codec.pix_fmt = image.shape[1], image.shape[0], "rgb24"
+    packets = codec.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")) + codec.encode(None)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(b"".join(bytes(p) for p in packets))
 
 
 PREPARE_GOP = 16  # a keyframe at least every 16 kept frames: a clip decodes at most 15 frames it does not use
@@ -1121,12 +1130,7 @@ def write_class_picture(path, seed=0, size=DEMO_SIZE, num_frames=DEMO_FRAMES, co
             tiles += [np.pad(clip[i], ((1, 1), (1, 1), (0, 0)), constant_values=255) for i in frames]
             tiles.append(np.full((size + 2, 6, 3), 255, np.uint8))
         rows.append(np.concatenate(tiles[:-1], axis=1))
-    picture = np.concatenate(rows, axis=0).repeat(magnify, 0).repeat(magnify, 1)
-    codec = av.CodecContext.create("png", "w")
-    codec.width, codec.height, codec.pix_fmt = picture.shape[1], picture.shape[0], "rgb24"
-    packets = codec.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")) + codec.encode(None)
-    with open(path, "wb") as f:
-        f.write(b"".join(bytes(p) for p in packets))
+    write_png(path, np.concatenate(rows, axis=0).repeat(magnify, 0).repeat(magnify, 1))
 
 
 def make_demo_dataset(out="data/demo", seed=0, train_per_class=50, eval_per_class=20, pretrain_factor=10,

@@ -62,8 +62,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import metrics
-from data import atomic_path, device_transform
-from model import SVFAPClassifier, SVFAPConfig, load_official_state_dict
+from data import atomic_path, device_transform, write_png
+from model import TPSBT, SVFAPClassifier, SVFAPConfig, load_official_state_dict
 from pretrain import (ConfigError, autocast, build_model_config, check_list_file, fit, load_checkpoint, load_config,
                       log_json, make_dataset, make_optimizer, param_groups, resume_checkpoint, run, save_checkpoint,
                       setup, write_json)
@@ -495,8 +495,51 @@ def extract_features(c):
         print(f"features of {len(ds)} videos, {features.shape[1]} each: {c.out_dir}/features.npy, features.csv")
 
 
+@torch.no_grad()
 def explain_video(c):
-    raise ConfigError("--explain: not yet")
+    """--explain=VIDEO --ckpt=CKPT --out=FILE.png: what the K bottleneck tokens of each TPSBT stage look at in
+    the middle clip of a video, for a pretrain.py or finetune.py checkpoint. The picture, per stage from top to
+    bottom: one row per bottleneck token, one column per temporal slice; each cell is the slice's middle frame
+    under the token's softmax weights over the slice's spatial positions, a heat map normalised per cell
+    (dark: 0, red: half the cell's maximum, yellow: its maximum). Cells are framed by one white pixel and each
+    stage ends in 8 white rows. Returns the frames uint8 (T, S, S, 3) and each stage's weights (T_s, P, K)."""
+    if not c.ckpt or not os.path.isfile(c.explain):
+        raise ConfigError(f"--explain={c.explain} needs an existing video and --ckpt=CHECKPOINT (pretrain.py or "
+                          f"finetune.py)")
+    ckpt = load_checkpoint(c.ckpt)
+    if "model_config" not in ckpt:
+        raise ConfigError(f"ckpt={c.ckpt}: --explain draws pretrain.py and finetune.py checkpoints")
+    cfg, run = SVFAPConfig.from_dict(ckpt["model_config"]), SimpleNamespace(**ckpt["config"])
+    encoder = TPSBT(cfg).eval()  # pre-training and fine-tuning keep the encoder under "encoder."
+    encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in ckpt["model"].items() if k.startswith("encoder.")})
+    with tempfile.TemporaryDirectory() as tmp:
+        run.explain, run.data_root, run.replace_prefix = os.path.join(tmp, "explain.txt"), "", ()
+        with open(run.explain, "w") as f:
+            f.write(os.path.abspath(c.explain) + "\n")
+        views = make_dataset(run, "explain", "eval", cfg, num_clips=1, num_crops=1)[0][0]  # (1, T, 3, S, S) uint8
+    maps = []  # the spatial attention of each bottleneck stage, (T_s, P, K)
+    hooks = [s.spatial_attention.register_forward_hook(lambda m, args, out: maps.append(m.weights(args[0])[0]))
+             for s in encoder.stages if s.spatial_attention is not None]
+    encoder(device_transform(views, None, cfg.img_size))
+    for hook in hooks:
+        hook.remove()
+    if not maps:
+        raise ConfigError(f"ckpt={c.ckpt}: the model has no spatial bottleneck (spatial_bottleneck=False)")
+    frames = views[0].permute(0, 2, 3, 1).float()  # (T, S, S, 3)
+    T, (_, gh, gw), p = cfg.num_frames, cfg.grid, cfg.patch_size
+    blocks, width = [], maps[0].shape[0] * (cfg.img_size + 2)  # the first bottleneck stage has the most slices
+    for w in maps:
+        Ts, P, K = w.shape
+        heat = (w / w.amax(1, keepdim=True)).permute(2, 0, 1).reshape(K, Ts, gh, gw)  # 1 at each map's maximum
+        heat = heat.repeat_interleave(p, 2).repeat_interleave(p, 3)  # (K, T_s, S, S): one value per patch
+        color = torch.stack([(2 * heat).clamp(max=1), (2 * heat - 1).clamp(min=0), torch.zeros_like(heat)], -1)
+        middle = frames[[t * (T // Ts) + T // Ts // 2 for t in range(Ts)]]  # (T_s, S, S, 3)
+        cells = F.pad(0.45 * middle + 0.55 * 255 * color, (0, 0, 1, 1, 1, 1), value=255)  # (K, T_s, S+2, S+2, 3)
+        block = cells.permute(0, 2, 1, 3, 4).reshape(K * cells.shape[2], Ts * cells.shape[3], 3)  # a row per token
+        blocks.append(F.pad(block, (0, 0, 0, width - block.shape[1], 0, 8), value=255))
+    write_png(c.out, torch.cat(blocks).round().to(torch.uint8).numpy())
+    print(f"{c.out}: the spatial attention of {len(maps)} stages' bottleneck tokens over {c.explain}")
+    return views[0].permute(0, 2, 3, 1).numpy(), [w.numpy() for w in maps]
 
 
 # --- the recipe's checks and report ----------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Tests for svfap. They read like the paper's claims; each asserts numbers or behaviour."""
 
+import ast
 import fractions
 import json
 import math
@@ -1520,6 +1521,12 @@ TRAIN_COMMON = ["--device=cpu", "--sampling_rate=1", "--num_workers=0", "--log_i
                 "--warmup_epochs=1"]
 
 
+def build_train_cfg():
+    """The SVFAPConfig that TRAIN_MODEL_ARGS describe."""
+    return pretrain.build_model_config("tiny", {a.split("=")[0][len("--model_args."):]: ast.literal_eval(a.split("=")[1])
+                                                for a in TRAIN_MODEL_ARGS if a.startswith("--model_args.")})
+
+
 def train_write_video(path, label, seed, size=32, frames=8):
     """A smooth colour ramp with a bright square moving right (label 0), down (1) or not at all (2)."""
     rng = np.random.default_rng(seed)
@@ -1751,6 +1758,44 @@ def test_predict_prints_probabilities_that_sum_to_one(train_data, train_finetune
         probs = dict(zip(cells[::2], map(float, cells[1::2])))
         assert list(probs) == ["right", "down", "still"]
         assert abs(sum(probs.values()) - 1) < 1e-3 and all(0 <= p <= 1 for p in probs.values())
+
+
+def test_features_of_every_checkpoint_kind_are_the_embedding_averaged_over_views(train_data, train_pretrained,
+                                                                                  train_finetuned, tmp_path):
+    """--extract: one float32 row per list line, in list order (a path alone is a line), equal to the encoder's
+    embedding averaged over the evaluation views; under 2-process DDP the rows are the same."""
+    paths = [f"{train_data}/videos/v{i:02d}.mp4" for i in (5, 0, 7, 3, 11)]
+    (tmp_path / "list.txt").write_text("".join(p + (" 1\n" if i % 2 else "\n") for i, p in enumerate(paths)))
+    release = SVFAPClassifier(build_train_cfg(), 3)
+    torch.save({"model": release_layout(release, pretraining=False)}, tmp_path / "release.pt")
+    kinds = {"pretrain": (train_pretrained / "ckpt.pt", "tokens"), "finetune": (train_finetuned[0] / "best.pt", "fc_norm"),
+             "release": (tmp_path / "release.pt", "fc_norm")}
+    views = D.VideoDataset(tmp_path / "list.txt", "eval", img_size=32, num_frames=8, sampling_rate=1, num_clips=2,
+                           num_crops=1)
+    video = D.device_transform(torch.stack([views[i][0] for i in range(5)]), None, 32).flatten(0, 1)  # (10, 3, T, S, S)
+    for kind, (ckpt, pooled) in kinds.items():
+        args = [*TRAIN_MODEL_ARGS, *TRAIN_COMMON, "--num_clips=2", "--num_crops=1", f"--extract={tmp_path / 'list.txt'}",
+                f"--ckpt={ckpt}", f"--out_dir={tmp_path / kind}"]
+        train_run("finetune.py", *args)
+        features = np.load(tmp_path / kind / "features.npy")
+        rows = open(tmp_path / kind / "features.csv").read().splitlines()
+        assert features.dtype == np.float32 and features.shape == (5, 32), kind
+        assert rows == ["row,path"] + [f"{i},{p}" for i, p in enumerate(paths)]
+        model = SVFAPClassifier(build_train_cfg(), 3)
+        state = torch.load(ckpt, weights_only=True)["model"]
+        if kind == "release":
+            M.load_official_state_dict(model, state)
+        else:
+            model.encoder.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("encoder.")})
+            model.fc_norm.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("fc_norm.")}, strict=False)
+        with torch.no_grad():
+            after_norm, tokens = model.eval().embed(video)
+        want = (after_norm if pooled == "fc_norm" else tokens.mean(1)).view(5, 2, -1).mean(1)
+        np.testing.assert_allclose(features, want.numpy(), atol=1e-5, err_msg=kind)
+        if kind == "pretrain":
+            train_run("finetune.py", *args, f"--out_dir={tmp_path / 'ddp'}", nproc=2)
+            np.testing.assert_allclose(np.load(tmp_path / "ddp" / "features.npy"), features, atol=1e-6)
+            assert open(tmp_path / "ddp" / "features.csv").read().splitlines() == rows
 
 
 def test_two_processes_train_and_evaluate_like_one(train_data, tmp_path):
@@ -1989,6 +2034,58 @@ def test_mixup_and_cutmix_keep_targets_a_distribution():
     erased = finetune.random_erasing(video, 1.0)
     changed = (erased != video).any(1).float().mean(dim=(-1, -2))  # (B, T) fraction of pixels per frame
     assert ((changed >= 0.015) & (changed <= 0.34)).all()
+
+
+EXPLAIN_CFG = SVFAPConfig(img_size=32, patch_size=8, num_frames=8, embed_dim=32, num_heads=2, stage_depths=(1, 1, 1),
+                          num_bottleneck_tokens=3, bottleneck_hidden=16, decoder_dim=32, decoder_heads=2, decoder_depth=1)
+
+
+def read_png(path):
+    with av.open(str(path)) as c:
+        return next(c.decode(video=0)).to_ndarray(format="rgb24")
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def test_explain_draws_a_row_per_token_and_a_column_per_slice_with_weights_summing_to_one(tmp_path, kind):
+    torch.manual_seed(0)
+    model = SVFAP(EXPLAIN_CFG) if kind == "pretrain" else SVFAPClassifier(EXPLAIN_CFG, 4)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "model_config": EXPLAIN_CFG.to_dict(),
+                "config": {**train_defaults(finetune), "sampling_rate": 1}}, ckpt)
+    video = tmp_path / "v.mp4"
+    D.write_mp4(video, np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    frames, weights = finetune.explain_video(finetune.load_config(train_defaults(finetune), [
+        f"--explain={video}", f"--ckpt={ckpt}", f"--out={tmp_path / 'b.png'}"]))
+    picture = read_png(tmp_path / "b.png")
+    K, cell = EXPLAIN_CFG.num_bottleneck_tokens, EXPLAIN_CFG.img_size + 2
+    # 8 frames = 4 tubelet slices; stage 2 halves them to 2, stage 3 to 1; 4 x 4 positions per slice
+    assert [w.shape for w in weights] == [(2, 16, K), (1, 16, K)]
+    assert picture.shape == (2 * (K * cell + 8), 2 * cell, 3)
+    for w in weights:
+        assert np.allclose(w.sum(1), 1, atol=1e-5)
+    # the weights are the checkpoint's model's: recomputed here stage by stage from the same frames
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1)
+    x = (torch.from_numpy(frames).permute(3, 0, 1, 2)[None] / 255 - mean) / std  # (1, 3, T, H, W)
+    enc = model.encoder.eval()
+    with torch.no_grad():
+        x = enc.stages[0]((enc.patch_embed(x) + enc.pos_embed).view(1, 4, 16, 32))
+        for stage, w in zip(enc.stages[1:], weights):
+            assert np.allclose(stage.spatial_attention.weights(stage.temporal_pyramid(x))[0].numpy(), w, atol=1e-5)
+            x = stage(x)
+    # each cell (row k, column t) is brightest (yellow: G = 0.45 frame + 0.55 * 255) on token k's top patch of
+    # slice t, and has no green (G = 0.45 frame) where the weight is under half the maximum
+    for s, w in enumerate(weights):
+        Ts, top = w.shape[0], s * (K * cell + 8)
+        for k in range(K):
+            for t in range(Ts):
+                h = w[t, :, k] / w[t, :, k].max()
+                g = picture[top + k * cell + 1:top + (k + 1) * cell - 1, t * cell + 1:(t + 1) * cell - 1, 1]
+                mid = frames[t * (8 // Ts) + 8 // Ts // 2, :, :, 1]
+                for i in range(16):
+                    r, c = divmod(i, 4)
+                    got, frame = g[8 * r:8 * r + 8, 8 * c:8 * c + 8].astype(float), mid[8 * r:8 * r + 8, 8 * c:8 * c + 8]
+                    want = 0.45 * frame + 0.55 * 255 * np.clip(2 * h[i] - 1, 0, 1)
+                    assert np.abs(got - want).max() <= 1, (s, k, t, i)
 
 
 # --- batched random erasing, mixup and cutmix against the per-frame loops they replace
