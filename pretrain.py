@@ -308,8 +308,6 @@ def make_dataset(c, key, mode, mc, **kw):
                           max_fail_fraction=c.max_fail_fraction, crop_scales=tuple(c.crop_scales), seed=c.seed, **kw)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}: {e}") from None
-    if len(ds) == 0:
-        raise ConfigError(f"{key}={getattr(c, key)}: the list holds no videos")
     return ds
 
 
@@ -403,31 +401,28 @@ def make_optimizer(groups, lr, c, d):
 
 def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter, example, after_save=None,
         after_epoch=None, extra_state=None):
-    """Train `model` on `dataset` for c.epochs (or c.max_iters), from `checkpoint` (resume) or the start:
-    the schedule, the steps, the non-finite stop, logging with MFU, checkpoints mid-epoch and at each epoch's
-    end. after_epoch(epoch, iter_num) runs after each epoch (validation), after_save(iter_num) after each
-    checkpoint on rank 0; extra_state() adds entries to the checkpoint. Returns (epochs done, last loss)."""
+    """Train `model` on `dataset` for c.epochs (or c.max_iters), from `checkpoint` (resume) or the start.
+    after_epoch(epoch, iter_num) runs after each epoch (validation), after_save(iter_num) after each checkpoint
+    on rank 0, and extra_state() adds entries to the checkpoint. Returns (epochs done, last logged loss)."""
     micro_batch = c.batch_size // (d.world_size * c.grad_accum)
-    n_iter_epoch = len(dataset) // d.world_size // micro_batch // c.grad_accum
+    n_iter_epoch = len(dataset) // (d.world_size * micro_batch * c.grad_accum)
     if n_iter_epoch == 0:
         raise ConfigError(f"{len(dataset)} training videos make less than one batch: batch_size must be at most "
                           f"{len(dataset) // (d.world_size * c.grad_accum) * d.world_size * c.grad_accum} here")
     total_iters = c.epochs * n_iter_epoch
-    stop_iter = min(total_iters, c.max_iters) if c.max_iters > 0 else total_iters
+    stop_iter = min(total_iters, c.max_iters or total_iters)
     scaler = torch.amp.GradScaler(d.device.type, enabled=d.dtype == torch.float16)
     ckpt_path, log_path = os.path.join(c.out_dir, "ckpt.pt"), os.path.join(c.out_dir, "log.jsonl")
     iter_num = restore(checkpoint, model, optimizer, scaler, c, d)
     peak = c.peak_tflops or device_peak_tflops(d.device)
     macs_per_clip = count_macs(model.eval(), *example) if peak else 0  # eval: no training randomness drawn
-    model.train()
-    net = ddp = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
-                                        broadcast_buffers=False) if d.ddp else model  # the buffers are fixed tables
+    net = ddp = DistributedDataParallel(model.train(), device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+                                        broadcast_buffers=False) if d.ddp else model.train()  # buffers: fixed tables
     net = torch.compile(net) if c.compile else net  # DDP first: compiled graphs split at gradient buckets
     if d.master:
         print(f"{d.world_size} process(es) on {d.device.type}, {str(d.dtype)[6:]}; batch {c.batch_size} = "
               f"{d.world_size} processes x {c.grad_accum} micro-steps x {micro_batch}; {n_iter_epoch} iterations/"
-              f"epoch, {total_iters} in {c.epochs} epochs" + (f", stopping at {stop_iter}" if stop_iter < total_iters
-                                                               else "") + (f"; resuming at {iter_num}" if iter_num else ""))
+              f"epoch, {total_iters} in {c.epochs} epochs, stopping at {stop_iter}; starting at {iter_num}")
 
     def save():
         rngs = [{"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None}]
@@ -442,10 +437,9 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
             if after_save:
                 after_save(iter_num)
 
-    last_good = f"the last good checkpoint {ckpt_path} (iteration {iter_num}) is untouched" if iter_num else \
-        "no checkpoint had been written yet"
-    bar = tqdm(total=stop_iter, initial=iter_num, disable=not d.master, desc="train", dynamic_ncols=True)
-    log = Interval(d)
+    bar, saved = tqdm(total=stop_iter, initial=iter_num, disable=not d.master, desc="train", dynamic_ncols=True), iter_num
+    # MFU = 6 x MACs per clip (training ~ 3 forwards, 2 FLOPs per MAC) x clips/s per device / peak FLOP/s
+    log = Interval(d, clips_per_iter, 6 * macs_per_clip / d.world_size / (peak * 1e12) if peak else 0)
     while iter_num < stop_iter:
         epoch, start = divmod(iter_num, n_iter_epoch)
         sampler = DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=c.seed, drop_last=True)
@@ -462,14 +456,13 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
             try:
                 batch, grad_norm = train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log)
             except NonFiniteLoss as e:
-                raise NonFiniteLoss(f"{e} at iteration {iter_num + 1} (epoch {epoch + 1}); stopped without "
-                                    f"saving: {last_good}") from None
+                raise NonFiniteLoss(f"{e} at iteration {iter_num + 1} (epoch {epoch + 1}); stopped without saving: " +
+                                    (f"the last good checkpoint {ckpt_path} (iteration {saved}) is untouched" if saved
+                                     else "no checkpoint had been written yet")) from None
             iter_num += 1
             bar.update(1)
             if iter_num % c.log_interval == 0 or iter_num == stop_iter:
-                record = log.read(iter_num, epoch, it_lr, grad_norm, clips_per_iter, scaler)
-                if macs_per_clip:  # 3 forwards (forward + backward), 2 FLOPs per multiply-accumulate
-                    record["mfu"] = 6 * macs_per_clip * record["clips_per_s"] / d.world_size / (peak * 1e12)
+                record = log.read(iter_num, epoch, it_lr, grad_norm, scaler)
                 if d.master:
                     log_json(log_path, record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{it_lr:.2e}", clips_s=f"{record['clips_per_s']:.1f}")
@@ -479,7 +472,7 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
             t_eval = time.perf_counter()
             if iter_num % n_iter_epoch == 0 or iter_num == stop_iter or (c.ckpt_every and iter_num % c.ckpt_every == 0):
                 save()
-                last_good = f"the last good checkpoint {ckpt_path} (iteration {iter_num}) is untouched"
+                saved = iter_num
                 if d.master:
                     log_json(log_path, {"iter": iter_num, "eval_s": t_eval - t, "save_s": time.perf_counter() - t_eval})
             log.pause += time.perf_counter() - t
@@ -489,25 +482,24 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
 
 
 def restore(checkpoint, model, optimizer, scaler, c, d):
-    """The state of a resumed run (returns its iteration), and the generators of the training process: drop
-    path, mixup and erasing differ per rank, and a resumed run continues each rank's."""
-    if checkpoint and len(checkpoint["rng"]) == d.world_size:
-        torch.set_rng_state(checkpoint["rng"][d.rank]["torch"])
-        if d.device.type == "cuda":
-            torch.cuda.set_rng_state(checkpoint["rng"][d.rank]["cuda"])
-    elif checkpoint and d.master:
-        print(f"note: the checkpoint holds generator states of {len(checkpoint['rng'])} processes, this run has "
-              f"{d.world_size}: reseeding, so the run will not repeat the original exactly")
+    """The state of a resumed run (returns its iteration) and the training process's generator: drop path,
+    mixup and erasing differ per rank, and a resumed run continues each rank's."""
     if not checkpoint:
         if d.master and os.path.exists(os.path.join(c.out_dir, "log.jsonl")):
             os.remove(os.path.join(c.out_dir, "log.jsonl"))
         torch.manual_seed(c.seed + d.rank)
         return 0
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scaler.load_state_dict(checkpoint["scaler"])
-    if len(checkpoint["rng"]) != d.world_size:
+    for part, obj in (("model", model), ("optimizer", optimizer), ("scaler", scaler)):
+        obj.load_state_dict(checkpoint[part])
+    if len(checkpoint["rng"]) == d.world_size:
+        torch.set_rng_state(checkpoint["rng"][d.rank]["torch"])
+        if d.device.type == "cuda":
+            torch.cuda.set_rng_state(checkpoint["rng"][d.rank]["cuda"])
+    else:
         torch.manual_seed(c.seed + d.rank + 1000 * checkpoint["iter_num"])
+        if d.master:
+            print(f"note: the checkpoint holds generator states of {len(checkpoint['rng'])} processes, this run "
+                  f"has {d.world_size}: reseeding, so the run will not repeat the original exactly")
     if d.master:
         trim_log(os.path.join(c.out_dir, "log.jsonl"), checkpoint["iter_num"])
     return checkpoint["iter_num"]
@@ -551,14 +543,15 @@ def train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log):
 
 class Interval:
     """What the log reports of the iterations since the last logging step, kept on the device until then:
-    mean loss, clips/s and data wait over the time spent in steps (evaluation and checkpoints excluded)."""
+    mean loss, clips/s, data wait and MFU over the time spent in steps (evaluation and checkpoints excluded).
+    mfu_per_clip_s: the MFU of one clip per second (0: no peak known, no MFU)."""
 
-    def __init__(self, d):
-        self.device, self.master, self.bad, self.last_loss = d.device, d.master, 0, None
+    def __init__(self, d, clips_per_iter, mfu_per_clip_s):
+        self.d, self.clips_per_iter, self.mfu_per_clip_s, self.bad, self.last_loss = d, clips_per_iter, mfu_per_clip_s, 0, None
         self.reset()
 
     def reset(self):
-        self.loss, self.steps, self.iters, self.skipped = torch.zeros((), device=self.device), 0, 0, 0
+        self.loss, self.steps, self.iters, self.skipped = torch.zeros((), device=self.d.device), 0, 0, 0
         self.wait, self.pause, self.t0 = 0.0, 0.0, time.perf_counter()
 
     def timed(self, fetch):
@@ -572,13 +565,15 @@ class Interval:
             self.loss, self.steps = self.loss + loss, self.steps + 1
         self.iters, self.skipped = self.iters + 1, self.skipped + skipped
 
-    def read(self, iter_num, epoch, lr, grad_norm, clips_per_iter, scaler):
+    def read(self, iter_num, epoch, lr, grad_norm, scaler):
         dt = time.perf_counter() - self.t0 - self.pause
         self.last_loss = (self.loss / max(self.steps, 1)).item()
+        clips_per_s = self.iters * self.clips_per_iter / dt
         record = {"iter": iter_num, "epoch": epoch + 1, "loss": self.last_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                  "clips_per_s": self.iters * clips_per_iter / dt, "data_wait": self.wait / dt,
-                  "skipped_steps": self.skipped}
-        if self.skipped and self.master:
+                  "clips_per_s": clips_per_s, "data_wait": self.wait / dt, "skipped_steps": self.skipped}
+        if self.mfu_per_clip_s:
+            record["mfu"] = clips_per_s * self.mfu_per_clip_s
+        if self.skipped and self.d.master:
             tqdm.write(f"iteration {iter_num}: {self.skipped} step(s) skipped by the float16 gradient scaler "
                        f"(the gradients overflowed; scale now {scaler.get_scale():g})")
         self.reset()
