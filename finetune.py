@@ -206,30 +206,35 @@ def main(argv):
     example = (torch.zeros(1, mc.in_chans, mc.num_frames, mc.img_size, mc.img_size, device=d.device),)
     epochs_done, _ = fit(c, d, model, optimizer, lr, train_set, loss_fn, checkpoint, c.batch_size, example,
                          after_epoch=validate if "val" in eval_sets else None, extra_state=lambda: {"best": best})
-    last_epoch = math.ceil(epochs_done)
-    model.eval()
     results = {"best_metric": c.best_metric, "best_epoch": best["epoch"], "val": best["metrics"],
-               "last_epoch": last_epoch, "val_test_overlap": bool(warning)}
-    if "test" in eval_sets:  # the model of the last epoch, then the best val epoch's when that differs
-        runs = [("last", None)] + ([("best", best_path)] if best["epoch"] not in (None, last_epoch) else [])
-        for name, path in runs:
-            if path:
-                if d.ddp:
-                    dist.barrier()  # rank 0 wrote best.pt
-                model.load_state_dict(load_checkpoint(path)["model"])
-            idx, scores = evaluate(view_scores(model, c.task), eval_sets["test"], d, c)
-            results[f"test_{name}"] = compute_metrics(eval_sets["test"], idx, scores, c)
-            if d.master:
-                write_predictions(os.path.join(c.out_dir, f"test_predictions_{name}.csv"), eval_sets["test"], idx,
-                                  scores, c)
-        results["test"] = results.get("test_best", results["test_last"])
-        if d.master:
-            chosen = "test_predictions_best.csv" if "test_best" in results else "test_predictions_last.csv"
-            os.replace(os.path.join(c.out_dir, chosen), os.path.join(c.out_dir, "test_predictions.csv"))
+               "last_epoch": math.ceil(epochs_done), "val_test_overlap": bool(warning)}
+    if "test" in eval_sets:
+        results.update(test_results(c, d, model, eval_sets["test"], best, results["last_epoch"]))
     results["wall_time_s"] = time.time() - t_start  # this process: start-up, training, evaluation
     if d.master:
         write_json(os.path.join(c.out_dir, "results.json"), results)
         print(summary(c, results, warning))
+
+
+def test_results(c, d, model, test_set, best, last_epoch):
+    """Test metrics of the model of the last epoch and, when it differs, of the best val epoch (best.pt),
+    which is the one reported; their predictions in test_predictions.csv and test_predictions_last.csv."""
+    model.eval()
+    results = {}
+    for name in ["last"] + (["best"] if best["epoch"] not in (None, last_epoch) else []):
+        if name == "best":
+            if d.ddp:
+                dist.barrier()  # rank 0 wrote best.pt
+            model.load_state_dict(load_checkpoint(os.path.join(c.out_dir, "best.pt"))["model"])
+        idx, scores = evaluate(view_scores(model, c.task), test_set, d, c)
+        results[f"test_{name}"] = compute_metrics(test_set, idx, scores, c)
+        if d.master:
+            write_predictions(os.path.join(c.out_dir, f"test_predictions_{name}.csv"), test_set, idx, scores, c)
+    results["test"] = results.get("test_best", results["test_last"])
+    if d.master:
+        chosen = "test_predictions_best.csv" if "test_best" in results else "test_predictions_last.csv"
+        os.replace(os.path.join(c.out_dir, chosen), os.path.join(c.out_dir, "test_predictions.csv"))
+    return results
 
 
 # --- losses: label smoothing, random erasing, mixup and cutmix ---------------------------------------
