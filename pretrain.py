@@ -104,6 +104,8 @@ CONFIG_KEYS = [k for k in globals() if k not in _names_before_config and not k.s
 def main(argv):
     t_start = time.time()
     c = load_config({k: globals()[k] for k in CONFIG_KEYS}, argv)
+    if c.init_from not in ("scratch", "resume"):
+        raise ConfigError(f"init_from={c.init_from!r}: valid values are scratch and resume")
     checkpoint = resume_checkpoint(c)
     mc = (SVFAPConfig.from_dict(checkpoint["model_config"]) if checkpoint  # the shape it was trained with
           else build_model_config(c.model, c.model_args))

@@ -1838,6 +1838,7 @@ def test_bad_inputs_each_give_one_clear_line(train_data, tmp_path, capsys, monke
         "wrong type": ([*base, good_list, "--epochs=1.5"], {}, "epochs must be an integer, got 1.5"),
         "unknown model field": ([*base, good_list, "--model_args.depth=2"], {}, "unknown config key 'depth'"),
         "missing resume": ([*base, good_list, "--init_from=resume"], {}, "init_from=resume continues from"),
+        "init_from a path": ([*base, good_list, "--init_from=ckpt.pt"], {}, "init_from='ckpt.pt': valid values are"),
     }
     # the rest in this process, through the same entry point: they stop before any process group or seed
     for name, (args, env, words) in cases.items():
