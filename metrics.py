@@ -1,13 +1,10 @@
 """
-Evaluation metrics for SVFAP as the paper reports them, and the prediction files that carry a model's
-outputs from finetune.py to this report. The report prints WAR / UAR / F1 in % with two decimals and
-CCC / PCC / ACC with four, as the paper does.
+Evaluation metrics for SVFAP as the paper reports them (WAR / UAR / F1 in %, CCC / PCC / ACC), and the
+prediction files that carry a model's outputs from finetune.py to this report.
 
-Classification: WAR = accuracy; UAR = mean of the per-class recalls; weighted F1 (AVCAffe). Folds of a
-  cross-validation are pooled, then measured once (not the mean of the fold values).
-Regression: CCC and PCC per dimension and their mean; personality ACC = 1 - mean |prediction - label|.
-Video level (AVCAffe): clip scores are averaged per video, then measured. A clip's video is the first
-  capture group (or the match) of a regex over its path: '(.*)/[^/]+$' groups the clips by folder.
+WAR = accuracy, UAR = mean per-class recall, weighted F1 (AVCAffe); CCC, PCC and personality ACC per
+dimension and their mean. Folds of a cross-validation are pooled, then measured once (not the mean of the
+fold values); at video level (AVCAffe), each video's clip scores are averaged first (--video_group).
 
   python metrics.py out/dfew/fold1/test_predictions.csv ... out/dfew/fold5/test_predictions.csv
   python metrics.py --video_group='(.*)/[^/]+$' out/finetune_avcaffe_arousal/test_predictions.csv
@@ -75,11 +72,8 @@ def confusion_matrix(y_true, y_pred, num_classes=None):
     for name, y in (("y_true", y_true), ("y_pred", y_pred)):
         bad = np.flatnonzero((y < 0) | (y >= num_classes))
         if len(bad):
-            raise ValueError(f"{name}[{bad[0]}] = {y[bad[0]]} is outside the valid labels 0..{num_classes - 1} "
-                             f"(num_classes={num_classes})")
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(cm, (y_true, y_pred), 1)
-    return cm
+            raise ValueError(f"{name}[{bad[0]}] = {y[bad[0]]} is outside the valid labels 0..{num_classes - 1}")
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes ** 2).reshape(num_classes, -1)
 
 
 def war(y_true, y_pred, num_classes=None):
@@ -96,14 +90,12 @@ def per_class_recall(y_true, y_pred, num_classes=None):
 
 
 def uar(y_true, y_pred, num_classes=None):
-    """Unweighted average recall: the mean of the per-class recalls over the classes present in y_true.
-    A class absent from y_true is left out of the mean; one present but never predicted counts as 0."""
+    """Unweighted average recall: the mean recall of the classes in y_true (one never predicted counts 0)."""
     return float(np.nanmean(per_class_recall(y_true, y_pred, num_classes)))
 
 
 def weighted_f1(y_true, y_pred, num_classes=None):
-    """F1 per class, averaged with weights = class support in y_true (sklearn's average="weighted").
-    A class never predicted or never true has F1 = 0 (sklearn's zero_division=0)."""
+    """F1 per class weighted by its support in y_true: sklearn's average="weighted", zero_division=0."""
     cm = confusion_matrix(y_true, y_pred, num_classes)
     tp, support = np.diag(cm).astype(np.float64), cm.sum(axis=1)
     denom = support + cm.sum(axis=0)  # F1 = 2 tp / (2 tp + fp + fn) = 2 tp / (support + predicted)
@@ -119,8 +111,7 @@ def _per_dimension(fn):  # fn: (N, D) columns -> (D,) values
         t, p = _as_array(y_true, "y_true").astype(np.float64), _as_array(y_pred, "y_pred").astype(np.float64)
         _same_length(t, p)
         if t.shape != p.shape or t.ndim not in (1, 2):
-            raise ValueError(f"y_true and y_pred must both be (N,) or (N, D) with equal shapes, "
-                             f"got {t.shape} and {p.shape}")
+            raise ValueError(f"y_true and y_pred must be (N,) or (N, D) with equal shapes, got {t.shape} and {p.shape}")
         if np.isinf(t).any() or np.isinf(p).any():
             raise ValueError("y_true and y_pred must be finite; found inf")
         v = fn(t.reshape(len(t), -1), p.reshape(len(p), -1))  # (N, D) -> (D,)
@@ -162,9 +153,8 @@ def personality_acc(t, p):
 
 
 def group_average(ids, scores, targets, groups):
-    """Video-level (video ids, scores, targets): each video's mean clip score, videos in order of first
-    appearance. groups: the video of each clip, or a regex whose first capture group (or whole match, when
-    it has no group) in a clip's id names its video. The clips of a video must share their target."""
+    """(video ids, mean clip scores, targets) of the videos in order of first appearance. groups: the video of
+    each clip, or a regex whose first capture group (or whole match) in a clip's id names its video."""
     if isinstance(groups, str):
         matches = [re.search(groups, str(i)) for i in ids]
         if None in matches:
@@ -188,17 +178,16 @@ def group_average(ids, scores, targets, groups):
     return list(number), sums / np.bincount(video).reshape((-1,) + (1,) * (scores.ndim - 1)), targets[head]
 
 # -----------------------------------------------------------------------------
-# prediction files: one CSV per evaluation, one row per video
-#   classification header: id,target,score_<class>,...        (target = class index)
-#   regression header:     id,target_<dim>,...,pred_<dim>,... (same dims in the same order)
-# The header alone tells the task: "target" vs "target_<dim>" columns. Read back as Predictions: task,
-# ids (N,), targets int64 (N,) | float64 (N, D), scores float64 (N, C) | (N, D), class_names (None: indices).
+# prediction files: one CSV per evaluation, one row per video; the header tells the task
+#   classification: id,target,score_<class>,...        (target = class index)
+#   regression:     id,target_<dim>,...,pred_<dim>,... (same dims in the same order)
+# Read back as Predictions: task, ids (N,), targets int64 (N,) | float64 (N, D),
+# scores float64 (N, C) | (N, D), class_names (None: indices).
 Predictions = namedtuple("Predictions", "task ids targets scores class_names")
 
 
 def write_predictions(path, ids, targets, scores, class_names=None, task=None):
-    """Write one evaluation's predictions to a CSV file at path, atomically (temp file + rename).
-    ids: N video ids (paths); targets: (N,) class indices or (N,) / (N, D) regression labels; scores: (N, C)
+    """ids: N video ids (paths); targets: (N,) class indices or (N,) / (N, D) regression labels; scores: (N, C)
     class scores or (N,) / (N, D) regression outputs; class_names: of the C classes or D dimensions (None:
     indices). task=None infers it from targets (integers: classification); pass it for float class indices."""
     ids = [str(i) for i in ids]
@@ -214,29 +203,21 @@ def write_predictions(path, ids, targets, scores, class_names=None, task=None):
         if ((targets < 0) | (targets >= width)).any():
             raise ValueError(f"{path}: target {targets[(targets < 0) | (targets >= width)][0]} is outside "
                              f"0..{width - 1} ({width} score columns)")
-        header = ["target"] + ["score_" + c for c in _column_names(class_names, width, "class", path)]
-        targets = targets[:, None]  # (N,) -> (N, 1): one target column
+        targets, what, prefixes = targets[:, None], "class", ["score_"]  # (N,) -> (N, 1): one target column
     else:
         targets, scores = (a.reshape(len(a), 1) if a.ndim == 1 else a for a in (targets, scores))  # (N,) -> (N, 1)
         if targets.ndim != 2 or targets.shape != scores.shape:
             raise ValueError(f"{path}: regression targets and scores must both be (N, D), got "
                              f"{targets.shape} and {scores.shape}")
-        names = _column_names(class_names, targets.shape[1], "dimension", path)
-        header = ["target_" + c for c in names] + ["pred_" + c for c in names]
-    rows = [["id"] + header] + [[i] + [repr(v) for v in t + s]
-                                for i, t, s in zip(ids, targets.tolist(), scores.tolist())]
+        width, what, prefixes = targets.shape[1], "dimension", ["target_", "pred_"]
+    names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(width)]
+    if len(names) != width or len(set(names)) != width or "" in names:
+        raise ValueError(f"{path}: expected {width} unique, non-empty {what} names, got {names}")
+    header = ["id"] + (["target"] if task == "classification" else []) + [pre + c for pre in prefixes for c in names]
+    rows = [header] + [[i] + [repr(v) for v in t + s] for i, t, s in zip(ids, targets.tolist(), scores.tolist())]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:  # a crash never leaves half a file
         csv.writer(f).writerows(rows)
-
-
-def _column_names(names, width, what, path):
-    names = [str(c) for c in names] if names is not None else [str(i) for i in range(width)]
-    if len(names) != width:
-        raise ValueError(f"{path}: {len(names)} {what} names given for {width} columns")
-    if len(set(names)) != len(names) or "" in names:
-        raise ValueError(f"{path}: {what} names must be unique and non-empty, got {names}")
-    return names
 
 
 def read_predictions(path):
@@ -251,15 +232,14 @@ def read_predictions(path):
         raise ValueError(f"{path}: header but no prediction rows")
     if header[0] != "id":
         raise ValueError(f"{path}:1: first column must be 'id', got {header[0]!r}")
-    dims = [h[len("target_"):] for h in header[1:1 + d] if h.startswith("target_")]
+    dims = [h[len("target_"):] for h in header[1:1 + d]]
     if len(header) >= 3 and header[1] == "target" and all(h.startswith("score_") for h in header[2:]):
         task, names = "classification", [h[len("score_"):] for h in header[2:]]
-    elif d and len(header) == 1 + 2 * d and len(dims) == d and header[1 + d:] == ["pred_" + n for n in dims]:
+    elif d and header[1:] == ["target_" + n for n in dims] + ["pred_" + n for n in dims]:
         task, names = "regression", dims
     else:
         raise ValueError(f"{path}:1: unrecognised header {header}; expected 'id,target,score_<class>,...' "
-                         f"(classification) or 'id,target_<dim>,...,pred_<dim>,...' with the same "
-                         f"dims in the same order (regression)")
+                         f"(classification) or 'id,target_<dim>,...,pred_<dim>,...' (regression, same dim order)")
     values = np.empty((len(numbered), len(header) - 1))
     for r, (line, row) in enumerate(numbered):
         if len(row) != len(header):
