@@ -1,13 +1,8 @@
 """
-Evaluation metrics for SVFAP as the paper reports them, and the prediction files that carry a model's
-outputs from finetune.py to this report. The report prints WAR / UAR / F1 in % with two decimals and
-CCC / PCC / ACC with four, as the paper does.
-
-Classification: WAR = accuracy; UAR = mean of the per-class recalls; weighted F1 (AVCAffe). Folds of a
-  cross-validation are pooled, then measured once (not the mean of the fold values).
-Regression: CCC and PCC per dimension and their mean; personality ACC = 1 - mean |prediction - label|.
-Video level (AVCAffe): clip scores are averaged per video, then measured. A clip's video is the first
-  capture group (or the match) of a regex over its path: '(.*)/[^/]+$' groups the clips by folder.
+Evaluation metrics for SVFAP as the paper reports them (WAR / UAR / weighted F1 in %, CCC / PCC /
+personality ACC), and the prediction files that carry a model's outputs from finetune.py to this report.
+Folds of a cross-validation are pooled, then measured once (not the mean of the fold values); at video
+level (AVCAffe), each video's clip scores are averaged first (--video_group).
 
   python metrics.py out/dfew/fold1/test_predictions.csv ... out/dfew/fold5/test_predictions.csv
   python metrics.py --video_group='(.*)/[^/]+$' out/finetune_avcaffe_arousal/test_predictions.csv
@@ -65,21 +60,15 @@ def confusion_matrix(y_true, y_pred, num_classes=None):
     """int64 (C, C) counts; rows = true class, columns = predicted class."""
     y_true, p = _as_labels(y_true, "y_true"), _as_array(y_pred, "y_pred")
     _same_length(y_true, p)
-    if p.ndim == 2:
-        if num_classes is not None and p.shape[1] != num_classes:
-            raise ValueError(f"y_pred has {p.shape[1]} score columns but num_classes={num_classes}")
-        num_classes, y_pred = p.shape[1], p.argmax(axis=1)  # (B, C) scores -> (B,) labels
-    else:
-        y_pred = _as_labels(p, "y_pred")
-    num_classes = int(max(y_true.max(), y_pred.max())) + 1 if num_classes is None else num_classes
+    if p.ndim == 2 and num_classes not in (None, p.shape[1]):
+        raise ValueError(f"y_pred has {p.shape[1]} score columns but num_classes={num_classes}")
+    y_pred = p.argmax(axis=1) if p.ndim == 2 else _as_labels(p, "y_pred")  # (B, C) scores -> (B,) labels
+    if num_classes is None:
+        num_classes = p.shape[1] if p.ndim == 2 else int(max(y_true.max(), y_pred.max())) + 1
     for name, y in (("y_true", y_true), ("y_pred", y_pred)):
-        bad = np.flatnonzero((y < 0) | (y >= num_classes))
-        if len(bad):
-            raise ValueError(f"{name}[{bad[0]}] = {y[bad[0]]} is outside the valid labels 0..{num_classes - 1} "
-                             f"(num_classes={num_classes})")
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(cm, (y_true, y_pred), 1)
-    return cm
+        if len(bad := np.flatnonzero((y < 0) | (y >= num_classes))):
+            raise ValueError(f"{name}[{bad[0]}] = {y[bad[0]]} is outside the valid labels 0..{num_classes - 1}")
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes ** 2).reshape(num_classes, -1)
 
 
 def war(y_true, y_pred, num_classes=None):
@@ -96,14 +85,12 @@ def per_class_recall(y_true, y_pred, num_classes=None):
 
 
 def uar(y_true, y_pred, num_classes=None):
-    """Unweighted average recall: the mean of the per-class recalls over the classes present in y_true.
-    A class absent from y_true is left out of the mean; one present but never predicted counts as 0."""
+    """Unweighted average recall: the mean recall of the classes in y_true (one never predicted counts 0)."""
     return float(np.nanmean(per_class_recall(y_true, y_pred, num_classes)))
 
 
 def weighted_f1(y_true, y_pred, num_classes=None):
-    """F1 per class, averaged with weights = class support in y_true (sklearn's average="weighted").
-    A class never predicted or never true has F1 = 0 (sklearn's zero_division=0)."""
+    """F1 per class weighted by its support in y_true: sklearn's average="weighted", zero_division=0."""
     cm = confusion_matrix(y_true, y_pred, num_classes)
     tp, support = np.diag(cm).astype(np.float64), cm.sum(axis=1)
     denom = support + cm.sum(axis=0)  # F1 = 2 tp / (2 tp + fp + fn) = 2 tp / (support + predicted)
@@ -119,8 +106,7 @@ def _per_dimension(fn):  # fn: (N, D) columns -> (D,) values
         t, p = _as_array(y_true, "y_true").astype(np.float64), _as_array(y_pred, "y_pred").astype(np.float64)
         _same_length(t, p)
         if t.shape != p.shape or t.ndim not in (1, 2):
-            raise ValueError(f"y_true and y_pred must both be (N,) or (N, D) with equal shapes, "
-                             f"got {t.shape} and {p.shape}")
+            raise ValueError(f"y_true and y_pred must be (N,) or (N, D) with equal shapes, got {t.shape} and {p.shape}")
         if np.isinf(t).any() or np.isinf(p).any():
             raise ValueError("y_true and y_pred must be finite; found inf")
         v = fn(t.reshape(len(t), -1), p.reshape(len(p), -1))  # (N, D) -> (D,)
@@ -162,9 +148,8 @@ def personality_acc(t, p):
 
 
 def group_average(ids, scores, targets, groups):
-    """Video-level (video ids, scores, targets): each video's mean clip score, videos in order of first
-    appearance. groups: the video of each clip, or a regex whose first capture group (or whole match, when
-    it has no group) in a clip's id names its video. The clips of a video must share their target."""
+    """(video ids, mean clip scores, targets) of the videos in order of first appearance. groups: the video of
+    each clip, or a regex whose first capture group (or whole match) in a clip's id names its video."""
     if isinstance(groups, str):
         matches = [re.search(groups, str(i)) for i in ids]
         if None in matches:
@@ -178,8 +163,7 @@ def group_average(ids, scores, targets, groups):
     number = {k: v for v, k in enumerate(dict.fromkeys(keys))}  # videos in order of first appearance
     video = np.array([number[k] for k in keys])  # (N,)
     head = np.unique(video, return_index=True)[1]  # (V,) the first clip of each video
-    bad = np.flatnonzero((targets != targets[head][video]).reshape(len(keys), -1).any(axis=1))
-    if len(bad):
+    if len(bad := np.flatnonzero((targets != targets[head][video]).reshape(len(keys), -1).any(axis=1))):
         b, f = bad[0], head[video[bad[0]]]
         raise ValueError(f"clip {ids[b]!r} has target {targets[b]} but clip {ids[f]!r} of the same video "
                          f"{keys[b]!r} has {targets[f]}; the clips of a video must share its label")
@@ -188,17 +172,14 @@ def group_average(ids, scores, targets, groups):
     return list(number), sums / np.bincount(video).reshape((-1,) + (1,) * (scores.ndim - 1)), targets[head]
 
 # -----------------------------------------------------------------------------
-# prediction files: one CSV per evaluation, one row per video
-#   classification header: id,target,score_<class>,...        (target = class index)
-#   regression header:     id,target_<dim>,...,pred_<dim>,... (same dims in the same order)
-# The header alone tells the task: "target" vs "target_<dim>" columns. Read back as Predictions: task,
-# ids (N,), targets int64 (N,) | float64 (N, D), scores float64 (N, C) | (N, D), class_names (None: indices).
+# prediction files: one CSV per evaluation, one row per video; the header tells the task
+#   classification: id,target,score_<class>,...        (target = class index)
+#   regression:     id,target_<dim>,...,pred_<dim>,... (same dims in the same order)
 Predictions = namedtuple("Predictions", "task ids targets scores class_names")
 
 
 def write_predictions(path, ids, targets, scores, class_names=None, task=None):
-    """Write one evaluation's predictions to a CSV file at path, atomically (temp file + rename).
-    ids: N video ids (paths); targets: (N,) class indices or (N,) / (N, D) regression labels; scores: (N, C)
+    """ids: N video ids (paths); targets: (N,) class indices or (N,) / (N, D) regression labels; scores: (N, C)
     class scores or (N,) / (N, D) regression outputs; class_names: of the C classes or D dimensions (None:
     indices). task=None infers it from targets (integers: classification); pass it for float class indices."""
     ids = [str(i) for i in ids]
@@ -211,55 +192,43 @@ def write_predictions(path, ids, targets, scores, class_names=None, task=None):
         raise ValueError(f"{path}: targets or scores contain inf")
     if task == "classification":
         targets, width = _as_labels(targets, "targets"), scores.shape[1]
-        if ((targets < 0) | (targets >= width)).any():
-            raise ValueError(f"{path}: target {targets[(targets < 0) | (targets >= width)][0]} is outside "
-                             f"0..{width - 1} ({width} score columns)")
-        header = ["target"] + ["score_" + c for c in _column_names(class_names, width, "class", path)]
-        targets = targets[:, None]  # (N,) -> (N, 1): one target column
+        if len(bad := targets[(targets < 0) | (targets >= width)]):
+            raise ValueError(f"{path}: target {bad[0]} is outside 0..{width - 1}, the {width} score columns")
+        targets, what, prefixes = targets[:, None], "class", ["score_"]  # (N,) -> (N, 1): one target column
     else:
         targets, scores = (a.reshape(len(a), 1) if a.ndim == 1 else a for a in (targets, scores))  # (N,) -> (N, 1)
         if targets.ndim != 2 or targets.shape != scores.shape:
-            raise ValueError(f"{path}: regression targets and scores must both be (N, D), got "
-                             f"{targets.shape} and {scores.shape}")
-        names = _column_names(class_names, targets.shape[1], "dimension", path)
-        header = ["target_" + c for c in names] + ["pred_" + c for c in names]
-    rows = [["id"] + header] + [[i] + [repr(v) for v in t + s]
-                                for i, t, s in zip(ids, targets.tolist(), scores.tolist())]
+            raise ValueError(f"{path}: targets {targets.shape} and scores {scores.shape} must both be (N, D)")
+        width, what, prefixes = targets.shape[1], "dimension", ["target_", "pred_"]
+    names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(width)]
+    if len(names) != width or len(set(names)) != width or "" in names:
+        raise ValueError(f"{path}: expected {width} unique, non-empty {what} names, got {names}")
+    header = ["id"] + (["target"] if task == "classification" else []) + [pre + c for pre in prefixes for c in names]
+    rows = [header] + [[i] + [repr(v) for v in t + s] for i, t, s in zip(ids, targets.tolist(), scores.tolist())]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:  # a crash never leaves half a file
         csv.writer(f).writerows(rows)
 
 
-def _column_names(names, width, what, path):
-    names = [str(c) for c in names] if names is not None else [str(i) for i in range(width)]
-    if len(names) != width:
-        raise ValueError(f"{path}: {len(names)} {what} names given for {width} columns")
-    if len(set(names)) != len(names) or "" in names:
-        raise ValueError(f"{path}: {what} names must be unique and non-empty, got {names}")
-    return names
-
-
 def read_predictions(path):
-    """Read a file written by write_predictions; errors name the file, line and column."""
+    """Predictions (task, ids (N,), targets int64 (N,) | float64 (N, D), scores float64 (N, C) | (N, D),
+    class_names (None: indices)) of a file written by write_predictions; errors name the file, line, column."""
     with open(path, newline="") as f:
         lines = list(csv.reader(f))
-    if not lines:
-        raise ValueError(f"{path}: empty file; expected a header 'id,target,score_...' or 'id,target_<dim>,...'")
-    header, d = lines[0], (len(lines[0]) - 1) // 2
     numbered = [(k + 2, row) for k, row in enumerate(lines[1:]) if row]  # csv gives [] for a blank line
     if not numbered:
-        raise ValueError(f"{path}: header but no prediction rows")
+        raise ValueError(f"{path}: no prediction rows (an empty file, or a header alone)")
+    header, d = lines[0], (len(lines[0]) - 1) // 2
     if header[0] != "id":
         raise ValueError(f"{path}:1: first column must be 'id', got {header[0]!r}")
-    dims = [h[len("target_"):] for h in header[1:1 + d] if h.startswith("target_")]
+    dims = [h[len("target_"):] for h in header[1:1 + d]]
     if len(header) >= 3 and header[1] == "target" and all(h.startswith("score_") for h in header[2:]):
         task, names = "classification", [h[len("score_"):] for h in header[2:]]
-    elif d and len(header) == 1 + 2 * d and len(dims) == d and header[1 + d:] == ["pred_" + n for n in dims]:
+    elif d and header[1:] == ["target_" + n for n in dims] + ["pred_" + n for n in dims]:
         task, names = "regression", dims
     else:
         raise ValueError(f"{path}:1: unrecognised header {header}; expected 'id,target,score_<class>,...' "
-                         f"(classification) or 'id,target_<dim>,...,pred_<dim>,...' with the same "
-                         f"dims in the same order (regression)")
+                         f"(classification) or 'id,target_<dim>,...,pred_<dim>,...' (regression, same dim order)")
     values = np.empty((len(numbered), len(header) - 1))
     for r, (line, row) in enumerate(numbered):
         if len(row) != len(header):
@@ -274,28 +243,23 @@ def read_predictions(path):
     if task == "regression":
         return Predictions(task, ids, values[:, :d], values[:, d:], class_names)
     t = values[:, 0]
-    bad = np.flatnonzero((t != np.round(t)) | (t < 0) | (t >= len(names)))
-    if len(bad):
+    if len(bad := np.flatnonzero((t != np.round(t)) | (t < 0) | (t >= len(names)))):
         line, row = numbered[bad[0]]
         raise ValueError(f"{path}:{line}: target {row[1]!r} is not a class index in 0..{len(names) - 1}")
     return Predictions(task, ids, t.astype(np.int64), values[:, 1:], class_names)
 
 
 def pool_predictions(preds, sources=None):
-    """Concatenate several Predictions (e.g. the test folds of a cross-validation); raises ValueError naming
-    the first of `sources` that differs from the first in task, class or dimension count or names."""
+    """Several Predictions (e.g. the test folds of a cross-validation) as one; `sources` name them in errors."""
     (ref, *rest), (ref_src, *sources) = preds, sources or [f"predictions #{i}" for i in range(len(preds))]
     what = "classes" if ref.task == "classification" else "dimensions"
     for p, src in zip(rest, sources):
         if p.task != ref.task:
-            raise ValueError(f"{src} holds {p.task} predictions but {ref_src} holds {ref.task}; "
-                             f"pool only files of one task")
+            raise ValueError(f"{src} holds {p.task} predictions but {ref_src} holds {ref.task}; pool one task")
         if p.scores.shape[1] != ref.scores.shape[1]:
-            raise ValueError(f"{src} has {p.scores.shape[1]} {what} but {ref_src} has {ref.scores.shape[1]}; "
-                             f"pool only files of one dataset")
+            raise ValueError(f"{src} has {p.scores.shape[1]} {what} but {ref_src} has {ref.scores.shape[1]}")
         if p.class_names != ref.class_names:
-            raise ValueError(f"{src} names its {what} {p.class_names} but {ref_src} names them "
-                             f"{ref.class_names}; pool only files with the same {what} in the same order")
+            raise ValueError(f"{src} names its {what} {p.class_names} but {ref_src} names them {ref.class_names}")
     return Predictions(ref.task, [i for p in preds for i in p.ids], np.concatenate([p.targets for p in preds]),
                        np.concatenate([p.scores for p in preds]), ref.class_names)
 
@@ -327,10 +291,9 @@ def format_report(pred, title=None):
                   _table([["true \\ pred"] + names] + [[names[c]] + [str(v) for v in cm[c]] for c in range(width)])]
         return "\n".join(lines)
     with_acc = y.min() >= 0 and y.max() <= 1  # personality labels (First Impressions) lie in [0, 1]
-    columns = [ccc(y, s), pcc(y, s)] + ([personality_acc(y, s)] if with_acc else [])
-    rows = [["dimension", "CCC", "PCC"] + (["ACC"] if with_acc else [])]
-    rows += [[names[d]] + [f"{v[d]:.4f}" for v in columns] for d in range(width)] + [
-        ["mean"] + [f"{v.mean():.4f}" for v in columns]]
+    columns = {"CCC": ccc(y, s), "PCC": pcc(y, s)} | ({"ACC": personality_acc(y, s)} if with_acc else {})
+    rows = [["dimension", *columns]] + [[names[d]] + [f"{v[d]:.4f}" for v in columns.values()] for d in range(width)]
+    rows.append(["mean"] + [f"{v.mean():.4f}" for v in columns.values()])
     lines += [f"regression: {n} videos, {width} dimensions", _table(rows)]
     if with_acc:
         lines.append("ACC = personality accuracy, 1 - mean |prediction - label| (labels lie in [0, 1])")
@@ -371,10 +334,9 @@ def summarize_runs(specs):
                 minutes.append(json.load(f)["wall_time_s"] / 60)
         if uars and len(uars) != len(dirs):
             raise ValueError(f"{name}: {len(dirs) - len(uars)} of {len(dirs)} runs have no test_predictions.csv")
-        t = np.asarray(minutes)
         rows.append([name, str(len(dirs)), _spread(uars) if uars else "-", _spread(wars) if wars else "-",
-                     " ".join(f"{u:.2f}" for u in uars) or "-",
-                     f"{t.mean():.1f} min" + (f" ({t.min():.1f}..{t.max():.1f})" if len(t) > 1 else "")])
+                     " ".join(f"{u:.2f}" for u in uars) or "-", f"{np.mean(minutes):.1f} min"
+                     + (f" ({min(minutes):.1f}..{max(minutes):.1f})" if len(dirs) > 1 else "")])
     lines = ["| " + " | ".join(r) + " |" for r in rows]
     lines.insert(1, "|" + "|".join(["---"] + ["---:"] * (len(rows[0]) - 1)) + "|")
     return "\n".join(lines)
@@ -384,9 +346,8 @@ def report(files, video_group=""):
     """The CLI's report of prediction files: pooled, then (with video_group) averaged per video."""
     preds = [read_predictions(f) for f in files]
     pooled = pool_predictions(preds, files)
-    if len(set(pooled.ids)) < len(pooled.ids):  # a clip in two test folds (or a file given twice) counts twice
-        print(f"metrics.py: warning: {len(pooled.ids) - len(set(pooled.ids))} rows repeat an id already seen; "
-              f"is a file listed twice?", file=sys.stderr)
+    if repeats := len(pooled.ids) - len(set(pooled.ids)):  # a clip in two test folds counts twice
+        print(f"metrics.py: warning: {repeats} rows repeat an earlier id; is a file listed twice?", file=sys.stderr)
     title = (f"pooled over {len(files)} files ({', '.join(str(len(p.ids)) for p in preds)} rows)"
              if len(files) > 1 else str(files[0]))
     if video_group:
