@@ -1,15 +1,8 @@
 """
-Data for SVFAP: from face videos on disk to clips on the device, in one file.
-
-Reading order:
-  1. read_annotations               the split files: "<path> <label>" or "<path> <v1> ... <vD>"
-  2. read_video_clip, count_frames  exact frames of any video PyAV decodes, or of a folder of frame images
-  3. sampling                       which frame indices make a clip (train: random window; eval: N uniform)
-  4. transforms                     worker: crop box, scaling, multi-scale crop and flip drawn; device:
-                                    crop, resize, flip, normalise (device_transform)
-  5. VideoDataset                   uint8 items with their augmentation parameters, labels, broken files
-  6. tools                          atomic_path, write_mp4, `python data.py prepare`, `python data.py --bench`
-  7. demo dataset                   `python data.py demo` (not needed to learn the method)
+Data for SVFAP: from face videos on disk to clips on the device, in one file. Sections in reading order:
+1. annotation files, 2. reading frames, 3. sampling, 4. transforms, 5. VideoDataset, 6. tools (atomic writes,
+mp4 files, `python data.py prepare`, `python data.py --bench`), 7. the demo dataset (`python data.py demo`,
+not needed to learn the method).
 
 Frame i of a video is the i-th frame a full sequential decode of its video stream outputs (the first
 video stream that is not cover art). Opening a video reads its packets into memory (one pass, no decoding;
@@ -44,19 +37,18 @@ from tqdm import tqdm
 from model import IMAGENET_MEAN, IMAGENET_STD, SVFAPConfig, tube_mask
 
 # -----------------------------------------------------------------------------------------------------
-# 1. Annotation files
+# 1. Annotation files: the split files, "<path> <label>" or "<path> <v1> ... <vD>"
 
 NUMBER = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"  # what float() reads, less nan and inf
 
 
 def _parse_annotation_lines(path, root=None, replace_prefix=None):
     """[(line_number, sample_path, values)] of an annotation file; blank lines are skipped."""
-    path = os.fspath(path)
     if isinstance(replace_prefix, str):  # "OLD=NEW", the form a command line gives
         if "=" not in replace_prefix:
             raise ValueError(f"replace_prefix={replace_prefix!r}: expected (old, new) or the string 'OLD=NEW'")
         replace_prefix = tuple(replace_prefix.split("=", 1))
-    base = os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(path))
+    base = root if root is not None else os.path.dirname(os.path.abspath(path))
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -88,8 +80,7 @@ def read_annotations(path, root=None, replace_prefix=None):
 
 
 # -----------------------------------------------------------------------------------------------------
-# 2. Reading frames
-
+# 2. Reading frames: the exact frames of any video PyAV decodes, or of a folder of frame images
 
 class VideoReadError(RuntimeError):
     """A video or frame folder that cannot be read; the message names the file and the reason."""
@@ -100,7 +91,6 @@ class _FrameOutOfRange(VideoReadError):
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
-DECODER_THREADS = 1  # DataLoader workers are the parallelism; decoder threads would oversubscribe the cores
 # FFmpeg's own decoders, which apply skip_frame to the packet being sent; wrappers such as libdav1d queue
 # packets and would apply it to the wrong frame (harmless, the check catches it, but then nothing is gained)
 SKIP_NONREF_DECODERS = ("h264", "hevc", "mpeg4", "mpeg2video", "mpeg1video", "vp8", "vp9")
@@ -190,11 +180,10 @@ class _Video:
             kinds = ", ".join(s.type for s in container.streams) or "none"
             raise VideoReadError(f"{path}: no video stream (streams: {kinds})")
         self.path, self.context = path, streams[0].codec_context
-        self.context.thread_count = DECODER_THREADS
+        self.context.thread_count = 1  # DataLoader workers are the parallelism; more would oversubscribe the cores
         self.packets = [p for p in container.demux(streams[0]) if p.size > 0]  # size 0: the closing flush packet
         self.exact, self.seekable = False, False
-        quick = _quick_index(self.packets)
-        if quick is not None:
+        if (quick := _quick_index(self.packets)) is not None:
             self._set_index(*quick)
 
     def _set_index(self, pts, keys):
@@ -209,8 +198,8 @@ class _Video:
         return self.count
 
     def _frames(self, start, wanted=()):
-        """Decoded frames from packet `start` on. Unwanted frames are sent with skip_frame="NONREF" (skipped if
-        nothing refers to them: about half of x264's B-frames); self.skipped holds them, the gaps a read accepts."""
+        """Frames decoded from packet `start` on; unwanted ones go with skip_frame="NONREF" into self.skipped (the
+        decoder drops those no frame refers to: about half of x264's B-frames)."""
         context, self.skipped = self.context, set()
         context.flush_buffers()
         may_skip = bool(wanted) and context.name in SKIP_NONREF_DECODERS
@@ -338,12 +327,13 @@ def open_video(path):
         container.close()
 
 
-def _read_chosen(video, choose, crop_box=None, size=None):
-    """video.read(choose(frame count), ...); chosen again with the decoded count if the quick one was too high."""
-    try:
-        return video.read(choose(video.frame_count(exact=False)), crop_box, size)
-    except _FrameOutOfRange:  # the read has replaced the quick count by the decoded one
-        return video.read(choose(video.frame_count()), crop_box, size)
+def _read_chosen(path, choose, crop_box=None, size=None):
+    """The frames at choose(frame count) of path; chosen again with the decoded count if the quick one was too high."""
+    with open_video(path) as video:
+        try:
+            return video.read(choose(video.frame_count(exact=False)), crop_box, size)
+        except _FrameOutOfRange:  # the read has replaced the quick count by the decoded one
+            return video.read(choose(video.frame_count()), crop_box, size)
 
 
 def read_video_clip(path, frame_indices):
@@ -360,8 +350,7 @@ def count_frames(path, exact=True):
 
 
 # -----------------------------------------------------------------------------------------------------
-# 3. Sampling: which frames make a clip
-
+# 3. Sampling: which frame indices make a clip (train: a random window; eval: N uniform ones)
 
 def window_span(num_frames, sampling_rate):
     """Frames covered by one clip: 16 frames every 4th span 61 frames."""
@@ -451,7 +440,7 @@ def device_transform(frames, boxes, img_size):
 
 
 # -----------------------------------------------------------------------------------------------------
-# 5. The dataset
+# 5. The dataset: uint8 items with their augmentation parameters, labels, broken files
 
 MODES = ("pretrain", "train", "eval")
 TASKS = ("classification", "regression")
@@ -474,8 +463,7 @@ class VideoDataset(torch.utils.data.Dataset):
         short side scaled to S, num_crops crops along the long side; index = the sample's place in the list.
     Frames: crop_box = (top, bottom, left, right) is cut out first (VoxCeleb2: VOXCELEB2_CROP_BOX), then
     scaled to S x S by swscale while converting to RGB (non-square frames are squashed: give a crop_box).
-    boxes = (top, left, height, width, flip): the paper's multi-scale crop (crop_scales, 13 places,
-    max_distort 1) of the S x S frames and a horizontal flip.
+    boxes = (top, left, height, width, flip): the paper's multi-scale crop of the S x S frames and a flip.
     Item `index` of epoch `epoch` (set_epoch) draws everything random (windows, crops, flips, tube mask, the
     stand-in for a broken file) from a torch.Generator seeded with item_seed(seed, epoch, index): items do
     not depend on the number of workers or the order of fetching, so a resumed run sees the same clips.
@@ -508,7 +496,8 @@ class VideoDataset(torch.utils.data.Dataset):
         rows = _parse_annotation_lines(annotation_file, root, replace_prefix)
         self.samples = [(p, v) for _, p, v in rows]
         self.line_numbers = [n for n, _, _ in rows]
-        self.targets = None if mode == "pretrain" or num_outputs is None else self._targets(rows, num_outputs)
+        unchecked = mode == "pretrain" or num_outputs is None  # labels unused: an empty target
+        self.targets = [torch.zeros(0)] * len(rows) if unchecked else self._targets(rows, num_outputs)
         self.skipped = self.tried = 0  # broken files skipped and items attempted so far (in this process)
 
     def _targets(self, rows, n):
@@ -536,16 +525,12 @@ class VideoDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def _target(self, index):
-        return torch.zeros(0) if self.targets is None else self.targets[index]  # unchecked labels: no target
-
     def set_epoch(self, epoch):
         """Items draw from streams seeded with (seed, epoch, index): call before each epoch's loader starts."""
         self.epoch = epoch
 
     def unreadable(self):
-        """[(line_number, path, reason)] of the entries whose quick frame count fails. Evaluation never skips
-        a file, so the scripts check their val and test lists with this at start-up."""
+        """[(line_number, path, reason)] of the entries whose quick frame count fails (evaluation never skips)."""
         bad = []
         listed = tqdm(self.samples, desc=f"checking {os.path.basename(self.annotation_file)}", unit="file", leave=False)
         for number, (path, _) in zip(self.line_numbers, listed):
@@ -557,8 +542,7 @@ class VideoDataset(torch.utils.data.Dataset):
 
     def _read_clips(self, path, choose, size):
         """uint8 (k, T, 3, h, w): the k clips of the indices choose(total_frames) gives, from one opening."""
-        with open_video(path) as video:
-            frames = torch.from_numpy(_read_chosen(video, choose, self.crop_box, size))
+        frames = torch.from_numpy(_read_chosen(path, choose, self.crop_box, size))
         return frames.permute(0, 3, 1, 2).unflatten(0, (-1, self.num_frames))  # (k*T, h, w, 3) -> (k, T, 3, h, w)
 
     def _choose_training(self, total, g):
@@ -580,18 +564,17 @@ class VideoDataset(torch.utils.data.Dataset):
                               for _ in range(self.repeated_sampling)])  # (k, 5): top, left, height, width, flip
         if self.mode == "pretrain":
             return frames, boxes, tube_mask(self.repeated_sampling, self.mask_cfg, generator=g)
-        return frames[0], boxes[0], self._target(index)
+        return frames[0], boxes[0], self.targets[index]
 
     def __getitem__(self, index):
         if self.mode == "eval":
-            path = self.samples[index][0]
             try:
-                clips = self._read_clips(path, self._choose_eval, self.img_size)
+                clips = self._read_clips(self.samples[index][0], self._choose_eval, self.img_size)
             except VideoReadError as e:
                 raise VideoReadError(f"{e} [line {self.line_numbers[index]} of {self.annotation_file}; evaluation "
                                      f"never skips a sample: fix the file or remove the line]") from e
             views = [v for clip in clips for v in eval_crops(clip, self.img_size, self.num_crops)]
-            return torch.stack(views), self._target(index), index  # (V, T, 3, S, S)
+            return torch.stack(views), self.targets[index], index  # (V, T, 3, S, S)
         g = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
         while True:
             self.tried += 1
@@ -612,7 +595,6 @@ class VideoDataset(torch.utils.data.Dataset):
 
 # -----------------------------------------------------------------------------------------------------
 # 6. Tools: atomic writes, mp4 files, `python data.py prepare`, `python data.py --bench`
-
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -675,8 +657,7 @@ def _prepare_one(job):
     """One entry of prepare: (line number, source, target, crop_box, keep_every, size) -> (line number, error)."""
     number, source, target, crop_box, keep_every, size = job
     try:
-        with open_video(source) as video:
-            frames = _read_chosen(video, lambda total: range(0, total, keep_every), crop_box, size)
+        frames = _read_chosen(source, lambda total: range(0, total, keep_every), crop_box, size)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with atomic_path(target) as tmp:  # the target appears only once its quality is checked
             for crf in PREPARE_CRFS:  # (sources with full-resolution colour noise cannot reach 40 dB in yuv420p)
@@ -705,11 +686,9 @@ def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1):
         entries[number] = (source, target, labels)
         if not os.path.exists(target):
             jobs.append((number, source, target, crop_box, keep_every, (size, size) if size else None))
-    with contextlib.ExitStack() as stack:
-        results = map(_prepare_one, jobs)
-        if workers > 1:
-            context = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
-            results = stack.enter_context(context.Pool(workers)).imap_unordered(_prepare_one, jobs)
+    context = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
+    with context.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        results = pool.imap_unordered(_prepare_one, jobs) if pool else map(_prepare_one, jobs)
         results = tqdm(results, total=len(jobs), desc=f"prepare {os.path.basename(list_file)}", unit="file")
         failed = {number: error for number, error in results if error is not None}
     new_list, failed_list = os.path.join(out, os.path.basename(list_file)), os.path.join(out, "prepare_failed.txt")
@@ -742,30 +721,25 @@ def prepare_main(argv):
 
 
 BENCH_DIR = os.path.join(tempfile.gettempdir(), "svfap_bench")
-BASELINE_MS = {1: 32.0, 2: 20.7}  # ms per clip of commit d84c921's loader on these clips, by repeated_sampling
-
-
-def write_voxceleb2_like(path, seed, seconds=8, fps=25, size=224, noise=7.0):
-    """A clip like VoxCeleb2's: a demo face (section 7) at 224 px with camera noise, 8 s at 25 fps, encoded with
-    x264's defaults (preset medium, CRF 23, B-frames, a keyframe every 250 frames: one per clip): ~290 kbit/s."""
-    n = seconds * fps
-    clip = render_demo_clip(demo_identity(seed, seed), demo_clip_plan(seed, seed, seed, seed % 6, n), size, n)
-    clip = clip + np.random.default_rng(seed).normal(0, noise, clip.shape).astype(np.float32)
-    write_mp4(path, np.clip(clip + 0.5, 0, 255).astype(np.uint8), fps, options={"crf": "23", "preset": "medium"})
+# ms CPU per clip by repeated_sampling of commit d84c921's loader, measured before this loader existed on these
+# clips and this machine (each file's first visit); it sent 4.92 MB per clip
+BASELINE_MS = {1: 32.0, 2: 20.7}
 
 
 def bench(num_clips=8, rounds=3):
     """CPU time a DataLoader worker spends per pre-training clip (16 x 160 px, VoxCeleb2's crop box) from raw
-    and from prepared files, and the device-side transform's cost on the CPU; torch threads 1, best of rounds.
-    Baseline, measured before this loader existed on the same clips and machine (commit d84c921's loader, each
-    file's first visit): 32.0 ms CPU per clip at repeated_sampling 1, 20.7 ms at 2, 4.92 MB sent per clip."""
+    and from prepared files, and the device-side transform's cost on the CPU; torch threads 1, best of rounds."""
     torch.set_num_threads(1)  # "per worker": DataLoader workers run torch with one thread
     os.makedirs(BENCH_DIR, exist_ok=True)
     raw_list, prepared = os.path.join(BENCH_DIR, "raw.txt"), os.path.join(BENCH_DIR, "prepared")
     with open(raw_list, "w") as f:
-        for path in (os.path.join(BENCH_DIR, f"raw_{i:02d}.mp4") for i in range(num_clips)):
-            if not os.path.exists(path):
-                write_voxceleb2_like(path, int(path[-6:-4]))
+        for i in range(num_clips):
+            path = os.path.join(BENCH_DIR, f"raw_{i:02d}.mp4")
+            if not os.path.exists(path):  # like VoxCeleb2: a demo face at 224 px with camera noise, 8 s at 25 fps,
+                # x264's defaults (preset medium, CRF 23, B-frames, one keyframe every 250 frames): ~290 kbit/s
+                clip = render_demo_clip(demo_identity(i, i), demo_clip_plan(i, i, i, i % 6, 200), 224, 200)
+                noisy = clip + np.random.default_rng(i).normal(0, 7.0, clip.shape).astype(np.float32) + 0.5
+                write_mp4(path, np.clip(noisy, 0, 255).astype(np.uint8), options={"crf": "23", "preset": "medium"})
             f.write(f"{path} 0\n")
     prepared_list = prepare(raw_list, prepared, VOXCELEB2_CROP_BOX, keep_every=4)
     kbit = sum(os.path.getsize(p) for p, _ in read_annotations(raw_list)) * 8e-3 / 8 / num_clips
@@ -790,15 +764,13 @@ def bench(num_clips=8, rounds=3):
 
 
 # -----------------------------------------------------------------------------------------------------
-# 7. Demo dataset: `python data.py demo`. NOT NEEDED TO LEARN THE METHOD: this part only makes the
-# synthetic demo data, face videos drawn procedurally with six dynamic expressions; a reader may skip it.
-#
-# The project's "shakespeare_char": real H.264 videos made on a laptop CPU in about a minute. Like aligned,
-# face-cropped DFEW clips, each starts neutral and moves to an expression apex at a random onset; the head
-# moves a little, the eyes blink, the camera is noisy. People differ in colour, shape and size of features,
-# lighting and hair far more than in where the features sit: the tiny TPSBT trained from scratch learns from
-# faces aligned within about a pixel (as after landmark alignment) and stays at chance for hundreds of steps
-# when features jitter by several pixels. Every clip has its own np.random.default_rng([seed, stream, id]).
+# 7. Demo dataset: `python data.py demo`. NOT NEEDED TO LEARN THE METHOD: a reader may skip it.
+# The project's "shakespeare_char": real H.264 face videos with six dynamic expressions, drawn on a laptop CPU in
+# about a minute. Like aligned, face-cropped DFEW clips, each starts neutral and moves to an expression apex at a
+# random onset; the head moves a little, the eyes blink, the camera is noisy. People differ in colour, shape and
+# size of features, lighting and hair far more than in where the features sit: the tiny TPSBT trained from
+# scratch learns from faces aligned within about a pixel (as after landmark alignment) and stays at chance for
+# hundreds of steps when features jitter by several pixels. Each person, each clip: default_rng([seed, stream, id]).
 
 DEMO_CLASSES = ("happy", "sad", "angry", "surprise", "disgust", "fear")
 DEMO_SIZE = 64           # frames are written at the tiny preset's img_size: no resize at load time
