@@ -115,19 +115,16 @@ def _scaled_size(height, width, size):
 
 
 class _Clip:
-    """The uint8 (T, h, w, 3) result of one read, filled in place as frames decode. Each frame becomes RGB
+    """The frames of one read, kept as they decode, then uint8 (T, h, w, 3). Each frame becomes RGB
     with the crop box (top, bottom, left, right) cut out and scaled to `size` (see _scaled_size) by swscale
     in the same pass, which costs almost nothing. Without both it is frame.to_ndarray(format="rgb24")."""
 
     def __init__(self, path, indices, crop_box=None, size=None):
-        indices = [int(i) for i in indices]
-        if not indices or min(indices) < 0:
-            raise ValueError(f"{path}: frame indices must be a non-empty list of integers >= 0, got {indices}")
-        self.path, self.count, self.crop_box, self.size, self.array = path, len(indices), crop_box, size, None
-        self.slots = {}  # frame position -> places in the output (an index may be asked for twice)
-        for j, i in enumerate(indices):
-            self.slots.setdefault(i, []).append(j)
-        self.wanted, self.filled = sorted(self.slots), set()
+        self.indices = [int(i) for i in indices]
+        if not self.indices or min(self.indices) < 0:
+            raise ValueError(f"{path}: frame indices must be a non-empty list of integers >= 0, got {self.indices}")
+        self.path, self.crop_box, self.size = path, crop_box, size
+        self.wanted, self.frames = sorted(set(self.indices)), {}  # frame position -> its RGB array
 
     def _rgb(self, frame, source):
         top, bottom, left, right = self.crop_box or (0, frame.height, 0, frame.width)
@@ -143,21 +140,18 @@ class _Clip:
 
     def put(self, position, frame, source=None):
         rgb = self._rgb(frame, source or self.path)
-        if self.array is None:
-            self.array = np.empty((self.count,) + rgb.shape, dtype=np.uint8)
-        elif rgb.shape != self.array.shape[1:]:
+        other = next(iter(self.frames.values()), rgb)
+        if rgb.shape != other.shape:
             raise VideoReadError(f"{source or self.path}: frame {position} is {rgb.shape[1]}x{rgb.shape[0]}, other "
-                                 f"frames of the clip are {self.array.shape[2]}x{self.array.shape[1]}")
-        for j in self.slots[position]:
-            self.array[j] = rgb
-        self.filled.add(position)
+                                 f"frames of the clip are {other.shape[1]}x{other.shape[0]}")
+        self.frames[position] = rgb
 
     def check_complete(self, num_frames):
-        missing = [i for i in self.wanted if i not in self.filled]
+        missing = [i for i in self.wanted if i not in self.frames]
         if missing:
             raise _FrameOutOfRange(f"{self.path}: frame {missing[0]} requested but the video has {num_frames} "
                                    f"frames (valid indices 0..{num_frames - 1})")
-        return self.array
+        return np.stack([self.frames[i] for i in self.indices])  # an index asked for twice appears twice
 
 
 def _quick_index(packets):
@@ -217,7 +211,7 @@ class _Video:
         """Decode every packet from the first, filling clip; the result becomes the (exact) index."""
         pts = []
         for frame in self._frames(0):
-            if clip is not None and len(pts) in clip.slots:
+            if clip is not None and len(pts) in clip.wanted:
                 clip.put(len(pts), frame)
             pts.append(frame.pts)
         if not pts:
@@ -235,7 +229,7 @@ class _Video:
         wanted, i = clip.wanted, 0
         while i < len(wanted):
             key = int(self.keys[np.searchsorted(self.keys, wanted[i], "right") - 1])
-            decoded = self._frames(self.packet_of[int(self.pts[key])], clip.slots)
+            decoded = self._frames(self.packet_of[int(self.pts[key])], clip.wanted)
             for frame in decoded:  # frames before the keyframe (leading frames of an open GOP) are dropped
                 position = self.position.get(frame.pts)
                 if position is None or position > key:
@@ -263,9 +257,9 @@ class _Video:
         """uint8 (T, h, w, 3): the frames at indices (any order, repeats ok); see _Clip for crop_box and size."""
         clip = _Clip(self.path, indices, crop_box, size)
         if self.seekable and clip.wanted[-1] < self.count and self._read_seeking(clip):
-            return clip.array
+            return clip.check_complete(self.count)
         if not (self.exact and clip.wanted[-1] >= self.count):  # else nothing to decode: out of range
-            clip.filled.clear()
+            clip.frames.clear()
             self._decode_in_order(clip)  # the quick index was wrong, counts too few frames, or is untrusted
         return clip.check_complete(self.count)
 
@@ -395,10 +389,9 @@ def multiscale_crop_box(height, width, scales=MULTISCALE_SCALES, generator=None)
 
 
 def eval_crops(clip, img_size, num_crops):
-    """uint8 (T, 3, h, w) whose short side is img_size -> [(T, 3, img_size, img_size)] * num_crops, spread
-    evenly along the long side (one: the centre). Face clips are square: crops coincide, as in the release."""
-    free = max(clip.shape[-2:]) - img_size
-    offsets = [free // 2] if num_crops == 1 else [round(j * free / (num_crops - 1)) for j in range(num_crops)]
+    """uint8 (T, 3, h, w) whose short side is img_size -> [(T, 3, img_size, img_size)] * num_crops, spread along
+    the long side as clips are along a video. Face clips are square: crops coincide, as in the release."""
+    offsets = uniform_clip_starts(max(clip.shape[-2:]), img_size, num_crops)
     if clip.shape[-2] <= clip.shape[-1]:
         return [clip[..., :, o:o + img_size] for o in offsets]
     return [clip[..., o:o + img_size, :] for o in offsets]
@@ -626,8 +619,6 @@ def write_mp4(path, frames, fps=25, gop=None, options=None):
                 stream.options = {"crf": "18", "preset": "veryfast", "threads": "1", **(options or {})}
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                 container.mux(packet)
-        if stream is None:
-            raise ValueError(f"write_mp4: no frames to write to {path}")
         for packet in stream.encode(None):
             container.mux(packet)
 
@@ -836,9 +827,8 @@ def demo_clip_plan(seed, clip_id, identity, label, num_frames=DEMO_FRAMES):
     intensity, onset, rise = r.uniform(0.8, 1.0), r.uniform(0.05, 0.25) * T, r.uniform(0.10, 0.20) * T
     # smooth random head motion: a slow drift plus one oscillation per axis, about a pixel
     t = np.arange(T) / T
-    def wobble(amplitude):
-        return amplitude * (r.uniform(-1, 1) * t + 0.6 * np.sin(2 * np.pi * r.uniform(0.3, 1.2) * t
-                                                                 + r.uniform(0, 2 * np.pi)))
+    wobble = lambda amplitude: amplitude * (r.uniform(-1, 1) * t + 0.6 * np.sin(2 * np.pi * r.uniform(0.3, 1.2) * t
+                                                                            + r.uniform(0, 2 * np.pi)))
     blinks = [r.uniform(0, T) for _ in range(r.poisson(0.8))]
     valence, arousal = (float(np.clip(m * intensity + r.normal(0, 0.08), -1, 1))
                         for m in DEMO_VA[DEMO_CLASSES[label]])
