@@ -49,13 +49,10 @@ def _parse_annotation_lines(path, root=None, replace_prefix=None):
             raise ValueError(f"replace_prefix={replace_prefix!r}: expected (old, new) or the string 'OLD=NEW'")
         replace_prefix = tuple(replace_prefix.split("=", 1))
     base = root if root is not None else os.path.dirname(os.path.abspath(path))
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise FileNotFoundError(f"annotation file {path}: cannot read it ({e.strerror})") from e
+    with open(path, encoding="utf-8") as f:  # OSError's message names the file and the reason
+        lines = f.read().splitlines()
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         fields = line.split()
         if not fields:
             continue
@@ -115,9 +112,8 @@ def _scaled_size(height, width, size):
 
 
 class _Clip:
-    """The frames of one read, kept as they decode, then uint8 (T, h, w, 3). Each frame becomes RGB
-    with the crop box (top, bottom, left, right) cut out and scaled to `size` (see _scaled_size) by swscale
-    in the same pass, which costs almost nothing. Without both it is frame.to_ndarray(format="rgb24")."""
+    """The frames of one read, kept as they decode, then uint8 (T, h, w, 3): each in RGB with the crop box (top,
+    bottom, left, right) cut out and scaled to `size` (see _scaled_size) by swscale in the same pass (almost free)."""
 
     def __init__(self, path, indices, crop_box=None, size=None):
         self.indices = [int(i) for i in indices]
@@ -294,8 +290,7 @@ class _Folder:
 
 @contextlib.contextmanager
 def open_video(path):
-    """A video file or a folder of frame images, opened once: .frame_count(exact) and .read(indices,
-    crop_box, size). Only regular files and folders are opened: a pipe or device could block forever."""
+    """A video file or a folder of frame images, opened once: .frame_count(exact) and .read(indices, crop_box, size)."""
     path = os.fspath(path)
     try:
         mode = os.stat(path).st_mode
@@ -662,9 +657,8 @@ def _prepare_one(job):
 
 def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1):
     """Training-ready copies of list_file's videos or frame folders: an H.264 mp4 per entry under out/clips, crop
-    box applied, every keep_every-th frame kept, scaled to size x size if given; out/<name of list_file> with
-    the new paths and the labels; out/prepare_failed.txt with every unreadable input and why. A rerun skips
-    finished files. Returns the new list's path."""
+    box applied, every keep_every-th frame kept, scaled to size x size if given; out/<name of list_file> (returned)
+    with the new paths and labels; out/prepare_failed.txt with each unreadable input and why. Reruns skip done files."""
     if 4 % keep_every or os.path.abspath(out) == os.path.dirname(os.path.abspath(list_file)):
         raise ValueError(f"prepare: keep_every={keep_every} must be 1, 2 or 4 (it divides the sampling rate 4), "
                          f"and out={out} must not be the folder of {list_file} (its list would be overwritten)")
@@ -986,8 +980,7 @@ def _upper_face(region, ident, plan, act, aa):
         _paint(view, inside * _ellipse(Xr, Yr, gx, gy, ident["iris_r"], ident["iris_r"], aa), ident["iris"])
         _paint(view, inside * _ellipse(Xr, Yr, gx, gy, 0.03, 0.03, aa), (0.02, 0.02, 0.02))
         # a ring around the opening, thicker on the upper lid: a closed eye becomes a dark line
-        ring = _soft(np.abs(d) - 0.013 - 0.013 * (Yr < ey), aa)
-        _paint(view, ring * _soft(np.abs(Xr - ex) - erx, aa), skin * 0.25)
+        _paint(view, _soft(np.abs(d) - 0.013 - 0.013 * (Yr < ey), aa) * _soft(np.abs(Xr - ex) - erx, aa), skin * 0.25)
 
 
 def _lower_face(region, ident, act, aa):
