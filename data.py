@@ -112,8 +112,8 @@ def _scaled_size(height, width, size):
 
 
 class _Clip:
-    """The frames of one read, kept as they decode, then uint8 (T, h, w, 3): each in RGB with the crop box (top,
-    bottom, left, right) cut out and scaled to `size` (see _scaled_size) by swscale in the same pass (almost free)."""
+    """One read: its frames by position as they decode, then stacked to uint8 (T, h, w, 3). Each is RGB with the
+    crop box (top, bottom, left, right) cut out and scaled to `size` (_scaled_size) by swscale in the same pass."""
 
     def __init__(self, path, indices, crop_box=None, size=None):
         self.indices = [int(i) for i in indices]
@@ -252,9 +252,8 @@ class _Video:
     def read(self, indices, crop_box=None, size=None):
         """uint8 (T, h, w, 3): the frames at indices (any order, repeats ok); see _Clip for crop_box and size."""
         clip = _Clip(self.path, indices, crop_box, size)
-        if self.seekable and clip.wanted[-1] < self.count and self._read_seeking(clip):
-            return clip.check_complete(self.count)
-        if not (self.exact and clip.wanted[-1] >= self.count):  # else nothing to decode: out of range
+        seeking = self.seekable and clip.wanted[-1] < self.count and self._read_seeking(clip)
+        if not seeking and not (self.exact and clip.wanted[-1] >= self.count):  # else nothing to decode: out of range
             clip.frames.clear()
             self._decode_in_order(clip)  # the quick index was wrong, counts too few frames, or is untrusted
         return clip.check_complete(self.count)
@@ -600,7 +599,7 @@ def atomic_path(path):
         raise
 
 
-def write_mp4(path, frames, fps=25, gop=None, options=None):
+def write_mp4(path, frames, fps=25, options=None):
     """Write uint8 frames (H, W, 3), an array (T, H, W, 3) or any iterable, to an H.264 mp4 through PyAV,
     atomically; one encoder thread, so the same frames always give the same bytes."""
     with atomic_path(path) as tmp, av.open(tmp, "w", format="mp4") as container:
@@ -609,8 +608,6 @@ def write_mp4(path, frames, fps=25, gop=None, options=None):
             if stream is None:  # the first frame gives the size
                 stream = container.add_stream("libx264", rate=fps)
                 stream.height, stream.width, stream.pix_fmt = *frame.shape[:2], "yuv420p"
-                if gop:
-                    stream.codec_context.gop_size = gop
                 stream.options = {"crf": "18", "preset": "veryfast", "threads": "1", **(options or {})}
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                 container.mux(packet)
@@ -627,10 +624,10 @@ def write_png(path, image):
         f.write(b"".join(bytes(p) for p in packets))
 
 
-PREPARE_GOP = 16  # a keyframe at least every 16 kept frames: a clip decodes at most 15 frames it does not use
 PREPARE_CRFS = (16, 12, 8, 4, 0)  # x264 quality, tried in turn until every kept frame is within 40 dB of its source
-# tune=fastdecode: CAVLC instead of CABAC, no deblocking; measured 1.7x faster to decode for 10% more bytes
-PREPARE_X264 = {"preset": "veryfast", "tune": "fastdecode", "threads": "1"}
+# tune=fastdecode: CAVLC instead of CABAC, no deblocking; measured 1.7x faster to decode for 10% more bytes.
+# g=16: a keyframe at least every 16 kept frames, so a clip decodes at most 15 frames it does not use.
+PREPARE_X264 = {"preset": "veryfast", "tune": "fastdecode", "threads": "1", "g": "16"}
 
 
 def psnr(a, b):
@@ -647,7 +644,7 @@ def _prepare_one(job):
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with atomic_path(target) as tmp:  # the target appears only once its quality is checked
             for crf in PREPARE_CRFS:  # (sources with full-resolution colour noise cannot reach 40 dB in yuv420p)
-                write_mp4(tmp, frames, gop=PREPARE_GOP, options={**PREPARE_X264, "crf": str(crf)})
+                write_mp4(tmp, frames, options={**PREPARE_X264, "crf": str(crf)})
                 if psnr(read_video_clip(tmp, range(len(frames))), frames).min() >= 40:
                     break
         return number, None
@@ -665,7 +662,7 @@ def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1):
     lines = open(list_file, encoding="utf-8").read().splitlines()
     entries, jobs = {}, []
     for number, source, _ in _parse_annotation_lines(list_file):
-        name, labels = lines[number - 1].split(maxsplit=1)
+        name, *labels = lines[number - 1].split(maxsplit=1)  # a path alone (pretraining lists) has no labels
         parts = [p for p in os.path.normpath(name).split(os.sep) if p not in ("", ".", "..")]  # stays under out
         target = os.path.join(out, "clips", *parts[:-1], os.path.splitext(parts[-1])[0] + ".mp4")
         entries[number] = (source, target, labels)
@@ -678,7 +675,8 @@ def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1):
         failed = {number: error for number, error in results if error is not None}
     new_list, failed_list = os.path.join(out, os.path.basename(list_file)), os.path.join(out, "prepare_failed.txt")
     with atomic_path(new_list) as tmp, open(tmp, "w") as f:
-        f.writelines(f"{os.path.relpath(t, out)} {labels}\n" for n, (_, t, labels) in entries.items() if n not in failed)
+        f.writelines(" ".join([os.path.relpath(t, out), *labels]) + "\n" for n, (_, t, labels) in entries.items()
+                     if n not in failed)
     with atomic_path(failed_list) as tmp, open(tmp, "w") as f:
         f.writelines(f"line {n}: {entries[n][0]}: {error}\n" for n, error in sorted(failed.items()))
     print(f"prepare: {len(entries) - len(failed)} of {len(entries)} entries ready in {out} ({len(jobs)} written now); "
