@@ -1,15 +1,8 @@
 """
-Data for SVFAP: from face videos on disk to clips on the device, in one file.
-
-Reading order:
-  1. read_annotations               the split files: "<path> <label>" or "<path> <v1> ... <vD>"
-  2. read_video_clip, count_frames  exact frames of any video PyAV decodes, or of a folder of frame images
-  3. sampling                       which frame indices make a clip (train: random window; eval: N uniform)
-  4. transforms                     worker: crop box, scaling, multi-scale crop and flip drawn; device:
-                                    crop, resize, flip, normalise (device_transform)
-  5. VideoDataset                   uint8 items with their augmentation parameters, labels, broken files
-  6. tools                          atomic_path, write_mp4, `python data.py prepare`, `python data.py --bench`
-  7. demo dataset                   `python data.py demo` (not needed to learn the method)
+Data for SVFAP: from face videos on disk to clips on the device, in one file. Sections in reading order:
+1. annotation files, 2. reading frames, 3. sampling, 4. transforms, 5. VideoDataset, 6. tools (atomic writes,
+mp4 files, `python data.py prepare`, `python data.py --bench`), 7. the demo dataset (`python data.py demo`,
+not needed to learn the method).
 
 Frame i of a video is the i-th frame a full sequential decode of its video stream outputs (the first
 video stream that is not cover art). Opening a video reads its packets into memory (one pass, no decoding;
@@ -44,26 +37,22 @@ from tqdm import tqdm
 from model import IMAGENET_MEAN, IMAGENET_STD, SVFAPConfig, tube_mask
 
 # -----------------------------------------------------------------------------------------------------
-# 1. Annotation files
+# 1. Annotation files: the split files, "<path> <label>" or "<path> <v1> ... <vD>"
 
 NUMBER = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"  # what float() reads, less nan and inf
 
 
 def _parse_annotation_lines(path, root=None, replace_prefix=None):
     """[(line_number, sample_path, values)] of an annotation file; blank lines are skipped."""
-    path = os.fspath(path)
     if isinstance(replace_prefix, str):  # "OLD=NEW", the form a command line gives
         if "=" not in replace_prefix:
             raise ValueError(f"replace_prefix={replace_prefix!r}: expected (old, new) or the string 'OLD=NEW'")
         replace_prefix = tuple(replace_prefix.split("=", 1))
-    base = os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(path))
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise FileNotFoundError(f"annotation file {path}: cannot read it ({e.strerror})") from e
+    base = root if root is not None else os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8") as f:  # OSError's message names the file and the reason
+        lines = f.read().splitlines()
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         fields = line.split()
         if not fields:
             continue
@@ -88,8 +77,7 @@ def read_annotations(path, root=None, replace_prefix=None):
 
 
 # -----------------------------------------------------------------------------------------------------
-# 2. Reading frames
-
+# 2. Reading frames: the exact frames of any video PyAV decodes, or of a folder of frame images
 
 class VideoReadError(RuntimeError):
     """A video or frame folder that cannot be read; the message names the file and the reason."""
@@ -100,7 +88,6 @@ class _FrameOutOfRange(VideoReadError):
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
-DECODER_THREADS = 1  # DataLoader workers are the parallelism; decoder threads would oversubscribe the cores
 # FFmpeg's own decoders, which apply skip_frame to the packet being sent; wrappers such as libdav1d queue
 # packets and would apply it to the wrong frame (harmless, the check catches it, but then nothing is gained)
 SKIP_NONREF_DECODERS = ("h264", "hevc", "mpeg4", "mpeg2video", "mpeg1video", "vp8", "vp9")
@@ -125,19 +112,15 @@ def _scaled_size(height, width, size):
 
 
 class _Clip:
-    """The uint8 (T, h, w, 3) result of one read, filled in place as frames decode. Each frame becomes RGB
-    with the crop box (top, bottom, left, right) cut out and scaled to `size` (see _scaled_size) by swscale
-    in the same pass, which costs almost nothing. Without both it is frame.to_ndarray(format="rgb24")."""
+    """One read: its frames by position as they decode, then stacked to uint8 (T, h, w, 3). Each is RGB with the
+    crop box (top, bottom, left, right) cut out and scaled to `size` (_scaled_size) by swscale in the same pass."""
 
     def __init__(self, path, indices, crop_box=None, size=None):
-        indices = [int(i) for i in indices]
-        if not indices or min(indices) < 0:
-            raise ValueError(f"{path}: frame indices must be a non-empty list of integers >= 0, got {indices}")
-        self.path, self.count, self.crop_box, self.size, self.array = path, len(indices), crop_box, size, None
-        self.slots = {}  # frame position -> places in the output (an index may be asked for twice)
-        for j, i in enumerate(indices):
-            self.slots.setdefault(i, []).append(j)
-        self.wanted, self.filled = sorted(self.slots), set()
+        self.indices = [int(i) for i in indices]
+        if not self.indices or min(self.indices) < 0:
+            raise ValueError(f"{path}: frame indices must be a non-empty list of integers >= 0, got {self.indices}")
+        self.path, self.crop_box, self.size = path, crop_box, size
+        self.wanted, self.frames = sorted(set(self.indices)), {}  # frame position -> its RGB array
 
     def _rgb(self, frame, source):
         top, bottom, left, right = self.crop_box or (0, frame.height, 0, frame.width)
@@ -153,21 +136,18 @@ class _Clip:
 
     def put(self, position, frame, source=None):
         rgb = self._rgb(frame, source or self.path)
-        if self.array is None:
-            self.array = np.empty((self.count,) + rgb.shape, dtype=np.uint8)
-        elif rgb.shape != self.array.shape[1:]:
+        other = next(iter(self.frames.values()), rgb)
+        if rgb.shape != other.shape:
             raise VideoReadError(f"{source or self.path}: frame {position} is {rgb.shape[1]}x{rgb.shape[0]}, other "
-                                 f"frames of the clip are {self.array.shape[2]}x{self.array.shape[1]}")
-        for j in self.slots[position]:
-            self.array[j] = rgb
-        self.filled.add(position)
+                                 f"frames of the clip are {other.shape[1]}x{other.shape[0]}")
+        self.frames[position] = rgb
 
     def check_complete(self, num_frames):
-        missing = [i for i in self.wanted if i not in self.filled]
+        missing = [i for i in self.wanted if i not in self.frames]
         if missing:
             raise _FrameOutOfRange(f"{self.path}: frame {missing[0]} requested but the video has {num_frames} "
                                    f"frames (valid indices 0..{num_frames - 1})")
-        return self.array
+        return np.stack([self.frames[i] for i in self.indices])  # an index asked for twice appears twice
 
 
 def _quick_index(packets):
@@ -190,11 +170,10 @@ class _Video:
             kinds = ", ".join(s.type for s in container.streams) or "none"
             raise VideoReadError(f"{path}: no video stream (streams: {kinds})")
         self.path, self.context = path, streams[0].codec_context
-        self.context.thread_count = DECODER_THREADS
+        self.context.thread_count = 1  # DataLoader workers are the parallelism; more would oversubscribe the cores
         self.packets = [p for p in container.demux(streams[0]) if p.size > 0]  # size 0: the closing flush packet
         self.exact, self.seekable = False, False
-        quick = _quick_index(self.packets)
-        if quick is not None:
+        if (quick := _quick_index(self.packets)) is not None:
             self._set_index(*quick)
 
     def _set_index(self, pts, keys):
@@ -209,8 +188,8 @@ class _Video:
         return self.count
 
     def _frames(self, start, wanted=()):
-        """Decoded frames from packet `start` on. Unwanted frames are sent with skip_frame="NONREF" (skipped if
-        nothing refers to them: about half of x264's B-frames); self.skipped holds them, the gaps a read accepts."""
+        """Frames decoded from packet `start` on; unwanted ones go with skip_frame="NONREF" into self.skipped (the
+        decoder drops those no frame refers to: about half of x264's B-frames)."""
         context, self.skipped = self.context, set()
         context.flush_buffers()
         may_skip = bool(wanted) and context.name in SKIP_NONREF_DECODERS
@@ -228,7 +207,7 @@ class _Video:
         """Decode every packet from the first, filling clip; the result becomes the (exact) index."""
         pts = []
         for frame in self._frames(0):
-            if clip is not None and len(pts) in clip.slots:
+            if clip is not None and len(pts) in clip.wanted:
                 clip.put(len(pts), frame)
             pts.append(frame.pts)
         if not pts:
@@ -246,7 +225,7 @@ class _Video:
         wanted, i = clip.wanted, 0
         while i < len(wanted):
             key = int(self.keys[np.searchsorted(self.keys, wanted[i], "right") - 1])
-            decoded = self._frames(self.packet_of[int(self.pts[key])], clip.slots)
+            decoded = self._frames(self.packet_of[int(self.pts[key])], clip.wanted)
             for frame in decoded:  # frames before the keyframe (leading frames of an open GOP) are dropped
                 position = self.position.get(frame.pts)
                 if position is None or position > key:
@@ -273,10 +252,9 @@ class _Video:
     def read(self, indices, crop_box=None, size=None):
         """uint8 (T, h, w, 3): the frames at indices (any order, repeats ok); see _Clip for crop_box and size."""
         clip = _Clip(self.path, indices, crop_box, size)
-        if self.seekable and clip.wanted[-1] < self.count and self._read_seeking(clip):
-            return clip.array
-        if not (self.exact and clip.wanted[-1] >= self.count):  # else nothing to decode: out of range
-            clip.filled.clear()
+        seeking = self.seekable and clip.wanted[-1] < self.count and self._read_seeking(clip)
+        if not seeking and not (self.exact and clip.wanted[-1] >= self.count):  # else nothing to decode: out of range
+            clip.frames.clear()
             self._decode_in_order(clip)  # the quick index was wrong, counts too few frames, or is untrusted
         return clip.check_complete(self.count)
 
@@ -311,8 +289,7 @@ class _Folder:
 
 @contextlib.contextmanager
 def open_video(path):
-    """A video file or a folder of frame images, opened once: .frame_count(exact) and .read(indices,
-    crop_box, size). Only regular files and folders are opened: a pipe or device could block forever."""
+    """A video file or a folder of frame images, opened once: .frame_count(exact) and .read(indices, crop_box, size)."""
     path = os.fspath(path)
     try:
         mode = os.stat(path).st_mode
@@ -338,12 +315,13 @@ def open_video(path):
         container.close()
 
 
-def _read_chosen(video, choose, crop_box=None, size=None):
-    """video.read(choose(frame count), ...); chosen again with the decoded count if the quick one was too high."""
-    try:
-        return video.read(choose(video.frame_count(exact=False)), crop_box, size)
-    except _FrameOutOfRange:  # the read has replaced the quick count by the decoded one
-        return video.read(choose(video.frame_count()), crop_box, size)
+def _read_chosen(path, choose, crop_box=None, size=None):
+    """The frames at choose(frame count) of path; chosen again with the decoded count if the quick one was too high."""
+    with open_video(path) as video:
+        try:
+            return video.read(choose(video.frame_count(exact=False)), crop_box, size)
+        except _FrameOutOfRange:  # the read has replaced the quick count by the decoded one
+            return video.read(choose(video.frame_count()), crop_box, size)
 
 
 def read_video_clip(path, frame_indices):
@@ -360,8 +338,7 @@ def count_frames(path, exact=True):
 
 
 # -----------------------------------------------------------------------------------------------------
-# 3. Sampling: which frames make a clip
-
+# 3. Sampling: which frame indices make a clip (train: a random window; eval: N uniform ones)
 
 def window_span(num_frames, sampling_rate):
     """Frames covered by one clip: 16 frames every 4th span 61 frames."""
@@ -406,10 +383,9 @@ def multiscale_crop_box(height, width, scales=MULTISCALE_SCALES, generator=None)
 
 
 def eval_crops(clip, img_size, num_crops):
-    """uint8 (T, 3, h, w) whose short side is img_size -> [(T, 3, img_size, img_size)] * num_crops, spread
-    evenly along the long side (one: the centre). Face clips are square: crops coincide, as in the release."""
-    free = max(clip.shape[-2:]) - img_size
-    offsets = [free // 2] if num_crops == 1 else [round(j * free / (num_crops - 1)) for j in range(num_crops)]
+    """uint8 (T, 3, h, w) whose short side is img_size -> [(T, 3, img_size, img_size)] * num_crops, spread along
+    the long side as clips are along a video. Face clips are square: crops coincide, as in the release."""
+    offsets = uniform_clip_starts(max(clip.shape[-2:]), img_size, num_crops)
     if clip.shape[-2] <= clip.shape[-1]:
         return [clip[..., :, o:o + img_size] for o in offsets]
     return [clip[..., o:o + img_size, :] for o in offsets]
@@ -451,7 +427,7 @@ def device_transform(frames, boxes, img_size):
 
 
 # -----------------------------------------------------------------------------------------------------
-# 5. The dataset
+# 5. The dataset: uint8 items with their augmentation parameters, labels, broken files
 
 MODES = ("pretrain", "train", "eval")
 TASKS = ("classification", "regression")
@@ -474,8 +450,7 @@ class VideoDataset(torch.utils.data.Dataset):
         short side scaled to S, num_crops crops along the long side; index = the sample's place in the list.
     Frames: crop_box = (top, bottom, left, right) is cut out first (VoxCeleb2: VOXCELEB2_CROP_BOX), then
     scaled to S x S by swscale while converting to RGB (non-square frames are squashed: give a crop_box).
-    boxes = (top, left, height, width, flip): the paper's multi-scale crop (crop_scales, 13 places,
-    max_distort 1) of the S x S frames and a horizontal flip.
+    boxes = (top, left, height, width, flip): the paper's multi-scale crop of the S x S frames and a flip.
     Item `index` of epoch `epoch` (set_epoch) draws everything random (windows, crops, flips, tube mask, the
     stand-in for a broken file) from a torch.Generator seeded with item_seed(seed, epoch, index): items do
     not depend on the number of workers or the order of fetching, so a resumed run sees the same clips.
@@ -508,7 +483,8 @@ class VideoDataset(torch.utils.data.Dataset):
         rows = _parse_annotation_lines(annotation_file, root, replace_prefix)
         self.samples = [(p, v) for _, p, v in rows]
         self.line_numbers = [n for n, _, _ in rows]
-        self.targets = None if mode == "pretrain" or num_outputs is None else self._targets(rows, num_outputs)
+        unchecked = mode == "pretrain" or num_outputs is None  # labels unused: an empty target
+        self.targets = [torch.zeros(0)] * len(rows) if unchecked else self._targets(rows, num_outputs)
         self.skipped = self.tried = 0  # broken files skipped and items attempted so far (in this process)
 
     def _targets(self, rows, n):
@@ -536,16 +512,12 @@ class VideoDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def _target(self, index):
-        return torch.zeros(0) if self.targets is None else self.targets[index]  # unchecked labels: no target
-
     def set_epoch(self, epoch):
         """Items draw from streams seeded with (seed, epoch, index): call before each epoch's loader starts."""
         self.epoch = epoch
 
     def unreadable(self):
-        """[(line_number, path, reason)] of the entries whose quick frame count fails. Evaluation never skips
-        a file, so the scripts check their val and test lists with this at start-up."""
+        """[(line_number, path, reason)] of the entries whose quick frame count fails (evaluation never skips)."""
         bad = []
         listed = tqdm(self.samples, desc=f"checking {os.path.basename(self.annotation_file)}", unit="file", leave=False)
         for number, (path, _) in zip(self.line_numbers, listed):
@@ -557,8 +529,7 @@ class VideoDataset(torch.utils.data.Dataset):
 
     def _read_clips(self, path, choose, size):
         """uint8 (k, T, 3, h, w): the k clips of the indices choose(total_frames) gives, from one opening."""
-        with open_video(path) as video:
-            frames = torch.from_numpy(_read_chosen(video, choose, self.crop_box, size))
+        frames = torch.from_numpy(_read_chosen(path, choose, self.crop_box, size))
         return frames.permute(0, 3, 1, 2).unflatten(0, (-1, self.num_frames))  # (k*T, h, w, 3) -> (k, T, 3, h, w)
 
     def _choose_training(self, total, g):
@@ -580,18 +551,17 @@ class VideoDataset(torch.utils.data.Dataset):
                               for _ in range(self.repeated_sampling)])  # (k, 5): top, left, height, width, flip
         if self.mode == "pretrain":
             return frames, boxes, tube_mask(self.repeated_sampling, self.mask_cfg, generator=g)
-        return frames[0], boxes[0], self._target(index)
+        return frames[0], boxes[0], self.targets[index]
 
     def __getitem__(self, index):
         if self.mode == "eval":
-            path = self.samples[index][0]
             try:
-                clips = self._read_clips(path, self._choose_eval, self.img_size)
+                clips = self._read_clips(self.samples[index][0], self._choose_eval, self.img_size)
             except VideoReadError as e:
                 raise VideoReadError(f"{e} [line {self.line_numbers[index]} of {self.annotation_file}; evaluation "
                                      f"never skips a sample: fix the file or remove the line]") from e
             views = [v for clip in clips for v in eval_crops(clip, self.img_size, self.num_crops)]
-            return torch.stack(views), self._target(index), index  # (V, T, 3, S, S)
+            return torch.stack(views), self.targets[index], index  # (V, T, 3, S, S)
         g = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
         while True:
             self.tried += 1
@@ -613,7 +583,6 @@ class VideoDataset(torch.utils.data.Dataset):
 # -----------------------------------------------------------------------------------------------------
 # 6. Tools: atomic writes, mp4 files, `python data.py prepare`, `python data.py --bench`
 
-
 @contextlib.contextmanager
 def atomic_path(path):
     """A temporary path in path's folder to write to: on success it is fsynced and renamed to path, on an
@@ -630,7 +599,7 @@ def atomic_path(path):
         raise
 
 
-def write_mp4(path, frames, fps=25, gop=None, options=None):
+def write_mp4(path, frames, fps=25, options=None):
     """Write uint8 frames (H, W, 3), an array (T, H, W, 3) or any iterable, to an H.264 mp4 through PyAV,
     atomically; one encoder thread, so the same frames always give the same bytes."""
     with atomic_path(path) as tmp, av.open(tmp, "w", format="mp4") as container:
@@ -639,13 +608,9 @@ def write_mp4(path, frames, fps=25, gop=None, options=None):
             if stream is None:  # the first frame gives the size
                 stream = container.add_stream("libx264", rate=fps)
                 stream.height, stream.width, stream.pix_fmt = *frame.shape[:2], "yuv420p"
-                if gop:
-                    stream.codec_context.gop_size = gop
                 stream.options = {"crf": "18", "preset": "veryfast", "threads": "1", **(options or {})}
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                 container.mux(packet)
-        if stream is None:
-            raise ValueError(f"write_mp4: no frames to write to {path}")
         for packet in stream.encode(None):
             container.mux(packet)
 
@@ -659,10 +624,10 @@ def write_png(path, image):
         f.write(b"".join(bytes(p) for p in packets))
 
 
-PREPARE_GOP = 16  # a keyframe at least every 16 kept frames: a clip decodes at most 15 frames it does not use
 PREPARE_CRFS = (16, 12, 8, 4, 0)  # x264 quality, tried in turn until every kept frame is within 40 dB of its source
-# tune=fastdecode: CAVLC instead of CABAC, no deblocking; measured 1.7x faster to decode for 10% more bytes
-PREPARE_X264 = {"preset": "veryfast", "tune": "fastdecode", "threads": "1"}
+# tune=fastdecode: CAVLC instead of CABAC, no deblocking; measured 1.7x faster to decode for 10% more bytes.
+# g=16: a keyframe at least every 16 kept frames, so a clip decodes at most 15 frames it does not use.
+PREPARE_X264 = {"preset": "veryfast", "tune": "fastdecode", "threads": "1", "g": "16"}
 
 
 def psnr(a, b):
@@ -675,12 +640,11 @@ def _prepare_one(job):
     """One entry of prepare: (line number, source, target, crop_box, keep_every, size) -> (line number, error)."""
     number, source, target, crop_box, keep_every, size = job
     try:
-        with open_video(source) as video:
-            frames = _read_chosen(video, lambda total: range(0, total, keep_every), crop_box, size)
+        frames = _read_chosen(source, lambda total: range(0, total, keep_every), crop_box, size)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with atomic_path(target) as tmp:  # the target appears only once its quality is checked
             for crf in PREPARE_CRFS:  # (sources with full-resolution colour noise cannot reach 40 dB in yuv420p)
-                write_mp4(tmp, frames, gop=PREPARE_GOP, options={**PREPARE_X264, "crf": str(crf)})
+                write_mp4(tmp, frames, options={**PREPARE_X264, "crf": str(crf)})
                 if psnr(read_video_clip(tmp, range(len(frames))), frames).min() >= 40:
                     break
         return number, None
@@ -690,31 +654,29 @@ def _prepare_one(job):
 
 def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1):
     """Training-ready copies of list_file's videos or frame folders: an H.264 mp4 per entry under out/clips, crop
-    box applied, every keep_every-th frame kept, scaled to size x size if given; out/<name of list_file> with
-    the new paths and the labels; out/prepare_failed.txt with every unreadable input and why. A rerun skips
-    finished files. Returns the new list's path."""
+    box applied, every keep_every-th frame kept, scaled to size x size if given; out/<name of list_file> (returned)
+    with the new paths and labels; out/prepare_failed.txt with each unreadable input and why. Reruns skip done files."""
     if 4 % keep_every or os.path.abspath(out) == os.path.dirname(os.path.abspath(list_file)):
         raise ValueError(f"prepare: keep_every={keep_every} must be 1, 2 or 4 (it divides the sampling rate 4), "
                          f"and out={out} must not be the folder of {list_file} (its list would be overwritten)")
     lines = open(list_file, encoding="utf-8").read().splitlines()
     entries, jobs = {}, []
     for number, source, _ in _parse_annotation_lines(list_file):
-        name, labels = lines[number - 1].split(maxsplit=1)
+        name, *labels = lines[number - 1].split(maxsplit=1)  # a path alone (pretraining lists) has no labels
         parts = [p for p in os.path.normpath(name).split(os.sep) if p not in ("", ".", "..")]  # stays under out
         target = os.path.join(out, "clips", *parts[:-1], os.path.splitext(parts[-1])[0] + ".mp4")
         entries[number] = (source, target, labels)
         if not os.path.exists(target):
             jobs.append((number, source, target, crop_box, keep_every, (size, size) if size else None))
-    with contextlib.ExitStack() as stack:
-        results = map(_prepare_one, jobs)
-        if workers > 1:
-            context = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
-            results = stack.enter_context(context.Pool(workers)).imap_unordered(_prepare_one, jobs)
+    context = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
+    with context.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        results = pool.imap_unordered(_prepare_one, jobs) if pool else map(_prepare_one, jobs)
         results = tqdm(results, total=len(jobs), desc=f"prepare {os.path.basename(list_file)}", unit="file")
         failed = {number: error for number, error in results if error is not None}
     new_list, failed_list = os.path.join(out, os.path.basename(list_file)), os.path.join(out, "prepare_failed.txt")
     with atomic_path(new_list) as tmp, open(tmp, "w") as f:
-        f.writelines(f"{os.path.relpath(t, out)} {labels}\n" for n, (_, t, labels) in entries.items() if n not in failed)
+        f.writelines(" ".join([os.path.relpath(t, out), *labels]) + "\n" for n, (_, t, labels) in entries.items()
+                     if n not in failed)
     with atomic_path(failed_list) as tmp, open(tmp, "w") as f:
         f.writelines(f"line {n}: {entries[n][0]}: {error}\n" for n, error in sorted(failed.items()))
     print(f"prepare: {len(entries) - len(failed)} of {len(entries)} entries ready in {out} ({len(jobs)} written now); "
@@ -742,30 +704,25 @@ def prepare_main(argv):
 
 
 BENCH_DIR = os.path.join(tempfile.gettempdir(), "svfap_bench")
-BASELINE_MS = {1: 32.0, 2: 20.7}  # ms per clip of commit d84c921's loader on these clips, by repeated_sampling
-
-
-def write_voxceleb2_like(path, seed, seconds=8, fps=25, size=224, noise=7.0):
-    """A clip like VoxCeleb2's: a demo face (section 7) at 224 px with camera noise, 8 s at 25 fps, encoded with
-    x264's defaults (preset medium, CRF 23, B-frames, a keyframe every 250 frames: one per clip): ~290 kbit/s."""
-    n = seconds * fps
-    clip = render_demo_clip(demo_identity(seed, seed), demo_clip_plan(seed, seed, seed, seed % 6, n), size, n)
-    clip = clip + np.random.default_rng(seed).normal(0, noise, clip.shape).astype(np.float32)
-    write_mp4(path, np.clip(clip + 0.5, 0, 255).astype(np.uint8), fps, options={"crf": "23", "preset": "medium"})
+# ms CPU per clip by repeated_sampling of commit d84c921's loader, measured before this loader existed on these
+# clips and this machine (each file's first visit); it sent 4.92 MB per clip
+BASELINE_MS = {1: 32.0, 2: 20.7}
 
 
 def bench(num_clips=8, rounds=3):
     """CPU time a DataLoader worker spends per pre-training clip (16 x 160 px, VoxCeleb2's crop box) from raw
-    and from prepared files, and the device-side transform's cost on the CPU; torch threads 1, best of rounds.
-    Baseline, measured before this loader existed on the same clips and machine (commit d84c921's loader, each
-    file's first visit): 32.0 ms CPU per clip at repeated_sampling 1, 20.7 ms at 2, 4.92 MB sent per clip."""
+    and from prepared files, and the device-side transform's cost on the CPU; torch threads 1, best of rounds."""
     torch.set_num_threads(1)  # "per worker": DataLoader workers run torch with one thread
     os.makedirs(BENCH_DIR, exist_ok=True)
     raw_list, prepared = os.path.join(BENCH_DIR, "raw.txt"), os.path.join(BENCH_DIR, "prepared")
     with open(raw_list, "w") as f:
-        for path in (os.path.join(BENCH_DIR, f"raw_{i:02d}.mp4") for i in range(num_clips)):
-            if not os.path.exists(path):
-                write_voxceleb2_like(path, int(path[-6:-4]))
+        for i in range(num_clips):
+            path = os.path.join(BENCH_DIR, f"raw_{i:02d}.mp4")
+            if not os.path.exists(path):  # like VoxCeleb2: a demo face at 224 px with camera noise, 8 s at 25 fps,
+                # x264's defaults (preset medium, CRF 23, B-frames, one keyframe every 250 frames): ~290 kbit/s
+                clip = render_demo_clip(demo_identity(i, i), demo_clip_plan(i, i, i, i % 6, 200), 224, 200)
+                noisy = clip + np.random.default_rng(i).normal(0, 7.0, clip.shape).astype(np.float32) + 0.5
+                write_mp4(path, np.clip(noisy, 0, 255).astype(np.uint8), options={"crf": "23", "preset": "medium"})
             f.write(f"{path} 0\n")
     prepared_list = prepare(raw_list, prepared, VOXCELEB2_CROP_BOX, keep_every=4)
     kbit = sum(os.path.getsize(p) for p, _ in read_annotations(raw_list)) * 8e-3 / 8 / num_clips
@@ -790,15 +747,13 @@ def bench(num_clips=8, rounds=3):
 
 
 # -----------------------------------------------------------------------------------------------------
-# 7. Demo dataset: `python data.py demo`. NOT NEEDED TO LEARN THE METHOD: this part only makes the
-# synthetic demo data, face videos drawn procedurally with six dynamic expressions; a reader may skip it.
-#
-# The project's "shakespeare_char": real H.264 videos made on a laptop CPU in about a minute. Like aligned,
-# face-cropped DFEW clips, each starts neutral and moves to an expression apex at a random onset; the head
-# moves a little, the eyes blink, the camera is noisy. People differ in colour, shape and size of features,
-# lighting and hair far more than in where the features sit: the tiny TPSBT trained from scratch learns from
-# faces aligned within about a pixel (as after landmark alignment) and stays at chance for hundreds of steps
-# when features jitter by several pixels. Every clip has its own np.random.default_rng([seed, stream, id]).
+# 7. Demo dataset: `python data.py demo`. NOT NEEDED TO LEARN THE METHOD: a reader may skip it.
+# The project's "shakespeare_char": real H.264 face videos with six dynamic expressions, drawn on a laptop CPU in
+# about a minute. Like aligned, face-cropped DFEW clips, each starts neutral and moves to an expression apex at a
+# random onset; the head moves a little, the eyes blink, the camera is noisy. People differ in colour, shape and
+# size of features, lighting and hair far more than in where the features sit: the tiny TPSBT trained from
+# scratch learns from faces aligned within about a pixel (as after landmark alignment) and stays at chance for
+# hundreds of steps when features jitter by several pixels. Each person, each clip: default_rng([seed, stream, id]).
 
 DEMO_CLASSES = ("happy", "sad", "angry", "surprise", "disgust", "fear")
 DEMO_SIZE = 64           # frames are written at the tiny preset's img_size: no resize at load time
@@ -864,9 +819,8 @@ def demo_clip_plan(seed, clip_id, identity, label, num_frames=DEMO_FRAMES):
     intensity, onset, rise = r.uniform(0.8, 1.0), r.uniform(0.05, 0.25) * T, r.uniform(0.10, 0.20) * T
     # smooth random head motion: a slow drift plus one oscillation per axis, about a pixel
     t = np.arange(T) / T
-    def wobble(amplitude):
-        return amplitude * (r.uniform(-1, 1) * t + 0.6 * np.sin(2 * np.pi * r.uniform(0.3, 1.2) * t
-                                                                 + r.uniform(0, 2 * np.pi)))
+    wobble = lambda amplitude: amplitude * (r.uniform(-1, 1) * t + 0.6 * np.sin(2 * np.pi * r.uniform(0.3, 1.2) * t
+                                                                            + r.uniform(0, 2 * np.pi)))
     blinks = [r.uniform(0, T) for _ in range(r.poisson(0.8))]
     valence, arousal = (float(np.clip(m * intensity + r.normal(0, 0.08), -1, 1))
                         for m in DEMO_VA[DEMO_CLASSES[label]])
@@ -1024,8 +978,7 @@ def _upper_face(region, ident, plan, act, aa):
         _paint(view, inside * _ellipse(Xr, Yr, gx, gy, ident["iris_r"], ident["iris_r"], aa), ident["iris"])
         _paint(view, inside * _ellipse(Xr, Yr, gx, gy, 0.03, 0.03, aa), (0.02, 0.02, 0.02))
         # a ring around the opening, thicker on the upper lid: a closed eye becomes a dark line
-        ring = _soft(np.abs(d) - 0.013 - 0.013 * (Yr < ey), aa)
-        _paint(view, ring * _soft(np.abs(Xr - ex) - erx, aa), skin * 0.25)
+        _paint(view, _soft(np.abs(d) - 0.013 - 0.013 * (Yr < ey), aa) * _soft(np.abs(Xr - ex) - erx, aa), skin * 0.25)
 
 
 def _lower_face(region, ident, act, aa):
