@@ -630,6 +630,8 @@ def run(main, argv, script, doc="", defaults=None):
         return
     try:
         main(argv)
+        if dist.is_initialized():
+            dist.barrier()  # every rank is done before any tears its connections down
     except (ConfigError, NonFiniteLoss) as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says why
             print(f"{script}: error: {e}", file=sys.stderr, flush=True)
