@@ -648,7 +648,7 @@ def _prepare_one(job):
                 if psnr(read_video_clip(tmp, range(len(frames))), frames).min() >= 40:
                     break
         return number, None
-    except (VideoReadError, ValueError) as e:
+    except (VideoReadError, ValueError, av.error.FFmpegError) as e:  # the entry goes to prepare_failed.txt
         return number, str(e)
 
 
@@ -656,9 +656,12 @@ def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1):
     """Training-ready copies of list_file's videos or frame folders: an H.264 mp4 per entry under out/clips, crop
     box applied, every keep_every-th frame kept, scaled to size x size if given; out/<name of list_file> (returned)
     with the new paths and labels; out/prepare_failed.txt with each unreadable input and why. Reruns skip done files."""
-    if 4 % keep_every or os.path.abspath(out) == os.path.dirname(os.path.abspath(list_file)):
-        raise ValueError(f"prepare: keep_every={keep_every} must be 1, 2 or 4 (it divides the sampling rate 4), "
-                         f"and out={out} must not be the folder of {list_file} (its list would be overwritten)")
+    if keep_every not in (1, 2, 4):
+        raise ValueError(f"prepare: keep_every={keep_every} must be 1, 2 or 4 (it divides the sampling rate 4)")
+    if os.path.abspath(out) == os.path.dirname(os.path.abspath(list_file)):
+        raise ValueError(f"prepare: out={out} must not be the folder of {list_file} (its list would be overwritten)")
+    if (size and size % 2) or (crop_box and ((crop_box[1] - crop_box[0]) % 2 or (crop_box[3] - crop_box[2]) % 2)):
+        raise ValueError(f"prepare: H.264 needs even frame sizes; crop_box={crop_box} and size={size} give odd ones")
     lines = open(list_file, encoding="utf-8").read().splitlines()
     entries, jobs = {}, []
     for number, source, _ in _parse_annotation_lines(list_file):

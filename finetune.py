@@ -44,6 +44,10 @@ checkpoint (the pooled features after fc_norm, the head's input), a pretrain.py 
 last-stage tokens of the encoder), or a checkpoint of the authors' release (shape from `model`; fc_norm
 output when it holds fc_norm, else the mean-pooled tokens).
 
+Where the data settings (crop_box, sampling_rate, num_clips, num_crops, video_group, ...) come from: for
+--extract and eval_only, the config and the command line, as for training (give the config file of the data);
+for --predict and --explain, which take only videos, the run that wrote the checkpoint.
+
 Outputs in out_dir: ckpt.pt (latest, for resume), best.pt, log.jsonl, val_predictions.csv (best epoch),
 test_predictions.csv, test_predictions_last.csv, results.json.
 """
@@ -166,7 +170,7 @@ def main(argv):
     if warning and d.master:
         print("!" * 100 + "\n" + warning + "\n" + "!" * 100)
     lr = c.base_lr * c.batch_size / 256
-    optimizer = make_optimizer(param_groups(model, c.weight_decay, c.layer_decay, c.head_lr_scale), lr, c, d)
+    optimizer = make_optimizer(param_groups(model, c.weight_decay, c.layer_decay, c.head_lr_scale), lr, c)
     best = checkpoint["best"] if checkpoint else {"value": -math.inf, "epoch": None, "metrics": None}
     best_path = os.path.join(c.out_dir, "best.pt")
     if d.master:
@@ -323,23 +327,24 @@ def evaluate(score_fn, dataset, d, c):
     (index, scores) rows are gathered and sorted by index, so the result equals a single process's."""
     loader = DataLoader(Subset(dataset, range(d.rank, len(dataset), d.world_size)), c.eval_batch_size,
                         num_workers=c.num_workers, pin_memory=d.device.type == "cuda", generator=torch.Generator())
-    rows = []
+    indices, scores = [], []
     for views, _, index in tqdm(loader, disable=not d.master, desc="evaluate", leave=False, dynamic_ncols=True):
         B, V = views.shape[:2]  # views uint8 (B, V, T, 3, S, S)
         video = device_transform(views.to(d.device, non_blocking=True), None, dataset.img_size).flatten(0, 1)
         with autocast(d):
-            scores = score_fn(video).float().view(B, V, -1).mean(1)  # (B*V, C) -> (B, C)
-        rows += zip(index.tolist(), scores.cpu().tolist())
+            scores.append(score_fn(video).float().view(B, V, -1).mean(1).cpu())  # (B*V, C) -> (B, C)
+        indices.append(index)
+    part = (torch.cat(indices), torch.cat(scores))  # tensors, not Python floats: a million features fit
+    parts = [part] * d.world_size
     if d.ddp:
-        parts = [None] * d.world_size
-        dist.all_gather_object(parts, rows)
-        rows = [row for part in parts for row in part]
-    rows = sorted(rows)
-    return np.array([r[0] for r in rows]), np.array([r[1] for r in rows], dtype=np.float64)
+        dist.all_gather_object(parts, part)
+    idx, scores = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    order = idx.argsort()
+    return idx[order].numpy(), scores[order].double().numpy()
 
 
 def list_targets(dataset, idx, task):
-    """The labels as written in the list (the batch's targets are float32)."""
+    """The labels as written in the list (float64 values, which the metrics take as they are)."""
     labels = [dataset.samples[i][1] for i in idx]
     return np.array([int(v[0]) for v in labels]) if task == "classification" else np.array(labels)
 
@@ -445,7 +450,7 @@ def predict_videos(c):
         cc.eval_batch_size = 1
         _, scores = evaluate(view_scores(model, cc.task), eval_dataset(cc, "predict", model.cfg), d, cc)
     names = list(cc.class_names) or [str(i) for i in range(num_model_outputs(cc))]
-    for path, s in zip(c.predict, scores):
+    for path, s in zip(c.predict, scores if d.master else []):
         top = f"  -> {names[int(s.argmax())]}" if cc.task == "classification" else ""
         print(f"{path}: " + "  ".join(f"{n} {v:.4f}" for n, v in zip(names, s)) + top)
 
@@ -493,8 +498,8 @@ def extract_features(c):
     ds = eval_dataset(c, "extract", model.cfg)
     _, features = evaluate(lambda v: model.embed(v)[0] if pooled else model.embed(v)[1].mean(1), ds, d, c)
     if d.master:
-        with atomic_path(os.path.join(c.out_dir, "features.npy")) as tmp:
-            np.save(open(tmp, "wb"), features.astype(np.float32))
+        with atomic_path(os.path.join(c.out_dir, "features.npy")) as tmp, open(tmp, "wb") as f:
+            np.save(f, features.astype(np.float32))
         with atomic_path(os.path.join(c.out_dir, "features.csv")) as tmp, open(tmp, "w") as f:
             f.write("row,path\n" + "".join(f"{i},{p}\n" for i, (p, _) in enumerate(ds.samples)))
         print(f"features of {len(ds)} videos, {features.shape[1]} each: {c.out_dir}/features.npy, features.csv")
@@ -514,14 +519,14 @@ def explain_video(c):
     ckpt = load_checkpoint(c.ckpt)
     if "model_config" not in ckpt:
         raise ConfigError(f"ckpt={c.ckpt}: --explain draws pretrain.py and finetune.py checkpoints")
-    cfg, run = SVFAPConfig.from_dict(ckpt["model_config"]), SimpleNamespace(**ckpt["config"])
+    cfg, cc = SVFAPConfig.from_dict(ckpt["model_config"]), SimpleNamespace(**ckpt["config"])
     encoder = TPSBT(cfg).eval()  # pre-training and fine-tuning keep the encoder under "encoder."
     encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in ckpt["model"].items() if k.startswith("encoder.")})
     with tempfile.TemporaryDirectory() as tmp:
-        run.explain, run.data_root, run.replace_prefix = os.path.join(tmp, "explain.txt"), "", ()
-        with open(run.explain, "w") as f:
+        cc.explain, cc.data_root, cc.replace_prefix = os.path.join(tmp, "explain.txt"), "", ()
+        with open(cc.explain, "w") as f:
             f.write(os.path.abspath(c.explain) + "\n")
-        views = make_dataset(run, "explain", "eval", cfg, num_clips=1, num_crops=1)[0][0]  # (1, T, 3, S, S) uint8
+        views = make_dataset(cc, "explain", "eval", cfg, num_clips=1, num_crops=1)[0][0]  # (1, T, 3, S, S) uint8
     maps = []  # the spatial attention of each bottleneck stage, (T_s, P, K)
     hooks = [s.spatial_attention.register_forward_hook(lambda m, args, out: maps.append(m.weights(args[0])[0]))
              for s in encoder.stages if s.spatial_attention is not None]

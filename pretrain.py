@@ -36,6 +36,7 @@ checkpoints.
 
 import argparse
 import ast
+import builtins
 import contextlib
 import difflib
 import json
@@ -123,7 +124,7 @@ def main(argv):
     model = SVFAP(mc).to(d.device)
     clips_per_iter = c.batch_size * c.repeated_sampling
     lr = c.base_lr * clips_per_iter / 256
-    optimizer = make_optimizer(param_groups(model, c.weight_decay), lr, c, d)
+    optimizer = make_optimizer(param_groups(model, c.weight_decay), lr, c)
     if d.master:
         print(f"pre-training {c.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
               f"{len(dataset)} videos from {c.train_list}; {clips_per_iter} clips/step, lr {lr:.3g} = "
@@ -154,7 +155,7 @@ def reconstruction_clips(c, mc, d):
     skipped with a note (the list may be a million-line training list)."""
     ds = make_dataset(c, "vis_list" if c.vis_list else "train_list", "eval", mc, num_clips=1, num_crops=1)
     clips = []
-    for i in range(len(ds)):
+    for i in range(min(len(ds), 20 * c.vis_clips)):  # bounded: the other ranks wait in DDP's set-up meanwhile
         if len(clips) == c.vis_clips:
             break
         try:
@@ -242,8 +243,8 @@ def load_config(defaults, argv):
             if not os.path.isfile(arg):
                 raise ConfigError(f"config file {arg} not found (arguments without -- are config files)")
             namespace = dict(c)
-            with open(arg) as f:
-                exec(f.read(), namespace)
+            with open(arg) as f:  # builtins.compile: `compile` is a config key here
+                exec(builtins.compile(f.read(), arg, "exec"), namespace)
             for key, value in namespace.items():
                 if not key.startswith("_") and not callable(value) and not isinstance(value, types.ModuleType):
                     if key not in c:
@@ -390,7 +391,7 @@ def param_groups(model, weight_decay, layer_decay=1.0, head_lr_scale=1.0):
     return [groups[k] for k in sorted(groups)]
 
 
-def make_optimizer(groups, lr, c, d):
+def make_optimizer(groups, lr, c):
     """AdamW, fused wherever the installed torch has a fused kernel for the device (CUDA; the CPU since 2.4)."""
     try:
         return torch.optim.AdamW(groups, lr=lr, betas=(c.beta1, c.beta2), fused=True)
@@ -418,19 +419,19 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
     iter_num = restore(checkpoint, model, optimizer, scaler, c, d)
     peak = c.peak_tflops or device_peak_tflops(d.device)
     macs_per_clip = count_macs(model.eval(), *example) if peak else 0  # eval: no training randomness drawn
-    net = ddp = DistributedDataParallel(model.train(), device_ids=[d.local_rank] if d.device.type == "cuda" else None,
-                                        broadcast_buffers=False) if d.ddp else model.train()  # buffers: fixed tables
-    net = torch.compile(net) if c.compile else net  # DDP first: compiled graphs split at gradient buckets
+    ddp = DistributedDataParallel(model.train(), device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+                                  broadcast_buffers=False) if d.ddp else None  # the buffers are fixed tables
+    net = torch.compile(ddp or model) if c.compile else ddp or model  # DDP first: graphs split at gradient buckets
     if d.master:
         print(f"{d.world_size} process(es) on {d.device.type}, {str(d.dtype)[6:]}; batch {c.batch_size} = "
               f"{d.world_size} processes x {c.grad_accum} micro-steps x {micro_batch}; {n_iter_epoch} iterations/"
               f"epoch, {total_iters} in {c.epochs} epochs, stopping at {stop_iter}; starting at {iter_num}")
 
     def save():
-        rngs = [{"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None}]
+        mine = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None}
+        rngs = [mine] * d.world_size
         if d.ddp:  # a collective: every rank takes part
-            rngs = [rngs[0]] + [None] * (d.world_size - 1)
-            dist.all_gather_object(rngs, rngs[0])
+            dist.all_gather_object(rngs, mine)
         if d.master:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "scaler": scaler.state_dict(), "config": vars(c), "model_config":
@@ -495,7 +496,7 @@ def restore(checkpoint, model, optimizer, scaler, c, d):
         obj.load_state_dict(checkpoint[part])
     if len(checkpoint["rng"]) == d.world_size:
         torch.set_rng_state(checkpoint["rng"][d.rank]["torch"])
-        if d.device.type == "cuda":
+        if d.device.type == "cuda" and checkpoint["rng"][d.rank]["cuda"] is not None:  # None: saved on the CPU
             torch.cuda.set_rng_state(checkpoint["rng"][d.rank]["cuda"])
     else:
         torch.manual_seed(c.seed + d.rank + 1000 * checkpoint["iter_num"])
@@ -520,7 +521,7 @@ def train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log):
             ddp.require_backward_grad_sync = micro_step == c.grad_accum - 1
         with autocast(d):
             loss = loss_fn(net, batch)
-        batch = log.timed(lambda: to_device(next(batches, None), d.device))  # while the device computes
+        batch = log.timed(lambda: to_device(next(batches, None), d.device))  # queued before backward and the sync
         scaler.scale(loss / c.grad_accum).backward()
         loss_sum += loss.detach().float()
     scaler.unscale_(optimizer)
@@ -535,11 +536,10 @@ def train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log):
     if not ok and (not scaler.is_enabled() or log.bad == 5):
         what, value = ("loss", loss.item()) if not math.isfinite(loss.item()) else ("gradient norm", grad_norm.item())
         raise NonFiniteLoss(f"non-finite {what} ({value})" + (" for 5 steps in a row" if scaler.is_enabled() else ""))
-    scale = scaler.get_scale() if scaler.is_enabled() else 0.0
     scaler.step(optimizer)  # float16: skipped when the gradients overflowed, and the scale lowered
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    log.add(loss if ok else None, skipped=scaler.is_enabled() and scaler.get_scale() < scale)
+    log.add(loss if ok else None, skipped=~torch.isfinite(grad_norm) if scaler.is_enabled() else 0)
     return batch, grad_norm
 
 
@@ -569,10 +569,10 @@ class Interval:
 
     def read(self, iter_num, epoch, lr, grad_norm, scaler):
         dt = time.perf_counter() - self.t0 - self.pause
-        self.last_loss = (self.loss / max(self.steps, 1)).item()
+        self.last_loss = (self.loss / self.steps).item() if self.steps else math.nan
         clips_per_s = self.iters * self.clips_per_iter / dt
         record = {"iter": iter_num, "epoch": epoch + 1, "loss": self.last_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                  "clips_per_s": clips_per_s, "data_wait": self.wait / dt, "skipped_steps": self.skipped}
+                  "clips_per_s": clips_per_s, "data_wait": self.wait / dt, "skipped_steps": int(self.skipped)}
         if self.mfu_per_clip_s:
             record["mfu"] = clips_per_s * self.mfu_per_clip_s
         if self.skipped and self.d.master:
