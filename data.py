@@ -707,9 +707,10 @@ def prepare_main(argv):
 
 
 BENCH_DIR = os.path.join(tempfile.gettempdir(), "svfap_bench")
-# ms CPU per clip by repeated_sampling of commit d84c921's loader, measured before this loader existed on these
-# clips and this machine (each file's first visit); it sent 4.92 MB per clip
-BASELINE_MS = {1: 32.0, 2: 20.7}
+# ms CPU per clip by repeated_sampling of commit d84c921's loader (float32 transforms in the worker) on these
+# clips, each file's first visit, measured side by side with this bench on the 2-core development machine
+# (2026-11-25, quiet, best of 2 runs of 3 rounds; see the README); it sent 4.92 MB per clip
+BASELINE_MS = {1: 30.1, 2: 19.5}
 
 
 def bench(num_clips=8, rounds=3):
