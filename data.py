@@ -1,18 +1,16 @@
 """
-Data for SVFAP: from face videos on disk to clips on the device, in one file. Sections in reading order:
-1. annotation files, 2. reading frames, 3. sampling, 4. transforms, 5. VideoDataset, 6. tools (atomic writes,
-mp4 files, `python data.py prepare`, `python data.py --bench`), 7. the demo dataset (`python data.py demo`,
-not needed to learn the method).
+Data for SVFAP: from face videos on disk to clips on the device. Sections in reading order: 1. annotation files,
+2. reading frames, 3. sampling, 4. transforms, 5. VideoDataset, 6. tools (atomic writes, mp4 files, `python data.py
+prepare`, `python data.py --bench`), 7. the demo dataset (`python data.py demo`, not needed to learn the method).
 
-Frame i of a video is the i-th frame a full sequential decode of its video stream outputs (the first
-video stream that is not cover art). Opening a video reads its packets into memory (one pass, no decoding;
-a face clip is a few hundred kB); their headers give a quick index (the pts of frames 0..n-1, the
-keyframes; container frame counts are never used). A read decodes from the last keyframe at or before the
-first wanted frame and checks that every frame carries the pts of the index's next position; the only
-gaps accepted are unwanted frames it asked the decoder to skip (skip_frame="NONREF": frames no other frame
-refers to). Anything else makes it decode all packets in order and take that as the truth, as it does at
-once when packets lack a pts, share one, are corrupt, or the first frame shown is not a keyframe. Left
-open: a packet that decodes to nothing where no read decodes shifts later positions unseen.
+Frame i of a video is the i-th frame a full sequential decode of its first video stream (not cover art) outputs.
+Opening a video reads its packets into memory (no decoding); their headers give a quick index (the pts of frames
+0..n-1, the keyframes; container frame counts are never used). A read decodes from the last keyframe at or before
+the first wanted frame and checks that each frame carries the pts of the index's next position; the only gaps
+accepted are unwanted frames the decoder was told to skip (skip_frame="NONREF"). Anything else makes it decode all
+packets in order and take that as the truth, as it does at once when packets lack a pts, share one, are corrupt, or
+the first frame shown is not a keyframe. Left open: a packet that decodes to nothing where no read decodes shifts
+later positions unseen.
 """
 
 import ast
@@ -50,16 +48,14 @@ def _parse_annotation_lines(path, root=None, replace_prefix=None):
         replace_prefix = tuple(replace_prefix.split("=", 1))
     base = root if root is not None else os.path.dirname(os.path.abspath(path))
     with open(path, encoding="utf-8") as f:  # OSError's message names the file and the reason
-        lines = f.read().splitlines()
+        lines = [line.split() for line in f.read().splitlines()]
     rows = []
-    for number, line in enumerate(lines, start=1):
-        fields = line.split()
+    for number, fields in enumerate(lines, start=1):
         if not fields:
             continue
-        bad = next((f"{v!r} is not a number" for v in fields[1:] if not re.fullmatch(NUMBER, v)), None)
-        if bad:
-            raise ValueError(f"{path}, line {number}: {bad}; expected '<path> <label>' or '<path> <v1> ... <vD>' "
-                             f"separated by spaces (paths cannot contain spaces)")
+        if bad := next((v for v in fields[1:] if not re.fullmatch(NUMBER, v)), None):
+            raise ValueError(f"{path}, line {number}: {bad!r} is not a number; expected '<path> <label>' or "
+                             f"'<path> <v1> ... <vD>' separated by spaces (paths cannot contain spaces)")
         sample = fields[0]
         if replace_prefix is not None and sample.startswith(replace_prefix[0]):
             sample = replace_prefix[1] + sample[len(replace_prefix[0]):]
@@ -70,9 +66,9 @@ def _parse_annotation_lines(path, root=None, replace_prefix=None):
 
 
 def read_annotations(path, root=None, replace_prefix=None):
-    """[(sample_path, [v1, ...])] from lines "<path> <v1> [<v2> ...]". Relative paths resolve against `root`
-    (default: the file's folder); replace_prefix=(old, new) (or "old=new") rewrites paths that start with old, so
-    the authors' split files with their absolute paths (/data/ycs/AC/Dataset/DFEW/...) work unchanged."""
+    """[(sample_path, [v1, ...])]. Relative paths resolve against `root` (default: the file's folder);
+    replace_prefix=(old, new) or "old=new" rewrites paths that start with old, so the authors' split files with
+    their absolute paths (/data/ycs/AC/Dataset/DFEW/...) work unchanged."""
     return [(p, v) for _, p, v in _parse_annotation_lines(path, root, replace_prefix)]
 
 
@@ -405,11 +401,9 @@ def device_transform(frames, boxes, img_size):
     each clip's box (..., 5) = (top, left, height, width, flip) cut out and resized to img_size (bilinear,
     align_corners=False: F.interpolate's values), mirrored where flip is 1, scaled to [0, 1], normalised
     (ImageNet mean, std); boxes=None (evaluation views): only the last two. Batched gathers: no loop over clips,
-    no device-to-host sync. Where the order differs from the release: it crops, resizes (PIL, uint8), flips
-    and normalises in the workers and sends float32; here the workers send uint8 (a quarter of the bytes) and
-    the same crop, resize and flip of the same frames run here, so the model sees the release's values up to
-    its 8-bit rounding. One difference: a source larger than img_size (DFEW's 256 px) is scaled to img_size
-    in the worker first, so a 0.66 crop is upsampled from 105 px instead of taken from 168: a little softer."""
+    no device-to-host sync. The release does all this in the workers and sends float32 (README, what this code
+    does differently, 6): the model sees its values up to 8-bit rounding, but a source larger than img_size
+    (DFEW's 256 px) is scaled in the worker first, so a 0.66 crop is upsampled from 105 px, not cut from 168."""
     lead, (T, C, H, W), S = frames.shape[:-4], frames.shape[-4:], img_size
     x = frames.reshape(-1, T, C, H, W).transpose(1, 2)  # (B, 3, T, H, W), a view
     if boxes is not None:
@@ -429,10 +423,6 @@ def device_transform(frames, boxes, img_size):
 # -----------------------------------------------------------------------------------------------------
 # 5. The dataset: uint8 items with their augmentation parameters, labels, broken files
 
-MODES = ("pretrain", "train", "eval")
-TASKS = ("classification", "regression")
-
-
 def item_seed(seed, epoch, index):
     """A 63-bit seed that depends only on (seed, epoch, index): the random stream of one item."""
     digest = hashlib.blake2b(f"{seed},{epoch},{index}".encode(), digest_size=8).digest()
@@ -448,25 +438,25 @@ class VideoDataset(torch.utils.data.Dataset):
     mode "train": (frames uint8 (T, 3, S, S), boxes int64 (5,), target int64 () or float32 (D,)).
     mode "eval": (views uint8 (V, T, 3, S, S), target, index), V = num_clips * num_crops (clip-major): the
         short side scaled to S, num_crops crops along the long side; index = the sample's place in the list.
-    Frames: crop_box = (top, bottom, left, right) is cut out first (VoxCeleb2: VOXCELEB2_CROP_BOX), then
-    scaled to S x S by swscale while converting to RGB (non-square frames are squashed: give a crop_box).
-    boxes = (top, left, height, width, flip): the paper's multi-scale crop of the S x S frames and a flip.
+    Frames: crop_box = (top, bottom, left, right) is cut out first (VoxCeleb2: VOXCELEB2_CROP_BOX), then scaled
+    to S x S by swscale while converting to RGB (non-square frames are squashed: give a crop_box). boxes = (top,
+    left, height, width, flip): the paper's multi-scale crop of the S x S frames and a flip.
     Item `index` of epoch `epoch` (set_epoch) draws everything random (windows, crops, flips, tube mask, the
-    stand-in for a broken file) from a torch.Generator seeded with item_seed(seed, epoch, index): items do
-    not depend on the number of workers or the order of fetching, so a resumed run sees the same clips.
+    stand-in for a broken file) from a torch.Generator seeded with item_seed(seed, epoch, index): items do not
+    depend on the number of workers or the fetch order, so a resumed run sees the same clips.
     Labels (train, eval) are checked against num_outputs (num_classes, or the number D of regression values);
     num_outputs=None (reconstruction clips, --extract): labels are optional and unused, the target is empty.
-    Broken files: pretrain and train skip an unreadable sample with a warning and take another; `skipped`
-    and `tried` count them (per worker) and more than max_fail_fraction failed (of at least 100) raises.
-    Eval never skips: it raises naming the file; check eval lists at start-up with unreadable().
-    """
+    Broken files: pretrain and train skip an unreadable sample with a warning and take another; `skipped` and
+    `tried` count them (per worker); more than max_fail_fraction failed (of at least 100) raises. Eval never
+    skips: it raises naming the file; check eval lists at start-up with unreadable()."""
 
     def __init__(self, annotation_file, mode, img_size=160, num_frames=16, sampling_rate=4, crop_box=None,
                  root=None, replace_prefix=None, num_clips=2, num_crops=2, repeated_sampling=1, mask_cfg=None,
                  max_fail_fraction=0.05, task="classification", crop_scales=MULTISCALE_SCALES, num_outputs=None,
                  seed=0):
-        if mode not in MODES or task not in TASKS:
-            raise ValueError(f"VideoDataset: mode={mode!r}, task={task!r}; valid modes: {MODES}, tasks: {TASKS}")
+        if mode not in ("pretrain", "train", "eval") or task not in ("classification", "regression"):
+            raise ValueError(f"VideoDataset: mode={mode!r}, task={task!r}; valid modes: pretrain, train, eval; "
+                             f"tasks: classification, regression")
         if mode != "pretrain" and repeated_sampling > 1:
             raise ValueError(f"VideoDataset: repeated_sampling={repeated_sampling} is for mode='pretrain' only")
         if mode == "pretrain":
@@ -477,12 +467,12 @@ class VideoDataset(torch.utils.data.Dataset):
         self.annotation_file = os.fspath(annotation_file)
         self.mode, self.task, self.seed, self.epoch = mode, task, seed, 0
         self.img_size, self.num_frames, self.sampling_rate = img_size, num_frames, sampling_rate
+        self.span = window_span(num_frames, sampling_rate)
         self.crop_box = tuple(crop_box) if crop_box is not None else None  # (top, bottom, left, right)
         self.num_clips, self.num_crops, self.repeated_sampling = num_clips, num_crops, repeated_sampling
         self.mask_cfg, self.max_fail_fraction, self.crop_scales = mask_cfg, max_fail_fraction, tuple(crop_scales)
         rows = _parse_annotation_lines(annotation_file, root, replace_prefix)
-        self.samples = [(p, v) for _, p, v in rows]
-        self.line_numbers = [n for n, _, _ in rows]
+        self.line_numbers, self.samples = [n for n, _, _ in rows], [(p, v) for _, p, v in rows]
         unchecked = mode == "pretrain" or num_outputs is None  # labels unused: an empty target
         self.targets = [torch.zeros(0)] * len(rows) if unchecked else self._targets(rows, num_outputs)
         self.skipped = self.tried = 0  # broken files skipped and items attempted so far (in this process)
@@ -533,15 +523,13 @@ class VideoDataset(torch.utils.data.Dataset):
         return frames.permute(0, 3, 1, 2).unflatten(0, (-1, self.num_frames))  # (k*T, h, w, 3) -> (k, T, 3, h, w)
 
     def _choose_training(self, total, g):
-        span = window_span(self.num_frames, self.sampling_rate)
-        length = min(total, span if self.repeated_sampling == 1 else 2 * span)  # one decoded range for all k
+        length = min(total, self.span if self.repeated_sampling == 1 else 2 * self.span)  # one decoded range for all k
         first = random_clip_start(total, length, g)
-        return [i for _ in range(self.repeated_sampling)
-                for i in clip_indices(first + random_clip_start(length, span, g), self.num_frames, self.sampling_rate, total)]
+        starts = [first + random_clip_start(length, self.span, g) for _ in range(self.repeated_sampling)]
+        return [i for s in starts for i in clip_indices(s, self.num_frames, self.sampling_rate, total)]
 
     def _choose_eval(self, total):
-        span = window_span(self.num_frames, self.sampling_rate)
-        return [i for s in uniform_clip_starts(total, span, self.num_clips)
+        return [i for s in uniform_clip_starts(total, self.span, self.num_clips)
                 for i in clip_indices(s, self.num_frames, self.sampling_rate, total)]
 
     def _training_item(self, index, g):
@@ -687,23 +675,6 @@ def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1):
           f"the key {os.path.basename(list_file)} was for):\ntrain_list = {os.path.abspath(new_list)!r}\n"
           f"data_root = ''\nreplace_prefix = ()\ncrop_box = ()\nsampling_rate = {4 // keep_every}")
     return new_list
-
-
-def prepare_main(argv):
-    """python data.py prepare --list=IN.txt --out=DIR [--crop_box="(0, 160, 32, 192)"] [--keep_every=4] [--size=S] [--workers=N]"""
-    args = dict(list=None, out=None, crop_box="None", keep_every="4", size="None", workers=str(os.cpu_count() or 1))
-    for arg in argv:
-        key, sep, value = arg[2:].partition("=")
-        if not arg.startswith("--") or not sep or key not in args:
-            raise SystemExit(f"prepare: unknown argument {arg!r}; usage: {prepare_main.__doc__}")
-        args[key] = value
-    if args["list"] is None or args["out"] is None:
-        raise SystemExit(f"prepare: --list and --out are needed; usage: {prepare_main.__doc__}")
-    try:
-        prepare(args["list"], args["out"], ast.literal_eval(args["crop_box"]), int(args["keep_every"]),
-                ast.literal_eval(args["size"]), int(args["workers"]))
-    except (OSError, ValueError, TypeError) as e:
-        raise SystemExit(f"prepare: {e}; usage: {prepare_main.__doc__}") from None
 
 
 BENCH_DIR = os.path.join(tempfile.gettempdir(), "svfap_bench")
@@ -1121,31 +1092,40 @@ def make_demo_dataset(out="data/demo", seed=0, train_per_class=50, eval_per_clas
     return sizes
 
 
-def demo_main(argv):
-    """python data.py demo [--out=data/demo] [--seed=0] [--train_per_class=50] [--eval_per_class=20]
-    [--pretrain_factor=10] [--size=64] [--num_frames=16] [--workers=2]: make_demo_dataset's arguments."""
-    valid = ("out", "seed", "train_per_class", "eval_per_class", "pretrain_factor", "size", "num_frames", "workers")
+# -----------------------------------------------------------------------------------------------------
+# command line
+
+def main(argv):
+    """usage: python data.py prepare --list=IN.txt --out=DIR [--crop_box="(0, 160, 32, 192)"] [--keep_every=4]
+               [--size=S] [--workers=N]
+       python data.py demo [--out=data/demo] [--seed=0] [--train_per_class=50] [--eval_per_class=20]
+               [--pretrain_factor=10] [--size=64] [--num_frames=16] [--workers=2]
+       python data.py --bench"""
+    command, *argv = argv or [""]
+    if [command, *argv] == ["--bench"]:
+        return bench()
+    valid = {"prepare": ("list", "out", "crop_box", "keep_every", "size", "workers"),
+             "demo": ("out", "seed", "train_per_class", "eval_per_class", "pretrain_factor", "size", "num_frames",
+                      "workers")}.get(command, ())
+    if not valid:
+        raise SystemExit(main.__doc__)
     args = {}
     for arg in argv:
         key, sep, value = arg[2:].partition("=")
         if not arg.startswith("--") or not sep or key not in valid:
-            raise SystemExit(f"demo: unknown argument {arg!r}; valid: " + " ".join(f"--{k}=" for k in valid))
-        args[key] = value if key == "out" else int(value)
-    return make_demo_dataset(**args)
+            raise SystemExit(f"data.py: unknown argument {arg!r}\n{main.__doc__}")
+        args[key] = value
+    convert = {"list": str, "out": str, "crop_box": ast.literal_eval, "size": ast.literal_eval}  # others: int
+    try:
+        args = {key: convert.get(key, int)(value) for key, value in args.items()}
+        if command == "demo":
+            return make_demo_dataset(**args)
+        if "list" not in args or "out" not in args:
+            raise SystemExit(f"prepare: --list and --out are needed\n{main.__doc__}")
+        return prepare(args.pop("list"), args.pop("out"), **{"workers": os.cpu_count() or 1, **args})
+    except (OSError, ValueError, TypeError, SyntaxError) as e:
+        raise SystemExit(f"{command}: {e}\n{main.__doc__}") from None
 
-
-# -----------------------------------------------------------------------------------------------------
-# command line
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if args[:1] == ["demo"]:
-        demo_main(args[1:])
-    elif args[:1] == ["prepare"]:
-        prepare_main(args[1:])
-    elif args == ["--bench"]:
-        bench()
-    else:
-        print(f"usage: python data.py --bench | python data.py demo [--out=data/demo] [--seed=0] | {prepare_main.__doc__}",
-              file=sys.stderr)
-        sys.exit(2)
+    main(sys.argv[1:])
