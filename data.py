@@ -523,7 +523,7 @@ class VideoDataset(torch.utils.data.Dataset):
         return frames.permute(0, 3, 1, 2).unflatten(0, (-1, self.num_frames))  # (k*T, h, w, 3) -> (k, T, 3, h, w)
 
     def _choose_training(self, total, g):
-        length = min(total, self.span if self.repeated_sampling == 1 else 2 * self.span)  # one decoded range for all k
+        length = min(total, self.span if self.repeated_sampling == 1 else 2 * self.span)  # one range decoded for all
         first = random_clip_start(total, length, g)
         starts = [first + random_clip_start(length, self.span, g) for _ in range(self.repeated_sampling)]
         return [i for s in starts for i in clip_indices(s, self.num_frames, self.sampling_rate, total)]
@@ -723,21 +723,19 @@ def bench(num_clips=8, rounds=3):
 
 # -----------------------------------------------------------------------------------------------------
 # 7. Demo dataset: `python data.py demo`. NOT NEEDED TO LEARN THE METHOD: a reader may skip it.
-# The project's "shakespeare_char": real H.264 face videos with six dynamic expressions, drawn on a laptop CPU in
-# about a minute. Like aligned, face-cropped DFEW clips, each starts neutral and moves to an expression apex at a
-# random onset; the head moves a little, the eyes blink, the camera is noisy. People differ in colour, shape and
-# size of features, lighting and hair far more than in where the features sit: the tiny TPSBT trained from
-# scratch learns from faces aligned within about a pixel (as after landmark alignment) and stays at chance for
-# hundreds of steps when features jitter by several pixels. Each person, each clip: default_rng([seed, stream, id]).
+# The project's "shakespeare_char": H.264 face videos with six dynamic expressions, drawn on a laptop CPU in about a
+# minute. Like aligned DFEW face crops, each starts neutral and moves to an expression apex at a random onset; the
+# head moves a little, the eyes blink, the camera is noisy. People differ in colour, size of features, lighting and
+# hair far more than in where the features sit: the tiny TPSBT learns from scratch from faces aligned within about
+# a pixel (as after landmark alignment) and stays at chance for hundreds of steps when features jitter by several.
 
 DEMO_CLASSES = ("happy", "sad", "angry", "surprise", "disgust", "fear")
 DEMO_SIZE = 64           # frames are written at the tiny preset's img_size: no resize at load time
 DEMO_FRAMES = 16         # the model's 16 frames at sampling rate 1: the clip is one window
 
-# The expression apex of each class, as offsets from the neutral face: in face units (1 unit = ~42 px in a
-# 64 px frame; eye_open and mouth_width relative) for the actions that move brows, lids and lips, and 0..1
-# for the marks that action units leave on the skin and in the mouth (forehead lines AU1+2, brow_center AU1,
-# glabella AU4, chin AU17, press AU24; wrinkles, cheeks, teeth). Each class has both, as real ones do.
+# The expression apex of each class as offsets from the neutral face: in face units (1 unit = ~42 px in a 64 px
+# frame; eye_open and mouth_width relative) for actions that move brows, lids and lips; 0..1 for the marks action
+# units leave (forehead lines AU1+2, brow_center AU1, glabella AU4, chin AU17, press AU24; wrinkles, cheeks, teeth).
 DEMO_APEX = {
     "happy":    dict(smile=0.22, mouth_open=0.10, mouth_width=0.25, eye_open=-0.45, cheek=1.0, teeth_upper=1.0),
     "sad":      dict(brow_inner=0.18, brow_raise=-0.02, smile=-0.18, eye_open=-0.30, mouth_width=-0.10,
@@ -766,9 +764,8 @@ def demo_identity(seed, identity):
     r = np.random.default_rng([seed, 0, identity])
     skin = SKIN_LIGHT + (SKIN_DARK - SKIN_LIGHT) * r.uniform() + r.normal(0, 0.02, 3)
     hair = HAIR_COLORS[r.integers(len(HAIR_COLORS))] + r.normal(0, 0.03, 3)
-    return dict(
+    return dict(  # zoom: a tight face crop as in DFEW, brows to mouth fill the frame
         face_w=r.uniform(0.80, 0.90), face_h=r.uniform(1.02, 1.10),
-        # a tight face crop as in DFEW: the face is zoomed so that brows to mouth fill the frame
         zoom=r.uniform(1.28, 1.32), center=(r.uniform(-0.01, 0.01), r.uniform(0.03, 0.05)),
         skin=skin, lips=skin * np.array([0.85, 0.55, 0.55]) + np.array([0.12, 0.0, 0.02]),
         hair=hair, bald=r.uniform() < 0.1, hairline=r.uniform(-1.15, -0.8),
@@ -797,15 +794,12 @@ def demo_clip_plan(seed, clip_id, identity, label, num_frames=DEMO_FRAMES):
     wobble = lambda amplitude: amplitude * (r.uniform(-1, 1) * t + 0.6 * np.sin(2 * np.pi * r.uniform(0.3, 1.2) * t
                                                                             + r.uniform(0, 2 * np.pi)))
     blinks = [r.uniform(0, T) for _ in range(r.poisson(0.8))]
-    valence, arousal = (float(np.clip(m * intensity + r.normal(0, 0.08), -1, 1))
-                        for m in DEMO_VA[DEMO_CLASSES[label]])
-    return dict(
-        identity=identity, label=label, intensity=intensity, onset=onset, rise=rise,
-        dx=wobble(0.015), dy=wobble(0.012), roll=wobble(0.03), scale=1 + wobble(0.01),
-        blinks=blinks, gaze=(r.uniform(-0.4, 0.4), r.uniform(-0.3, 0.3)),
-        gain=r.uniform(0.9, 1.05), noise=r.uniform(0.01, 0.025), noise_seed=int(r.integers(2**31)),
-        valence=valence, arousal=arousal,
-    )
+    valence, arousal = (float(np.clip(m * intensity + r.normal(0, 0.08), -1, 1)) for m in DEMO_VA[DEMO_CLASSES[label]])
+    return dict(identity=identity, label=label, intensity=intensity, onset=onset, rise=rise,
+                dx=wobble(0.015), dy=wobble(0.012), roll=wobble(0.03), scale=1 + wobble(0.01),
+                blinks=blinks, gaze=(r.uniform(-0.4, 0.4), r.uniform(-0.3, 0.3)),
+                gain=r.uniform(0.9, 1.05), noise=r.uniform(0.01, 0.025), noise_seed=int(r.integers(2**31)),
+                valence=valence, arousal=arousal)
 
 
 # Drawing: every shape is a mask over (T, S, S) computed in face coordinates: the coverage of each pixel,
@@ -879,9 +873,7 @@ def render_demo_clip(ident, plan, size=DEMO_SIZE, num_frames=DEMO_FRAMES):
     e = plan["intensity"] * u * u * (3 - 2 * u)
     apex = DEMO_APEX[DEMO_CLASSES[plan["label"]]]
     act = {k: col(apex.get(k, 0.0) * e) for k in set().union(*DEMO_APEX.values())}
-    blink = np.ones(T, f32)
-    for b in plan["blinks"]:
-        blink = np.minimum(blink, np.clip(np.abs(t - b) / 1.5, 0.05, 1))
+    blink = np.clip(np.abs(t[:, None] - np.array(plan["blinks"], f32)) / 1.5, 0.05, 1).min(1, initial=1)  # (T,)
     act["eye_opening"] = np.maximum(1 + act["eye_open"], 0.15) * col(blink)
     _upper_face(region, ident, plan, act, aa)
     _lower_face(region, ident, act, aa)
