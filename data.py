@@ -4,13 +4,11 @@ Data for SVFAP: from face videos on disk to clips on the device. Sections in rea
 prepare`, `python data.py --bench`), 7. the demo dataset (`python data.py demo`, not needed to learn the method).
 
 Frame i of a video is the i-th frame a full sequential decode of its first video stream (not cover art) outputs.
-Opening a video reads its packets into memory (no decoding); their headers give a quick index (the pts of frames
-0..n-1, the keyframes; container frame counts are never used). A read decodes from the last keyframe at or before
-the first wanted frame and checks that each frame carries the pts of the index's next position; the only gaps
-accepted are unwanted frames the decoder was told to skip (skip_frame="NONREF"). Anything else makes it decode all
-packets in order and take that as the truth, as it does at once when packets lack a pts, share one, are corrupt, or
-the first frame shown is not a keyframe. Left open: a packet that decodes to nothing where no read decodes shifts
-later positions unseen.
+Opening a video reads its packets (no decoding); their headers give a quick index of pts and keyframes (container
+frame counts are never used). A read decodes from the last keyframe at or before the first wanted frame, checking
+that each frame carries the pts the index expects (the only gaps accepted: unwanted frames skipped with
+skip_frame="NONREF"); anything else, or packet pts that cannot be trusted, makes it decode all packets in order and
+take that as the truth. Left open: a packet that decodes to nothing where no read decodes shifts later positions.
 """
 
 import ast
@@ -480,8 +478,8 @@ class VideoDataset(torch.utils.data.Dataset):
     def _targets(self, rows, n):
         """Checked once at start-up, so a bad label fails before training instead of in a worker."""
         where = lambda number, values: f"{self.annotation_file}, line {number}: label {' '.join(f'{v:g}' for v in values)}"
-        number = next((number for number, _, values in rows if not values), None)
-        if number is not None:  # a path alone is enough where labels are not used (pretraining, --extract)
+        # a path alone is enough where labels are not used (pretraining, --extract)
+        if (number := next((number for number, _, values in rows if not values), None)) is not None:
             raise ValueError(f"{self.annotation_file}, line {number}: no label after the path; expected '<path> "
                              f"<label>' or '<path> <v1> ... <vD>' separated by spaces")
         if self.task == "regression":
@@ -523,7 +521,7 @@ class VideoDataset(torch.utils.data.Dataset):
         return frames.permute(0, 3, 1, 2).unflatten(0, (-1, self.num_frames))  # (k*T, h, w, 3) -> (k, T, 3, h, w)
 
     def _choose_training(self, total, g):
-        length = min(total, self.span if self.repeated_sampling == 1 else 2 * self.span)  # one range decoded for all
+        length = min(total, self.span if self.repeated_sampling == 1 else 2 * self.span)  # one range for all k
         first = random_clip_start(total, length, g)
         starts = [first + random_clip_start(length, self.span, g) for _ in range(self.repeated_sampling)]
         return [i for s in starts for i in clip_indices(s, self.num_frames, self.sampling_rate, total)]
@@ -825,12 +823,11 @@ def render_demo_clip(ident, plan, size=DEMO_SIZE, num_frames=DEMO_FRAMES):
     # pixel centres in frame units: [-1, 1] across the frame, y pointing down
     g = (np.arange(S, dtype=f32) + 0.5) / S * 2 - 1
     PX, PY = g[None, None, :], g[None, :, None]
-    img = np.empty((3, T, S, S), f32)  # channels first while drawing
 
     # background: a still gradient plus two soft blobs (the camera does not move with the head)
     c0, c1, angle = ident["background"]
     ramp = (np.cos(angle) * PX + np.sin(angle) * PY) * 0.5 + 0.5                      # (1,S,S)
-    img[:] = (c0[:, None, None, None] + (c1 - c0)[:, None, None, None] * ramp[None]).astype(f32)
+    img = np.repeat((c0[:, None, None, None] + (c1 - c0)[:, None, None, None] * ramp).astype(f32), T, 1)  # (3,T,S,S)
     for (bx, by), br, bc in ident["blobs"]:
         _paint(img, 0.5 * _ellipse(PX, PY, bx, by, br, br, 0.3), bc)
 
@@ -992,14 +989,13 @@ def demo_splits(seed=0, train_per_class=50, eval_per_class=20, pretrain_factor=1
     """The plan of the whole dataset: {split: [(clip_id, identity, label), ...]}, labels balanced in every
     split. Train and pretrain (distinct clips) draw people from one pool (a person may appear in both, as in
     any unlabeled crawl); val and test each get their own people, disjoint from all others."""
-    n_classes = len(DEMO_CLASSES)
     r = np.random.default_rng([seed, 2])
-    n_train, n_eval = train_per_class * n_classes, eval_per_class * n_classes
+    n_train, n_eval = train_per_class * len(DEMO_CLASSES), eval_per_class * len(DEMO_CLASSES)
     sizes = {"train": n_train, "val": n_eval, "test": n_eval, "pretrain": pretrain_factor * n_train}
     splits, clip_id, next_identity = {}, 0, 0
     pool_size = (sizes["pretrain"] + n_train) // clips_per_identity // 2
     for name, n in sizes.items():
-        labels = r.permutation(np.arange(n) % n_classes)
+        labels = r.permutation(np.arange(n) % len(DEMO_CLASSES))
         if name == "train":
             ids = np.arange(n) // clips_per_identity                       # identities 0 .. n/cpi - 1
         elif name == "pretrain":
@@ -1039,15 +1035,14 @@ def write_class_picture(path, seed=0, size=DEMO_SIZE, num_frames=DEMO_FRAMES, co
     candidates = [demo_identity(seed + 1000, i) for i in range(30)]
     order = np.argsort([-c["skin"].sum() for c in candidates])
     chosen = [int(order[round(k * (len(order) - 1) / max(people - 1, 1))]) for k in range(people)]
-    rows = []
+    rows, frames = [], np.linspace(0, num_frames - 1, columns).round().astype(int)
     for label in range(len(DEMO_CLASSES)):
         tiles = []
         for p in chosen:
             plan = demo_clip_plan(seed + 1000, label * 100 + p, p, label, num_frames)
             plan.update(onset=0.1 * num_frames, rise=0.4 * num_frames, intensity=1.0, blinks=[])
-            clip = render_demo_clip(candidates[p], plan, size, num_frames)
-            frames = np.linspace(0, num_frames - 1, columns).round().astype(int)
-            tiles += [np.pad(clip[i], ((1, 1), (1, 1), (0, 0)), constant_values=255) for i in frames]
+            clip = render_demo_clip(candidates[p], plan, size, num_frames)[frames]  # (columns, S, S, 3)
+            tiles += [np.pad(frame, ((1, 1), (1, 1), (0, 0)), constant_values=255) for frame in clip]
             tiles.append(np.full((size + 2, 6, 3), 255, np.uint8))
         rows.append(np.concatenate(tiles[:-1], axis=1))
     write_png(path, np.concatenate(rows, axis=0).repeat(magnify, 0).repeat(magnify, 1))
