@@ -595,10 +595,8 @@ def write_mp4(path, frames, fps=25, options=None):
                 stream = container.add_stream("libx264", rate=fps)
                 stream.height, stream.width, stream.pix_fmt = *frame.shape[:2], "yuv420p"
                 stream.options = {"crf": "18", "preset": "veryfast", "threads": "1", **(options or {})}
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        container.mux(stream.encode(None))
 
 
 def write_png(path, image):
