@@ -27,29 +27,24 @@ from data import atomic_path
 # input checks shared by the metrics
 
 
-def _as_array(x, name):
-    """Array of numbers from a list / numpy array / torch tensor (finetune.py passes them); no NaN."""
+def _as_array(x, name, labels=False):
+    """Array of numbers from a list / numpy array / torch tensor (finetune.py passes them); no NaN. labels=True:
+    1-D int64 class labels, of which integer-valued floats (e.g. read from a file) are accepted."""
     a = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)
     if a.size == 0:
         raise ValueError(f"{name} is empty; a metric needs at least one sample")
     if a.dtype.kind == "f" and np.isnan(a).any():
         raise ValueError(f"{name} contains NaN (first at sample {np.isnan(a.reshape(len(a), -1)).any(1).argmax()})")
-    return a
+    if labels and a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D class labels, got shape {a.shape}")
+    if labels and a.dtype.kind == "f" and (np.isinf(a).any() or (a != np.round(a)).any()):
+        raise ValueError(f"{name} must hold whole-number class labels, got non-integer values")
+    return a.astype(np.int64) if labels else a
 
 
 def _same_length(a, b, name_a="y_true", name_b="y_pred"):
     if len(a) != len(b):
         raise ValueError(f"{name_a} has {len(a)} samples but {name_b} has {len(b)}; they must match")
-
-
-def _as_labels(x, name):
-    """1-D int64 class labels; integer-valued floats (e.g. read from a file) are accepted."""
-    a = _as_array(x, name)
-    if a.ndim != 1:
-        raise ValueError(f"{name} must be 1-D class labels, got shape {a.shape}")
-    if a.dtype.kind == "f" and (np.isinf(a).any() or (a != np.round(a)).any()):
-        raise ValueError(f"{name} must hold whole-number class labels, got non-integer values")
-    return a.astype(np.int64)
 
 # -----------------------------------------------------------------------------
 # classification metrics: y_pred is labels (B,) or a score matrix (B, C), reduced by argmax (ties go to
@@ -58,13 +53,12 @@ def _as_labels(x, name):
 
 def confusion_matrix(y_true, y_pred, num_classes=None):
     """int64 (C, C) counts; rows = true class, columns = predicted class."""
-    y_true, p = _as_labels(y_true, "y_true"), _as_array(y_pred, "y_pred")
+    y_true, p = _as_array(y_true, "y_true", labels=True), _as_array(y_pred, "y_pred")
     _same_length(y_true, p)
     if p.ndim == 2 and num_classes not in (None, p.shape[1]):
         raise ValueError(f"y_pred has {p.shape[1]} score columns but num_classes={num_classes}")
-    y_pred = p.argmax(axis=1) if p.ndim == 2 else _as_labels(p, "y_pred")  # (B, C) scores -> (B,) labels
-    if num_classes is None:
-        num_classes = p.shape[1] if p.ndim == 2 else int(max(y_true.max(), y_pred.max())) + 1
+    y_pred = p.argmax(axis=1) if p.ndim == 2 else _as_array(p, "y_pred", labels=True)  # (B, C) scores -> (B,) labels
+    num_classes = num_classes or (p.shape[1] if p.ndim == 2 else int(max(y_true.max(), y_pred.max())) + 1)
     for name, y in (("y_true", y_true), ("y_pred", y_pred)):
         if len(bad := np.flatnonzero((y < 0) | (y >= num_classes))):
             raise ValueError(f"{name}[{bad[0]}] = {y[bad[0]]} is outside the valid labels 0..{num_classes - 1}")
@@ -167,9 +161,7 @@ def group_average(ids, scores, targets, groups):
         b, f = bad[0], head[video[bad[0]]]
         raise ValueError(f"clip {ids[b]!r} has target {targets[b]} but clip {ids[f]!r} of the same video "
                          f"{keys[b]!r} has {targets[f]}; the clips of a video must share its label")
-    sums = np.zeros((len(head),) + scores.shape[1:])
-    np.add.at(sums, video, scores)
-    return list(number), sums / np.bincount(video).reshape((-1,) + (1,) * (scores.ndim - 1)), targets[head]
+    return list(number), np.stack([scores[video == v].mean(axis=0) for v in range(len(head))]), targets[head]
 
 # -----------------------------------------------------------------------------
 # prediction files: one CSV per evaluation, one row per video; the header tells the task
@@ -182,7 +174,6 @@ def write_predictions(path, ids, targets, scores, class_names=None, task=None):
     """ids: N video ids (paths); targets: (N,) class indices or (N,) / (N, D) regression labels; scores: (N, C)
     class scores or (N,) / (N, D) regression outputs; class_names: of the C classes or D dimensions (None:
     indices). task=None infers it from targets (integers: classification); pass it for float class indices."""
-    ids = [str(i) for i in ids]
     targets, scores = _as_array(targets, f"{path}: targets"), _as_array(scores, f"{path}: scores")  # no NaN
     task = task or ("classification" if targets.dtype.kind in "biu" else "regression")
     for name, a in (("targets", targets), ("scores", scores)):
@@ -191,7 +182,7 @@ def write_predictions(path, ids, targets, scores, class_names=None, task=None):
     if np.isinf(targets).any() or np.isinf(scores).any():
         raise ValueError(f"{path}: targets or scores contain inf")
     if task == "classification":
-        targets, width = _as_labels(targets, "targets"), scores.shape[1]
+        targets, width = _as_array(targets, "targets", labels=True), scores.shape[1]
         if len(bad := targets[(targets < 0) | (targets >= width)]):
             raise ValueError(f"{path}: target {bad[0]} is outside 0..{width - 1}, the {width} score columns")
         targets, what, prefixes = targets[:, None], "class", ["score_"]  # (N,) -> (N, 1): one target column
@@ -248,23 +239,8 @@ def read_predictions(path):
         raise ValueError(f"{path}:{line}: target {row[1]!r} is not a class index in 0..{len(names) - 1}")
     return Predictions(task, ids, t.astype(np.int64), values[:, 1:], class_names)
 
-
-def pool_predictions(preds, sources=None):
-    """Several Predictions (e.g. the test folds of a cross-validation) as one; `sources` name them in errors."""
-    (ref, *rest), (ref_src, *sources) = preds, sources or [f"predictions #{i}" for i in range(len(preds))]
-    what = "classes" if ref.task == "classification" else "dimensions"
-    for p, src in zip(rest, sources):
-        if p.task != ref.task:
-            raise ValueError(f"{src} holds {p.task} predictions but {ref_src} holds {ref.task}; pool one task")
-        if p.scores.shape[1] != ref.scores.shape[1]:
-            raise ValueError(f"{src} has {p.scores.shape[1]} {what} but {ref_src} has {ref.scores.shape[1]}")
-        if p.class_names != ref.class_names:
-            raise ValueError(f"{src} names its {what} {p.class_names} but {ref_src} names them {ref.class_names}")
-    return Predictions(ref.task, [i for p in preds for i in p.ids], np.concatenate([p.targets for p in preds]),
-                       np.concatenate([p.scores for p in preds]), ref.class_names)
-
 # -----------------------------------------------------------------------------
-# report
+# the report of prediction files, the summary of repeated runs (seeds), and the command line
 
 
 def _table(rows):  # the first column left-aligned, the others right-aligned
@@ -273,11 +249,11 @@ def _table(rows):  # the first column left-aligned, the others right-aligned
                                for c, (cell, w) in enumerate(zip(r, widths))).rstrip() for r in rows)
 
 
-def format_report(pred, title=None):
+def format_report(pred, title):
     """The evaluation report of a Predictions (one file or a pool) as text, as the CLI prints it."""
     n, width, y, s = len(pred.ids), pred.scores.shape[1], pred.targets, pred.scores
     names = pred.class_names or [str(i) for i in range(width)]
-    lines = [title] if title else []
+    lines = [title]
     if pred.task == "classification":
         recall, cm = per_class_recall(y, s), confusion_matrix(y, s)
         absent = int(np.isnan(recall).sum())
@@ -298,10 +274,6 @@ def format_report(pred, title=None):
     if with_acc:
         lines.append("ACC = personality accuracy, 1 - mean |prediction - label| (labels lie in [0, 1])")
     return "\n".join(lines)
-
-# -----------------------------------------------------------------------------
-# summary of repeated runs (seeds), and the command line
-
 
 def _spread(values):  # "mean ± sd (min..max)" of percentages, sd with n - 1
     v = np.asarray(values, dtype=np.float64)
@@ -343,9 +315,19 @@ def summarize_runs(specs):
 
 
 def report(files, video_group=""):
-    """The CLI's report of prediction files: pooled, then (with video_group) averaged per video."""
-    preds = [read_predictions(f) for f in files]
-    pooled = pool_predictions(preds, files)
+    """The CLI's report of prediction files (e.g. the test folds of a cross-validation): pooled into one, then
+    (with video_group) averaged per video."""
+    ref, *rest = preds = [read_predictions(f) for f in files]
+    what = "classes" if ref.task == "classification" else "dimensions"
+    for p, f in zip(rest, files[1:]):
+        if p.task != ref.task:
+            raise ValueError(f"{f} holds {p.task} predictions but {files[0]} holds {ref.task}; pool one task")
+        if p.scores.shape[1] != ref.scores.shape[1]:
+            raise ValueError(f"{f} has {p.scores.shape[1]} {what} but {files[0]} has {ref.scores.shape[1]}")
+        if p.class_names != ref.class_names:
+            raise ValueError(f"{f} names its {what} {p.class_names} but {files[0]} names them {ref.class_names}")
+    pooled = ref._replace(ids=[i for p in preds for i in p.ids], targets=np.concatenate([p.targets for p in preds]),
+                          scores=np.concatenate([p.scores for p in preds]))
     if repeats := len(pooled.ids) - len(set(pooled.ids)):  # a clip in two test folds counts twice
         print(f"metrics.py: warning: {repeats} rows repeat an earlier id; is a file listed twice?", file=sys.stderr)
     title = (f"pooled over {len(files)} files ({', '.join(str(len(p.ids)) for p in preds)} rows)"
@@ -358,8 +340,7 @@ def report(files, video_group=""):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Report metrics of prediction files written by finetune.py. "
-                                     "Several files (e.g. cross-validation folds) are pooled, then measured once.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="*", metavar="FILE", help="prediction CSV files")
     parser.add_argument("--summary", nargs="+", metavar="NAME=GLOB", help="a table row per group of runs (out_dirs)")
     parser.add_argument("--video_group", metavar="REGEX", default="",
