@@ -23,21 +23,18 @@ import numpy as np
 
 from data import atomic_path
 
-# -----------------------------------------------------------------------------
-# input checks shared by the metrics
-
 
 def _as_array(x, name, labels=False):
-    """Array of numbers from a list / numpy array / torch tensor (finetune.py passes them); no NaN. labels=True:
-    1-D int64 class labels, of which integer-valued floats (e.g. read from a file) are accepted."""
+    """Finite numbers from a list / numpy array / torch tensor; labels: 1-D int64 (whole-number floats accepted)."""
     a = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)
     if a.size == 0:
         raise ValueError(f"{name} is empty; a metric needs at least one sample")
-    if a.dtype.kind == "f" and np.isnan(a).any():
-        raise ValueError(f"{name} contains NaN (first at sample {np.isnan(a.reshape(len(a), -1)).any(1).argmax()})")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        what, bad = ("NaN", np.isnan(a)) if np.isnan(a).any() else ("inf", np.isinf(a))
+        raise ValueError(f"{name} contains {what} (first at sample {bad.reshape(len(a), -1).any(1).argmax()})")
     if labels and a.ndim != 1:
         raise ValueError(f"{name} must be 1-D class labels, got shape {a.shape}")
-    if labels and a.dtype.kind == "f" and (np.isinf(a).any() or (a != np.round(a)).any()):
+    if labels and a.dtype.kind == "f" and (a != np.round(a)).any():
         raise ValueError(f"{name} must hold whole-number class labels, got non-integer values")
     return a.astype(np.int64) if labels else a
 
@@ -101,8 +98,6 @@ def _per_dimension(fn):  # fn: (N, D) columns -> (D,) values
         _same_length(t, p)
         if t.shape != p.shape or t.ndim not in (1, 2):
             raise ValueError(f"y_true and y_pred must be (N,) or (N, D) with equal shapes, got {t.shape} and {p.shape}")
-        if np.isinf(t).any() or np.isinf(p).any():
-            raise ValueError("y_true and y_pred must be finite; found inf")
         v = fn(t.reshape(len(t), -1), p.reshape(len(p), -1))  # (N, D) -> (D,)
         return float(v[0]) if t.ndim == 1 else v
     metric.__name__, metric.__doc__ = fn.__name__, fn.__doc__
@@ -138,32 +133,6 @@ def personality_acc(t, p):
     return 1.0 - np.abs(p - t).mean(0)
 
 # -----------------------------------------------------------------------------
-# video level (AVCAffe): average the clip scores of each source video
-
-
-def group_average(ids, scores, targets, groups):
-    """(video ids, mean clip scores, targets) of the videos in order of first appearance. groups: the video of
-    each clip, or a regex whose first capture group (or whole match) in a clip's id names its video."""
-    if isinstance(groups, str):
-        matches = [re.search(groups, str(i)) for i in ids]
-        if None in matches:
-            raise ValueError(f"video_group={groups!r} does not match the clip {str(ids[matches.index(None)])!r}; "
-                             f"it must match every path, e.g. '(.*)/[^/]+$' takes a clip's folder as its video")
-        groups = [m.group(1 if m.re.groups else 0) for m in matches]
-    keys = [str(k) for k in groups]
-    scores, targets = _as_array(scores, "scores").astype(np.float64), _as_array(targets, "targets")
-    _same_length(keys, scores, "groups", "scores")
-    _same_length(keys, targets, "groups", "targets")
-    number = {k: v for v, k in enumerate(dict.fromkeys(keys))}  # videos in order of first appearance
-    video = np.array([number[k] for k in keys])  # (N,)
-    head = np.unique(video, return_index=True)[1]  # (V,) the first clip of each video
-    if len(bad := np.flatnonzero((targets != targets[head][video]).reshape(len(keys), -1).any(axis=1))):
-        b, f = bad[0], head[video[bad[0]]]
-        raise ValueError(f"clip {ids[b]!r} has target {targets[b]} but clip {ids[f]!r} of the same video "
-                         f"{keys[b]!r} has {targets[f]}; the clips of a video must share its label")
-    return list(number), np.stack([scores[video == v].mean(axis=0) for v in range(len(head))]), targets[head]
-
-# -----------------------------------------------------------------------------
 # prediction files: one CSV per evaluation, one row per video; the header tells the task
 #   classification: id,target,score_<class>,...        (target = class index)
 #   regression:     id,target_<dim>,...,pred_<dim>,... (same dims in the same order)
@@ -174,13 +143,11 @@ def write_predictions(path, ids, targets, scores, class_names=None, task=None):
     """ids: N video ids (paths); targets: (N,) class indices or (N,) / (N, D) regression labels; scores: (N, C)
     class scores or (N,) / (N, D) regression outputs; class_names: of the C classes or D dimensions (None:
     indices). task=None infers it from targets (integers: classification); pass it for float class indices."""
-    targets, scores = _as_array(targets, f"{path}: targets"), _as_array(scores, f"{path}: scores")  # no NaN
+    targets, scores = _as_array(targets, f"{path}: targets"), _as_array(scores, f"{path}: scores")
     task = task or ("classification" if targets.dtype.kind in "biu" else "regression")
     for name, a in (("targets", targets), ("scores", scores)):
         if len(a) != len(ids):
             raise ValueError(f"{path}: {len(ids)} ids but {len(a)} {name}; they must match")
-    if np.isinf(targets).any() or np.isinf(scores).any():
-        raise ValueError(f"{path}: targets or scores contain inf")
     if task == "classification":
         targets, width = _as_array(targets, "targets", labels=True), scores.shape[1]
         if len(bad := targets[(targets < 0) | (targets >= width)]):
@@ -209,12 +176,12 @@ def read_predictions(path):
     numbered = [(k + 2, row) for k, row in enumerate(lines[1:]) if row]  # csv gives [] for a blank line
     if not numbered:
         raise ValueError(f"{path}: no prediction rows (an empty file, or a header alone)")
-    header, d = lines[0], (len(lines[0]) - 1) // 2
+    header, d = lines[0], (len(lines[0]) - 1) // 2  # d: the target columns (of a regression file)
     if header[0] != "id":
         raise ValueError(f"{path}:1: first column must be 'id', got {header[0]!r}")
     dims = [h[len("target_"):] for h in header[1:1 + d]]
     if len(header) >= 3 and header[1] == "target" and all(h.startswith("score_") for h in header[2:]):
-        task, names = "classification", [h[len("score_"):] for h in header[2:]]
+        task, names, d = "classification", [h[len("score_"):] for h in header[2:]], 1
     elif d and header[1:] == ["target_" + n for n in dims] + ["pred_" + n for n in dims]:
         task, names = "regression", dims
     else:
@@ -229,18 +196,38 @@ def read_predictions(path):
                 values[r, c] = float(field)
             except ValueError:
                 raise ValueError(f"{path}:{line}: column {header[c + 1]!r} must be a number, got {field!r}") from None
-    ids = [row[0] for _, row in numbered]
-    class_names = None if names == [str(i) for i in range(len(names))] else names
-    if task == "regression":
-        return Predictions(task, ids, values[:, :d], values[:, d:], class_names)
-    t = values[:, 0]
-    if len(bad := np.flatnonzero((t != np.round(t)) | (t < 0) | (t >= len(names)))):
-        line, row = numbered[bad[0]]
-        raise ValueError(f"{path}:{line}: target {row[1]!r} is not a class index in 0..{len(names) - 1}")
-    return Predictions(task, ids, t.astype(np.int64), values[:, 1:], class_names)
+        if task == "classification" and not (0 <= values[r, 0] < len(names) and values[r, 0] % 1 == 0):
+            raise ValueError(f"{path}:{line}: target {row[1]!r} is not a class index in 0..{len(names) - 1}")
+    targets = values[:, 0].astype(np.int64) if task == "classification" else values[:, :d]
+    return Predictions(task, [row[0] for _, row in numbered], targets, values[:, d:],
+                       None if names == [str(i) for i in range(len(names))] else names)
 
 # -----------------------------------------------------------------------------
-# the report of prediction files, the summary of repeated runs (seeds), and the command line
+# the report: prediction files pooled, at video level (AVCAffe) each video's clip scores averaged; the summary
+# of repeated runs (seeds); the command line
+
+
+def group_average(ids, scores, targets, groups):
+    """(video ids, mean clip scores, targets) of the videos in order of first appearance. groups: the video of
+    each clip, or a regex whose first capture group (or whole match) in a clip's id names its video."""
+    if isinstance(groups, str):
+        matches = [re.search(groups, str(i)) for i in ids]
+        if None in matches:
+            raise ValueError(f"video_group={groups!r} does not match the clip {str(ids[matches.index(None)])!r}; "
+                             f"it must match every path, e.g. '(.*)/[^/]+$' takes a clip's folder as its video")
+        groups = [m.group(1 if m.re.groups else 0) for m in matches]
+    keys = [str(k) for k in groups]
+    scores, targets = _as_array(scores, "scores").astype(np.float64), _as_array(targets, "targets")
+    _same_length(keys, scores, "groups", "scores")
+    _same_length(keys, targets, "groups", "targets")
+    number = {k: v for v, k in enumerate(dict.fromkeys(keys))}  # videos in order of first appearance
+    video = np.array([number[k] for k in keys])  # (N,)
+    head = np.unique(video, return_index=True)[1]  # (V,) the first clip of each video
+    if len(bad := np.flatnonzero((targets != targets[head][video]).reshape(len(keys), -1).any(axis=1))):
+        b, f = bad[0], head[video[bad[0]]]
+        raise ValueError(f"clip {ids[b]!r} has target {targets[b]} but clip {ids[f]!r} of the same video "
+                         f"{keys[b]!r} has {targets[f]}; the clips of a video must share its label")
+    return list(number), np.stack([scores[video == v].mean(axis=0) for v in range(len(head))]), targets[head]
 
 
 def _table(rows):  # the first column left-aligned, the others right-aligned
@@ -275,6 +262,7 @@ def format_report(pred, title):
         lines.append("ACC = personality accuracy, 1 - mean |prediction - label| (labels lie in [0, 1])")
     return "\n".join(lines)
 
+
 def _spread(values):  # "mean ± sd (min..max)" of percentages, sd with n - 1
     v = np.asarray(values, dtype=np.float64)
     return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f} ({v.min():.2f}..{v.max():.2f})"
@@ -284,7 +272,7 @@ def summarize_runs(specs):
     """Markdown table of repeated runs, a row per "NAME=GLOB" spec: the run directories GLOB matches. A run
     with a test_predictions.csv (finetune.py) adds its UAR / WAR; its results.json gives wall_time_s."""
     rows = [["runs", "n", "test UAR % mean ± sd (min..max)", "test WAR % mean ± sd (min..max)",
-             "UAR % of each run", "wall time per run"]]
+             "UAR % of each run", "wall time per run"], ["---"] + ["---:"] * 5]
     for spec in specs:
         name, _, pattern = spec.rpartition("=")
         if not (name and pattern):
@@ -309,14 +297,11 @@ def summarize_runs(specs):
         rows.append([name, str(len(dirs)), _spread(uars) if uars else "-", _spread(wars) if wars else "-",
                      " ".join(f"{u:.2f}" for u in uars) or "-", f"{np.mean(minutes):.1f} min"
                      + (f" ({min(minutes):.1f}..{max(minutes):.1f})" if len(dirs) > 1 else "")])
-    lines = ["| " + " | ".join(r) + " |" for r in rows]
-    lines.insert(1, "|" + "|".join(["---"] + ["---:"] * (len(rows[0]) - 1)) + "|")
-    return "\n".join(lines)
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
 def report(files, video_group=""):
-    """The CLI's report of prediction files (e.g. the test folds of a cross-validation): pooled into one, then
-    (with video_group) averaged per video."""
+    """The CLI's report of prediction files (e.g. cross-validation folds): pooled, then averaged per video."""
     ref, *rest = preds = [read_predictions(f) for f in files]
     what = "classes" if ref.task == "classification" else "dimensions"
     for p, f in zip(rest, files[1:]):
@@ -352,10 +337,8 @@ def main(argv=None):
     try:
         print(summarize_runs(args.summary) if args.summary else report(args.files, args.video_group))
     except (OSError, ValueError) as e:
-        print(f"metrics.py: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        sys.exit(f"metrics.py: error: {e}")  # exit status 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
