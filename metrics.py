@@ -1,8 +1,6 @@
-"""
-Evaluation metrics for SVFAP as the paper reports them (WAR / UAR / weighted F1 in %, CCC / PCC /
-personality ACC), and the prediction files that carry a model's outputs from finetune.py to this report.
-Folds of a cross-validation are pooled, then measured once (not the mean of the fold values); at video
-level (AVCAffe), each video's clip scores are averaged first (--video_group).
+"""Evaluation metrics as the SVFAP paper reports them (WAR / UAR / weighted F1 in %, CCC / PCC / personality
+ACC), and the prediction files that carry finetune.py's outputs here. Cross-validation folds are pooled, then
+measured once (not the mean of fold values); at video level (AVCAffe), each video's clip scores are averaged first.
 
   python metrics.py out/dfew/fold1/test_predictions.csv ... out/dfew/fold5/test_predictions.csv
   python metrics.py --video_group='(.*)/[^/]+$' out/finetune_avcaffe_arousal/test_predictions.csv
@@ -203,13 +201,12 @@ def read_predictions(path):
                        None if names == [str(i) for i in range(len(names))] else names)
 
 # -----------------------------------------------------------------------------
-# the report: prediction files pooled, at video level (AVCAffe) each video's clip scores averaged; the summary
-# of repeated runs (seeds); the command line
+# the report: files pooled, video level (AVCAffe) averaging; the summary of repeated runs (seeds); the CLI
 
 
 def group_average(ids, scores, targets, groups):
-    """(video ids, mean clip scores, targets) of the videos in order of first appearance. groups: the video of
-    each clip, or a regex whose first capture group (or whole match) in a clip's id names its video."""
+    """(video ids, mean clip scores, targets) of the videos, sorted by id. groups: the video of each clip, or a
+    regex whose first capture group (or whole match) in a clip's id names its video."""
     if isinstance(groups, str):
         matches = [re.search(groups, str(i)) for i in ids]
         if None in matches:
@@ -220,14 +217,12 @@ def group_average(ids, scores, targets, groups):
     scores, targets = _as_array(scores, "scores").astype(np.float64), _as_array(targets, "targets")
     _same_length(keys, scores, "groups", "scores")
     _same_length(keys, targets, "groups", "targets")
-    number = {k: v for v, k in enumerate(dict.fromkeys(keys))}  # videos in order of first appearance
-    video = np.array([number[k] for k in keys])  # (N,)
-    head = np.unique(video, return_index=True)[1]  # (V,) the first clip of each video
+    videos, head, video = np.unique(keys, return_index=True, return_inverse=True)  # (V,), (V,) first clips, (N,)
     if len(bad := np.flatnonzero((targets != targets[head][video]).reshape(len(keys), -1).any(axis=1))):
         b, f = bad[0], head[video[bad[0]]]
         raise ValueError(f"clip {ids[b]!r} has target {targets[b]} but clip {ids[f]!r} of the same video "
                          f"{keys[b]!r} has {targets[f]}; the clips of a video must share its label")
-    return list(number), np.stack([scores[video == v].mean(axis=0) for v in range(len(head))]), targets[head]
+    return videos.tolist(), np.stack([scores[video == v].mean(axis=0) for v in range(len(videos))]), targets[head]
 
 
 def _table(rows):  # the first column left-aligned, the others right-aligned
@@ -240,27 +235,23 @@ def format_report(pred, title):
     """The evaluation report of a Predictions (one file or a pool) as text, as the CLI prints it."""
     n, width, y, s = len(pred.ids), pred.scores.shape[1], pred.targets, pred.scores
     names = pred.class_names or [str(i) for i in range(width)]
-    lines = [title]
     if pred.task == "classification":
         recall, cm = per_class_recall(y, s), confusion_matrix(y, s)
         absent = int(np.isnan(recall).sum())
-        lines += [f"classification: {n} videos, {width} classes"
-                  + (f" ({absent} without samples, left out of UAR)" if absent else ""),
-                  f"WAR {100 * war(y, s):6.2f}", f"UAR {100 * uar(y, s):6.2f}",
-                  f"weighted F1 {100 * weighted_f1(y, s):6.2f}", "", "per-class recall (%):",
-                  _table([["class", "support", "recall"]] + [[names[c], str(cm[c].sum()), "-" if np.isnan(
-                      recall[c]) else f"{100 * recall[c]:.2f}"] for c in range(width)]),
-                  "", "confusion matrix (rows = true class, columns = predicted):",
-                  _table([["true \\ pred"] + names] + [[names[c]] + [str(v) for v in cm[c]] for c in range(width)])]
-        return "\n".join(lines)
+        recalls = [[k, str(m.sum()), "-" if np.isnan(r) else f"{100 * r:.2f}"] for k, m, r in zip(names, cm, recall)]
+        return "\n".join([title, f"classification: {n} videos, {width} classes"
+                          + (f" ({absent} without samples, left out of UAR)" if absent else ""),
+                          f"WAR {100 * war(y, s):6.2f}", f"UAR {100 * uar(y, s):6.2f}",
+                          f"weighted F1 {100 * weighted_f1(y, s):6.2f}", "", "per-class recall (%):",
+                          _table([["class", "support", "recall"]] + recalls), "",
+                          "confusion matrix (rows = true class, columns = predicted):",
+                          _table([["true \\ pred"] + names] + [[k] + [str(v) for v in m] for k, m in zip(names, cm)])])
     with_acc = y.min() >= 0 and y.max() <= 1  # personality labels (First Impressions) lie in [0, 1]
     columns = {"CCC": ccc(y, s), "PCC": pcc(y, s)} | ({"ACC": personality_acc(y, s)} if with_acc else {})
     rows = [["dimension", *columns]] + [[names[d]] + [f"{v[d]:.4f}" for v in columns.values()] for d in range(width)]
     rows.append(["mean"] + [f"{v.mean():.4f}" for v in columns.values()])
-    lines += [f"regression: {n} videos, {width} dimensions", _table(rows)]
-    if with_acc:
-        lines.append("ACC = personality accuracy, 1 - mean |prediction - label| (labels lie in [0, 1])")
-    return "\n".join(lines)
+    note = ["ACC = personality accuracy, 1 - mean |prediction - label| (labels lie in [0, 1])"] if with_acc else []
+    return "\n".join([title, f"regression: {n} videos, {width} dimensions", _table(rows)] + note)
 
 
 def _spread(values):  # "mean ± sd (min..max)" of percentages, sd with n - 1
