@@ -1,8 +1,6 @@
-"""
-Evaluation metrics for SVFAP as the paper reports them (WAR / UAR / weighted F1 in %, CCC / PCC /
-personality ACC), and the prediction files that carry a model's outputs from finetune.py to this report.
-Folds of a cross-validation are pooled, then measured once (not the mean of the fold values); at video
-level (AVCAffe), each video's clip scores are averaged first (--video_group).
+"""Evaluation metrics as the SVFAP paper reports them (WAR / UAR / weighted F1 in %, CCC / PCC / personality
+ACC), and the prediction files that carry finetune.py's outputs here. Cross-validation folds are pooled, then
+measured once (not the mean of fold values); at video level (AVCAffe), each video's clip scores are averaged first.
 
   python metrics.py out/dfew/fold1/test_predictions.csv ... out/dfew/fold5/test_predictions.csv
   python metrics.py --video_group='(.*)/[^/]+$' out/finetune_avcaffe_arousal/test_predictions.csv
@@ -23,33 +21,25 @@ import numpy as np
 
 from data import atomic_path
 
-# -----------------------------------------------------------------------------
-# input checks shared by the metrics
 
-
-def _as_array(x, name):
-    """Array of numbers from a list / numpy array / torch tensor (finetune.py passes them); no NaN."""
+def _as_array(x, name, labels=False):
+    """Finite numbers from a list / numpy array / torch tensor; labels: 1-D int64 (whole-number floats accepted)."""
     a = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)
     if a.size == 0:
         raise ValueError(f"{name} is empty; a metric needs at least one sample")
-    if a.dtype.kind == "f" and np.isnan(a).any():
-        raise ValueError(f"{name} contains NaN (first at sample {np.isnan(a.reshape(len(a), -1)).any(1).argmax()})")
-    return a
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        what, bad = ("NaN", np.isnan(a)) if np.isnan(a).any() else ("inf", np.isinf(a))
+        raise ValueError(f"{name} contains {what} (first at sample {bad.reshape(len(a), -1).any(1).argmax()})")
+    if labels and a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D class labels, got shape {a.shape}")
+    if labels and a.dtype.kind == "f" and (a != np.round(a)).any():
+        raise ValueError(f"{name} must hold whole-number class labels, got non-integer values")
+    return a.astype(np.int64) if labels else a
 
 
 def _same_length(a, b, name_a="y_true", name_b="y_pred"):
     if len(a) != len(b):
         raise ValueError(f"{name_a} has {len(a)} samples but {name_b} has {len(b)}; they must match")
-
-
-def _as_labels(x, name):
-    """1-D int64 class labels; integer-valued floats (e.g. read from a file) are accepted."""
-    a = _as_array(x, name)
-    if a.ndim != 1:
-        raise ValueError(f"{name} must be 1-D class labels, got shape {a.shape}")
-    if a.dtype.kind == "f" and (np.isinf(a).any() or (a != np.round(a)).any()):
-        raise ValueError(f"{name} must hold whole-number class labels, got non-integer values")
-    return a.astype(np.int64)
 
 # -----------------------------------------------------------------------------
 # classification metrics: y_pred is labels (B,) or a score matrix (B, C), reduced by argmax (ties go to
@@ -58,13 +48,12 @@ def _as_labels(x, name):
 
 def confusion_matrix(y_true, y_pred, num_classes=None):
     """int64 (C, C) counts; rows = true class, columns = predicted class."""
-    y_true, p = _as_labels(y_true, "y_true"), _as_array(y_pred, "y_pred")
+    y_true, p = _as_array(y_true, "y_true", labels=True), _as_array(y_pred, "y_pred")
     _same_length(y_true, p)
     if p.ndim == 2 and num_classes not in (None, p.shape[1]):
         raise ValueError(f"y_pred has {p.shape[1]} score columns but num_classes={num_classes}")
-    y_pred = p.argmax(axis=1) if p.ndim == 2 else _as_labels(p, "y_pred")  # (B, C) scores -> (B,) labels
-    if num_classes is None:
-        num_classes = p.shape[1] if p.ndim == 2 else int(max(y_true.max(), y_pred.max())) + 1
+    y_pred = p.argmax(axis=1) if p.ndim == 2 else _as_array(p, "y_pred", labels=True)  # (B, C) scores -> (B,) labels
+    num_classes = num_classes or (p.shape[1] if p.ndim == 2 else int(max(y_true.max(), y_pred.max())) + 1)
     for name, y in (("y_true", y_true), ("y_pred", y_pred)):
         if len(bad := np.flatnonzero((y < 0) | (y >= num_classes))):
             raise ValueError(f"{name}[{bad[0]}] = {y[bad[0]]} is outside the valid labels 0..{num_classes - 1}")
@@ -107,8 +96,6 @@ def _per_dimension(fn):  # fn: (N, D) columns -> (D,) values
         _same_length(t, p)
         if t.shape != p.shape or t.ndim not in (1, 2):
             raise ValueError(f"y_true and y_pred must be (N,) or (N, D) with equal shapes, got {t.shape} and {p.shape}")
-        if np.isinf(t).any() or np.isinf(p).any():
-            raise ValueError("y_true and y_pred must be finite; found inf")
         v = fn(t.reshape(len(t), -1), p.reshape(len(p), -1))  # (N, D) -> (D,)
         return float(v[0]) if t.ndim == 1 else v
     metric.__name__, metric.__doc__ = fn.__name__, fn.__doc__
@@ -144,34 +131,6 @@ def personality_acc(t, p):
     return 1.0 - np.abs(p - t).mean(0)
 
 # -----------------------------------------------------------------------------
-# video level (AVCAffe): average the clip scores of each source video
-
-
-def group_average(ids, scores, targets, groups):
-    """(video ids, mean clip scores, targets) of the videos in order of first appearance. groups: the video of
-    each clip, or a regex whose first capture group (or whole match) in a clip's id names its video."""
-    if isinstance(groups, str):
-        matches = [re.search(groups, str(i)) for i in ids]
-        if None in matches:
-            raise ValueError(f"video_group={groups!r} does not match the clip {str(ids[matches.index(None)])!r}; "
-                             f"it must match every path, e.g. '(.*)/[^/]+$' takes a clip's folder as its video")
-        groups = [m.group(1 if m.re.groups else 0) for m in matches]
-    keys = [str(k) for k in groups]
-    scores, targets = _as_array(scores, "scores").astype(np.float64), _as_array(targets, "targets")
-    _same_length(keys, scores, "groups", "scores")
-    _same_length(keys, targets, "groups", "targets")
-    number = {k: v for v, k in enumerate(dict.fromkeys(keys))}  # videos in order of first appearance
-    video = np.array([number[k] for k in keys])  # (N,)
-    head = np.unique(video, return_index=True)[1]  # (V,) the first clip of each video
-    if len(bad := np.flatnonzero((targets != targets[head][video]).reshape(len(keys), -1).any(axis=1))):
-        b, f = bad[0], head[video[bad[0]]]
-        raise ValueError(f"clip {ids[b]!r} has target {targets[b]} but clip {ids[f]!r} of the same video "
-                         f"{keys[b]!r} has {targets[f]}; the clips of a video must share its label")
-    sums = np.zeros((len(head),) + scores.shape[1:])
-    np.add.at(sums, video, scores)
-    return list(number), sums / np.bincount(video).reshape((-1,) + (1,) * (scores.ndim - 1)), targets[head]
-
-# -----------------------------------------------------------------------------
 # prediction files: one CSV per evaluation, one row per video; the header tells the task
 #   classification: id,target,score_<class>,...        (target = class index)
 #   regression:     id,target_<dim>,...,pred_<dim>,... (same dims in the same order)
@@ -182,16 +141,13 @@ def write_predictions(path, ids, targets, scores, class_names=None, task=None):
     """ids: N video ids (paths); targets: (N,) class indices or (N,) / (N, D) regression labels; scores: (N, C)
     class scores or (N,) / (N, D) regression outputs; class_names: of the C classes or D dimensions (None:
     indices). task=None infers it from targets (integers: classification); pass it for float class indices."""
-    ids = [str(i) for i in ids]
-    targets, scores = _as_array(targets, f"{path}: targets"), _as_array(scores, f"{path}: scores")  # no NaN
+    targets, scores = _as_array(targets, f"{path}: targets"), _as_array(scores, f"{path}: scores")
     task = task or ("classification" if targets.dtype.kind in "biu" else "regression")
     for name, a in (("targets", targets), ("scores", scores)):
         if len(a) != len(ids):
             raise ValueError(f"{path}: {len(ids)} ids but {len(a)} {name}; they must match")
-    if np.isinf(targets).any() or np.isinf(scores).any():
-        raise ValueError(f"{path}: targets or scores contain inf")
     if task == "classification":
-        targets, width = _as_labels(targets, "targets"), scores.shape[1]
+        targets, width = _as_array(targets, "targets", labels=True), scores.shape[1]
         if len(bad := targets[(targets < 0) | (targets >= width)]):
             raise ValueError(f"{path}: target {bad[0]} is outside 0..{width - 1}, the {width} score columns")
         targets, what, prefixes = targets[:, None], "class", ["score_"]  # (N,) -> (N, 1): one target column
@@ -218,12 +174,12 @@ def read_predictions(path):
     numbered = [(k + 2, row) for k, row in enumerate(lines[1:]) if row]  # csv gives [] for a blank line
     if not numbered:
         raise ValueError(f"{path}: no prediction rows (an empty file, or a header alone)")
-    header, d = lines[0], (len(lines[0]) - 1) // 2
+    header, d = lines[0], (len(lines[0]) - 1) // 2  # d: the target columns (of a regression file)
     if header[0] != "id":
         raise ValueError(f"{path}:1: first column must be 'id', got {header[0]!r}")
     dims = [h[len("target_"):] for h in header[1:1 + d]]
     if len(header) >= 3 and header[1] == "target" and all(h.startswith("score_") for h in header[2:]):
-        task, names = "classification", [h[len("score_"):] for h in header[2:]]
+        task, names, d = "classification", [h[len("score_"):] for h in header[2:]], 1
     elif d and header[1:] == ["target_" + n for n in dims] + ["pred_" + n for n in dims]:
         task, names = "regression", dims
     else:
@@ -238,33 +194,35 @@ def read_predictions(path):
                 values[r, c] = float(field)
             except ValueError:
                 raise ValueError(f"{path}:{line}: column {header[c + 1]!r} must be a number, got {field!r}") from None
-    ids = [row[0] for _, row in numbered]
-    class_names = None if names == [str(i) for i in range(len(names))] else names
-    if task == "regression":
-        return Predictions(task, ids, values[:, :d], values[:, d:], class_names)
-    t = values[:, 0]
-    if len(bad := np.flatnonzero((t != np.round(t)) | (t < 0) | (t >= len(names)))):
-        line, row = numbered[bad[0]]
-        raise ValueError(f"{path}:{line}: target {row[1]!r} is not a class index in 0..{len(names) - 1}")
-    return Predictions(task, ids, t.astype(np.int64), values[:, 1:], class_names)
-
-
-def pool_predictions(preds, sources=None):
-    """Several Predictions (e.g. the test folds of a cross-validation) as one; `sources` name them in errors."""
-    (ref, *rest), (ref_src, *sources) = preds, sources or [f"predictions #{i}" for i in range(len(preds))]
-    what = "classes" if ref.task == "classification" else "dimensions"
-    for p, src in zip(rest, sources):
-        if p.task != ref.task:
-            raise ValueError(f"{src} holds {p.task} predictions but {ref_src} holds {ref.task}; pool one task")
-        if p.scores.shape[1] != ref.scores.shape[1]:
-            raise ValueError(f"{src} has {p.scores.shape[1]} {what} but {ref_src} has {ref.scores.shape[1]}")
-        if p.class_names != ref.class_names:
-            raise ValueError(f"{src} names its {what} {p.class_names} but {ref_src} names them {ref.class_names}")
-    return Predictions(ref.task, [i for p in preds for i in p.ids], np.concatenate([p.targets for p in preds]),
-                       np.concatenate([p.scores for p in preds]), ref.class_names)
+        if task == "classification" and not (0 <= values[r, 0] < len(names) and values[r, 0] % 1 == 0):
+            raise ValueError(f"{path}:{line}: target {row[1]!r} is not a class index in 0..{len(names) - 1}")
+    targets = values[:, 0].astype(np.int64) if task == "classification" else values[:, :d]
+    return Predictions(task, [row[0] for _, row in numbered], targets, values[:, d:],
+                       None if names == [str(i) for i in range(len(names))] else names)
 
 # -----------------------------------------------------------------------------
-# report
+# the report: files pooled, video level (AVCAffe) averaging; the summary of repeated runs (seeds); the CLI
+
+
+def group_average(ids, scores, targets, groups):
+    """(video ids, mean clip scores, targets) of the videos, sorted by id. groups: the video of each clip, or a
+    regex whose first capture group (or whole match) in a clip's id names its video."""
+    if isinstance(groups, str):
+        matches = [re.search(groups, str(i)) for i in ids]
+        if None in matches:
+            raise ValueError(f"video_group={groups!r} does not match the clip {str(ids[matches.index(None)])!r}; "
+                             f"it must match every path, e.g. '(.*)/[^/]+$' takes a clip's folder as its video")
+        groups = [m.group(1 if m.re.groups else 0) for m in matches]
+    keys = [str(k) for k in groups]
+    scores, targets = _as_array(scores, "scores").astype(np.float64), _as_array(targets, "targets")
+    _same_length(keys, scores, "groups", "scores")
+    _same_length(keys, targets, "groups", "targets")
+    videos, head, video = np.unique(keys, return_index=True, return_inverse=True)  # (V,), (V,) first clips, (N,)
+    if len(bad := np.flatnonzero((targets != targets[head][video]).reshape(len(keys), -1).any(axis=1))):
+        b, f = bad[0], head[video[bad[0]]]
+        raise ValueError(f"clip {ids[b]!r} has target {targets[b]} but clip {ids[f]!r} of the same video "
+                         f"{keys[b]!r} has {targets[f]}; the clips of a video must share its label")
+    return videos.tolist(), np.stack([scores[video == v].mean(axis=0) for v in range(len(videos))]), targets[head]
 
 
 def _table(rows):  # the first column left-aligned, the others right-aligned
@@ -273,34 +231,27 @@ def _table(rows):  # the first column left-aligned, the others right-aligned
                                for c, (cell, w) in enumerate(zip(r, widths))).rstrip() for r in rows)
 
 
-def format_report(pred, title=None):
+def format_report(pred, title):
     """The evaluation report of a Predictions (one file or a pool) as text, as the CLI prints it."""
     n, width, y, s = len(pred.ids), pred.scores.shape[1], pred.targets, pred.scores
     names = pred.class_names or [str(i) for i in range(width)]
-    lines = [title] if title else []
     if pred.task == "classification":
         recall, cm = per_class_recall(y, s), confusion_matrix(y, s)
         absent = int(np.isnan(recall).sum())
-        lines += [f"classification: {n} videos, {width} classes"
-                  + (f" ({absent} without samples, left out of UAR)" if absent else ""),
-                  f"WAR {100 * war(y, s):6.2f}", f"UAR {100 * uar(y, s):6.2f}",
-                  f"weighted F1 {100 * weighted_f1(y, s):6.2f}", "", "per-class recall (%):",
-                  _table([["class", "support", "recall"]] + [[names[c], str(cm[c].sum()), "-" if np.isnan(
-                      recall[c]) else f"{100 * recall[c]:.2f}"] for c in range(width)]),
-                  "", "confusion matrix (rows = true class, columns = predicted):",
-                  _table([["true \\ pred"] + names] + [[names[c]] + [str(v) for v in cm[c]] for c in range(width)])]
-        return "\n".join(lines)
+        recalls = [[k, str(m.sum()), "-" if np.isnan(r) else f"{100 * r:.2f}"] for k, m, r in zip(names, cm, recall)]
+        return "\n".join([title, f"classification: {n} videos, {width} classes"
+                          + (f" ({absent} without samples, left out of UAR)" if absent else ""),
+                          f"WAR {100 * war(y, s):6.2f}", f"UAR {100 * uar(y, s):6.2f}",
+                          f"weighted F1 {100 * weighted_f1(y, s):6.2f}", "", "per-class recall (%):",
+                          _table([["class", "support", "recall"]] + recalls), "",
+                          "confusion matrix (rows = true class, columns = predicted):",
+                          _table([["true \\ pred"] + names] + [[k] + [str(v) for v in m] for k, m in zip(names, cm)])])
     with_acc = y.min() >= 0 and y.max() <= 1  # personality labels (First Impressions) lie in [0, 1]
     columns = {"CCC": ccc(y, s), "PCC": pcc(y, s)} | ({"ACC": personality_acc(y, s)} if with_acc else {})
     rows = [["dimension", *columns]] + [[names[d]] + [f"{v[d]:.4f}" for v in columns.values()] for d in range(width)]
     rows.append(["mean"] + [f"{v.mean():.4f}" for v in columns.values()])
-    lines += [f"regression: {n} videos, {width} dimensions", _table(rows)]
-    if with_acc:
-        lines.append("ACC = personality accuracy, 1 - mean |prediction - label| (labels lie in [0, 1])")
-    return "\n".join(lines)
-
-# -----------------------------------------------------------------------------
-# summary of repeated runs (seeds), and the command line
+    note = ["ACC = personality accuracy, 1 - mean |prediction - label| (labels lie in [0, 1])"] if with_acc else []
+    return "\n".join([title, f"regression: {n} videos, {width} dimensions", _table(rows)] + note)
 
 
 def _spread(values):  # "mean ± sd (min..max)" of percentages, sd with n - 1
@@ -312,7 +263,7 @@ def summarize_runs(specs):
     """Markdown table of repeated runs, a row per "NAME=GLOB" spec: the run directories GLOB matches. A run
     with a test_predictions.csv (finetune.py) adds its UAR / WAR; its results.json gives wall_time_s."""
     rows = [["runs", "n", "test UAR % mean ± sd (min..max)", "test WAR % mean ± sd (min..max)",
-             "UAR % of each run", "wall time per run"]]
+             "UAR % of each run", "wall time per run"], ["---"] + ["---:"] * 5]
     for spec in specs:
         name, _, pattern = spec.rpartition("=")
         if not (name and pattern):
@@ -337,15 +288,22 @@ def summarize_runs(specs):
         rows.append([name, str(len(dirs)), _spread(uars) if uars else "-", _spread(wars) if wars else "-",
                      " ".join(f"{u:.2f}" for u in uars) or "-", f"{np.mean(minutes):.1f} min"
                      + (f" ({min(minutes):.1f}..{max(minutes):.1f})" if len(dirs) > 1 else "")])
-    lines = ["| " + " | ".join(r) + " |" for r in rows]
-    lines.insert(1, "|" + "|".join(["---"] + ["---:"] * (len(rows[0]) - 1)) + "|")
-    return "\n".join(lines)
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
 def report(files, video_group=""):
-    """The CLI's report of prediction files: pooled, then (with video_group) averaged per video."""
-    preds = [read_predictions(f) for f in files]
-    pooled = pool_predictions(preds, files)
+    """The CLI's report of prediction files (e.g. cross-validation folds): pooled, then averaged per video."""
+    ref, *rest = preds = [read_predictions(f) for f in files]
+    what = "classes" if ref.task == "classification" else "dimensions"
+    for p, f in zip(rest, files[1:]):
+        if p.task != ref.task:
+            raise ValueError(f"{f} holds {p.task} predictions but {files[0]} holds {ref.task}; pool one task")
+        if p.scores.shape[1] != ref.scores.shape[1]:
+            raise ValueError(f"{f} has {p.scores.shape[1]} {what} but {files[0]} has {ref.scores.shape[1]}")
+        if p.class_names != ref.class_names:
+            raise ValueError(f"{f} names its {what} {p.class_names} but {files[0]} names them {ref.class_names}")
+    pooled = ref._replace(ids=[i for p in preds for i in p.ids], targets=np.concatenate([p.targets for p in preds]),
+                          scores=np.concatenate([p.scores for p in preds]))
     if repeats := len(pooled.ids) - len(set(pooled.ids)):  # a clip in two test folds counts twice
         print(f"metrics.py: warning: {repeats} rows repeat an earlier id; is a file listed twice?", file=sys.stderr)
     title = (f"pooled over {len(files)} files ({', '.join(str(len(p.ids)) for p in preds)} rows)"
@@ -358,8 +316,7 @@ def report(files, video_group=""):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Report metrics of prediction files written by finetune.py. "
-                                     "Several files (e.g. cross-validation folds) are pooled, then measured once.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="*", metavar="FILE", help="prediction CSV files")
     parser.add_argument("--summary", nargs="+", metavar="NAME=GLOB", help="a table row per group of runs (out_dirs)")
     parser.add_argument("--video_group", metavar="REGEX", default="",
@@ -371,10 +328,8 @@ def main(argv=None):
     try:
         print(summarize_runs(args.summary) if args.summary else report(args.files, args.video_group))
     except (OSError, ValueError) as e:
-        print(f"metrics.py: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        sys.exit(f"metrics.py: error: {e}")  # exit status 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -135,12 +135,11 @@ def patchify(video, tubelet_size, patch_size):
 
 def unpatchify(patches, cfg):
     """Inverse of patchify: (B, N, tubelet*patch*patch*c) -> (B, c, T, H, W)."""
-    B = patches.shape[0]
     Tg, Hg, Wg = cfg.grid
     kt, p, c = cfg.tubelet_size, cfg.patch_size, cfg.in_chans
-    x = patches.reshape(B, Tg, Hg, Wg, kt, p, p, c)
+    x = patches.reshape(-1, Tg, Hg, Wg, kt, p, p, c)  # (B, T', H', W', kt, p, p, c)
     x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, c, T', kt, H', p, W', p)
-    return x.reshape(B, c, Tg * kt, Hg * p, Wg * p)
+    return x.reshape(-1, c, Tg * kt, Hg * p, Wg * p)
 
 def tube_mask(batch_size, cfg, generator=None, device=None):
     """Bool (B, N), True = masked: the same floor(rho*S) random spatial positions in every temporal slice."""
@@ -248,8 +247,7 @@ class SBTBlock(Block):
 
     def forward(self, x, context):
         attended = self.cross_attn(self.cross_norm1(x), self.cross_norm2(context))
-        x = x + drop_path(attended, self.drop_rate, self.training)
-        return super().forward(x)
+        return super().forward(x + drop_path(attended, self.drop_rate, self.training))
 
 # 4. The two ideas of TPSBT -----------------------------------------------------------------------------
 
@@ -357,12 +355,9 @@ class TPSBT(nn.Module):
         self.apply(init_weights)
 
     def block_names(self):
-        """Module names of all blocks in the release's global order (blocks.0 .. blocks.N1+N2+N3-1)."""
-        names = []
-        for s, stage in enumerate(self.stages):
-            names += [f"stages.{s}.blocks.{j}" for j in range(len(stage.blocks))]
-            names += [f"stages.{s}.reverse_block"] if stage.reverse_block is not None else []
-        return names
+        """Module names of all blocks in the release's global order (blocks.0 .. blocks.N1+N2+N3-1): stage by
+        stage, its blocks, then its reverse block."""
+        return [name for name, m in self.named_modules() if isinstance(m, Block)]
 
     def forward(self, video, mask=None, return_all_stages=False):
         """video (B, c, T, H, W) normalised; mask (B, N) bool tube mask (values unchecked: no device sync) or
@@ -499,8 +494,7 @@ class SVFAP(nn.Module):
 # 7. Fine-tuning: SVFAPClassifier -----------------------------------------------------------------------
 
 class SVFAPClassifier(nn.Module):
-    """TPSBT on all tokens, mean pooling over the last stage, LayerNorm, linear head (classes or
-    regression dimensions)."""
+    """TPSBT on all tokens, mean pooling over the last stage, LayerNorm, linear head (classes or regression)."""
     def __init__(self, cfg, num_outputs):
         super().__init__()
         self.cfg = cfg
@@ -562,9 +556,8 @@ def load_official_state_dict(model, state_dict):
 # 9. Counting and benchmarking --------------------------------------------------------------------------
 
 def count_macs(model, *inputs):
-    """Multiply-accumulates of one forward (torch's flop counter total / 2, the way fvcore counts).
-    Attention runs on the math backend so that its matrix products are visible to the counter; the fused
-    CPU kernel would silently count as zero."""
+    """Multiply-accumulates of one forward (torch's flop counter total / 2, as fvcore counts). Attention runs on
+    the math backend so that the counter sees its matrix products; the fused CPU kernel would count as zero."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
@@ -622,17 +615,15 @@ Pre-train GMACs include embedding the masked tubelets, as the paper counts (this
 PEAK_TFLOPS = {"H100 PCIe": 756, "A100": 312, "H100": 989, "H200": 989, "L40S": 362, "RTX 4090": 165, "RTX 3090": 71}
 
 def peak_tflops(device):
-    """Dense bf16 peak TFLOP/s of a device (torch.device, "cuda:1", or a GPU's name), for MFU: the first key of
-    PEAK_TFLOPS in its name (the PCIe H100 is clocked lower than the SXM one). None for the CPU and GPUs not
-    listed (give the training scripts' peak_tflops there)."""
+    """Dense bf16 peak TFLOP/s of a device (torch.device, "cuda:1", or a GPU's name) for MFU: the first key of
+    PEAK_TFLOPS in its name (PCIe H100s clock lower). None for the CPU and unlisted GPUs (give scripts' peak_tflops)."""
     name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else str(device)
     return next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
 
 def bench_steps(cfg, device, batch, stage, steps=10, compile=False, dtype=torch.bfloat16, rounds=3):
-    """Time training steps of SVFAP (stage "pretrain") or SVFAPClassifier ("finetune") on a synthetic batch
-    already on `device`: autocast to dtype (none for float32), backward, fused AdamW; torch.compile'd when
-    `compile` is True or a backend name. Returns {ms (per step, best of the rounds), clips_s, gmacs (forward,
-    per clip), mfu (None without a known peak), peak_mb (CUDA only)}."""
+    """Time training steps of SVFAP ("pretrain") or SVFAPClassifier ("finetune") on a synthetic batch on `device`:
+    autocast to dtype (none for float32), backward, fused AdamW; torch.compile'd if `compile` (True or a backend).
+    Returns {ms (per step, best of rounds), clips_s, gmacs (forward, per clip), mfu (None: no known peak), peak_mb}."""
     device = torch.device(device)
     cuda, pretrain = device.type == "cuda", stage == "pretrain"
     sync = torch.cuda.synchronize if cuda else lambda device: None  # timings wait for the queued GPU work
@@ -667,9 +658,8 @@ def bench_steps(cfg, device, batch, stage, steps=10, compile=False, dtype=torch.
 
 def bench(device="cpu", presets=(("tiny", 8, 8), ("small", 2, 2)), compiles=(False,), dtype=torch.float32,
           steps=2, rounds=2):
-    """Print the time of training steps for each (preset, pre-training batch, fine-tuning batch), and of
-    fine-tuning against a ViT baseline of the same width: the paper's (12, 8, 4) for base, the same blocks
-    without temporal pyramid and spatial bottleneck for the smaller presets."""
+    """Print the time of training steps for each (preset, pre-training batch, fine-tuning batch), and of fine-tuning
+    against a ViT baseline of the same width: the paper's (12, 8, 4) for base, else the same blocks, no TP or SBT."""
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where} (peak {peak_tflops(device) or '-'} TFLOP/s), {dtype}, best of "
           f"{rounds} rounds of {steps} steps\n{'':46s} {'ms/step':>8s} {'clips/s':>8s} {'MFU':>6s} {'peak GB':>8s}")
