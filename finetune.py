@@ -16,40 +16,25 @@ MAFW, ...) or regression (dimensional emotion, personality), as section 5 and 7 
     # what the K bottleneck tokens of each TPSBT stage look at in one video
     python finetune.py --explain=VIDEO --ckpt=CKPT --out=bottleneck.png
 
-Configuration works as in pretrain.py (a config file, then --key=value; see its docstring). Paths
-containing "{fold}" take the value of --fold.
+Configuration works as in pretrain.py (see its docstring); paths containing "{fold}" take the value of --fold.
+init_from: "scratch", "resume" (out_dir/ckpt.pt), a pretrain.py checkpoint (its encoder and the encoder's
+shape, this config's model_args such as drop_path on top) or one of the authors' release (shape from `model`
+and `model_args`); it prints how many encoder tensors were loaded and names those that were not.
 
-init_from: "scratch"; "resume" (out_dir/ckpt.pt); the path of a pretrain.py checkpoint (its encoder, and
-its encoder's shape, with this config's model_args such as drop_path on top); or the path of a checkpoint of
-the authors' release (through model.load_official_state_dict; the shape comes from `model` and
-`model_args`). It prints how many encoder tensors were loaded and names those that were not.
+Each video is evaluated on num_clips x num_crops views, their softmax probabilities (or regression outputs)
+averaged. val_list is evaluated after every epoch, and best.pt keeps the epoch with the best `best_metric`;
+test_list at the end, with the model of the best val epoch and with the last one. The release chose its best
+epoch on test (DFEW's val lists are its test lists): when val and test share videos this script says so
+loudly. Every entry of val_list and test_list is checked at start-up (evaluation never skips a video).
 
-Evaluation: each video gives num_clips x num_crops views; their softmax probabilities (classification,
-as the release's merge step) or outputs (regression) are averaged. val_list is evaluated after every
-epoch and out_dir/best.pt keeps the epoch with the best `best_metric`; test_list is evaluated at the end
-with the model of the best val epoch (test_predictions.csv) and with the last epoch's (test_predictions_last.csv).
-Without val_list the last epoch is the model. Under DDP every process evaluates every world_size-th video
-(no padding) and the scores are gathered by video index, so the metrics equal a single-process run's.
-
-The authors' release validated on the test set (DFEW's val lists are copies of its test lists), so its
-"best epoch" was chosen on test: when val and test share videos this script says so loudly and reports
-the last epoch's test metrics beside the best-on-val ones.
-
-Broken files: training skips an unreadable video (and counts it); evaluation never does, so every entry
-of val_list and test_list is checked at start-up, before the first step, and the run stops naming them.
-
---extract writes DIR/features.npy, float32 (N, C), one row per line of LIST in list order, each row the clip
-embedding averaged over the evaluation views, and DIR/features.csv (row, path). CKPT may be a finetune.py
-checkpoint (the pooled features after fc_norm, the head's input), a pretrain.py checkpoint (the mean-pooled
-last-stage tokens of the encoder), or a checkpoint of the authors' release (shape from `model`; fc_norm
-output when it holds fc_norm, else the mean-pooled tokens).
-
-Where the data settings (crop_box, sampling_rate, num_clips, num_crops, video_group, ...) come from: for
---extract and eval_only, the config and the command line, as for training (give the config file of the data);
-for --predict and --explain, which take only videos, the run that wrote the checkpoint.
+--extract: DIR/features.npy, float32 (N, C), a row per line of LIST in list order, each the clip embedding
+averaged over the views (a finetune.py checkpoint: fc_norm's output, the head's input; pretrain.py: the
+mean-pooled last-stage tokens; the release: fc_norm's output if it holds fc_norm), and DIR/features.csv.
+Data settings (crop_box, sampling_rate, num_clips, ...) come from the config and command line for --extract
+and eval_only; --predict and --explain take them from the run that wrote the checkpoint.
 
 Outputs in out_dir: ckpt.pt (latest, for resume), best.pt, log.jsonl, val_predictions.csv (best epoch),
-test_predictions.csv, test_predictions_last.csv, results.json.
+test_predictions.csv (best val epoch's model), test_predictions_last.csv (last epoch's), results.json.
 """
 import math
 import os
@@ -68,7 +53,7 @@ from tqdm import tqdm
 import metrics
 from data import atomic_path, device_transform, write_png
 from model import TPSBT, SVFAPClassifier, SVFAPConfig, load_official_state_dict
-from pretrain import (ConfigError, autocast, build_model_config, check_list_file, fit, load_checkpoint, load_config,
+from pretrain import (ConfigError, autocast, build_model_config, check_lists, fit, load_checkpoint, load_config,
                       log_json, make_dataset, make_optimizer, param_groups, resume_checkpoint, run, save_checkpoint,
                       setup, write_json)
 
@@ -145,19 +130,16 @@ METRICS = {"classification": ("uar", "war", "f1"), "regression": ("ccc", "pcc")}
 def main(argv):
     t_start = time.time()
     c = load_config({k: globals()[k] for k in CONFIG_KEYS}, argv)
+    if (c.predict or c.extract or c.explain or c.eval_only) and not c.ckpt:
+        raise ConfigError("--predict, --extract, --explain and eval_only=True need --ckpt=CHECKPOINT")
     if c.predict or c.extract or c.explain:
         return (predict_videos if c.predict else extract_features if c.extract else explain_video)(c)
     apply_fold(c)
     if c.eval_only:
         return evaluate_checkpoint(c)
     check_task(c)
-    for key in ("train_list", "val_list", "test_list"):
-        if key == "train_list" or getattr(c, key):
-            check_list_file(key, getattr(c, key))
-    if c.init_from not in ("scratch", "resume") and not os.path.isfile(c.init_from):
-        raise ConfigError(f"init_from={c.init_from}: no such checkpoint file (valid: scratch, resume or the path "
-                          f"of a pretrain.py or authors' release checkpoint)")
-    checkpoint = resume_checkpoint(c)
+    check_lists(c, "train_list", "val_list", "test_list")
+    checkpoint = resume_checkpoint(c, init_paths="a pretrain.py or authors' release checkpoint")
     d = setup(c)
     n_out = num_model_outputs(c)
     # model first: a pretrain.py checkpoint decides the encoder's shape, and with it the clip size
@@ -172,7 +154,6 @@ def main(argv):
     lr = c.base_lr * c.batch_size / 256
     optimizer = make_optimizer(param_groups(model, c.weight_decay, c.layer_decay, c.head_lr_scale), lr, c)
     best = checkpoint["best"] if checkpoint else {"value": -math.inf, "epoch": None, "metrics": None}
-    best_path = os.path.join(c.out_dir, "best.pt")
     if d.master:
         print(f"fine-tuning ({c.task}, {n_out} outputs, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
               f"params) on {len(train_set)} videos from {c.train_list}; lr {lr:.3g} = {c.base_lr:g} x "
@@ -201,7 +182,7 @@ def main(argv):
             best.update(value=m[c.best_metric], epoch=epoch, metrics=m)
         if d.master:
             if improved:
-                save_checkpoint(best_path, {"model": model.state_dict(), "config": vars(c),
+                save_checkpoint(os.path.join(c.out_dir, "best.pt"), {"model": model.state_dict(), "config": vars(c),
                                             "model_config": mc.to_dict(), "best": best})
                 write_predictions(os.path.join(c.out_dir, "val_predictions.csv"), eval_sets["val"], idx, scores, c)
             log_json(os.path.join(c.out_dir, "log.jsonl"), {"iter": iter_num, "epoch": epoch, "val": m})
@@ -222,10 +203,10 @@ def main(argv):
 
 def test_results(c, d, model, test_set, best, last_epoch):
     """Test metrics of the model of the last epoch and, when it differs, of the best val epoch (best.pt),
-    which is the one reported; their predictions in test_predictions.csv and test_predictions_last.csv."""
+    which is the one reported (test_predictions.csv; the other one's in test_predictions_last.csv)."""
     model.eval()
-    results = {}
-    for name in ["last"] + (["best"] if best["epoch"] not in (None, last_epoch) else []):
+    results, names = {}, ["last"] + (["best"] if best["epoch"] not in (None, last_epoch) else [])
+    for name in names:
         if name == "best":
             if d.ddp:
                 dist.barrier()  # rank 0 wrote best.pt
@@ -233,17 +214,13 @@ def test_results(c, d, model, test_set, best, last_epoch):
         idx, scores = evaluate(view_scores(model, c.task), test_set, d, c)
         results[f"test_{name}"] = compute_metrics(test_set, idx, scores, c)
         if d.master:
-            write_predictions(os.path.join(c.out_dir, f"test_predictions_{name}.csv"), test_set, idx, scores, c)
-    results["test"] = results.get("test_best", results["test_last"])
-    if d.master:
-        chosen = "test_predictions_best.csv" if "test_best" in results else "test_predictions_last.csv"
-        os.replace(os.path.join(c.out_dir, chosen), os.path.join(c.out_dir, "test_predictions.csv"))
+            csv = "test_predictions.csv" if name == names[-1] else "test_predictions_last.csv"
+            write_predictions(os.path.join(c.out_dir, csv), test_set, idx, scores, c)
+    results["test"] = results[f"test_{names[-1]}"]
     return results
 
 
 # --- losses: label smoothing, random erasing, mixup and cutmix ---------------------------------------
-
-
 def smooth_one_hot(target, num_classes, smoothing):
     """(B,) class indices -> (B, C) targets: 1 - smoothing + smoothing/C on the class, smoothing/C elsewhere."""
     return F.one_hot(target, num_classes).float() * (1.0 - smoothing) + smoothing / num_classes
@@ -298,8 +275,6 @@ def random_erasing(video, prob, min_area=0.02, max_area=1 / 3, min_aspect=0.3, g
 
 
 # --- evaluation ------------------------------------------------------------------------------------
-
-
 def eval_dataset(c, key, mc):
     """An "eval" dataset of the list in config key `key`; every entry must be readable (evaluation never
     skips a video), which is checked now rather than after the last training epoch."""
@@ -374,8 +349,6 @@ def write_predictions(path, dataset, idx, scores, c):
 
 
 # --- the model ---------------------------------------------------------------------------------------
-
-
 def num_model_outputs(c):
     return c.num_classes if c.task == "classification" else c.num_outputs
 
@@ -416,32 +389,32 @@ def build_classifier(c, master):
     return model
 
 
-def classifier_from_checkpoint(path):
-    """(model, the run's config) of a finetune.py checkpoint."""
-    ckpt = load_checkpoint(path)
-    if "model_config" not in ckpt or ckpt.get("config", {}).get("task") is None:
-        raise ConfigError(f"ckpt={path} is not a finetune.py checkpoint (e.g. out/finetune_demo/best.pt)")
-    cc = SimpleNamespace(**ckpt["config"])
-    model = SVFAPClassifier(SVFAPConfig.from_dict(ckpt["model_config"]), num_model_outputs(cc))
-    model.load_state_dict(ckpt["model"])
-    return model, cc
+def checkpoint_model(c, mode, master=False):
+    """(model in eval mode, the config of the run that wrote it) of --ckpt: a finetune.py checkpoint's classifier
+    as trained; --extract also takes a pretrain.py or release checkpoint, loaded as init_from (config None)."""
+    ckpt = load_checkpoint(c.ckpt)
+    if "model_config" in ckpt and ckpt.get("config", {}).get("task") is not None:
+        cc = SimpleNamespace(**ckpt["config"])
+        model = SVFAPClassifier(SVFAPConfig.from_dict(ckpt["model_config"]), num_model_outputs(cc))
+        model.load_state_dict(ckpt["model"])
+        return model.eval(), cc
+    if mode != "--extract":
+        raise ConfigError(f"ckpt={c.ckpt} is not a finetune.py checkpoint (e.g. out/finetune_demo/best.pt)")
+    c.init_from = c.ckpt
+    return build_classifier(c, master).eval(), None
 
 
 # --- modes without training ----------------------------------------------------------------------
-
-
 def predict_videos(c):
     """Print per-class probabilities (or regression outputs) of each --predict video, averaged over views."""
-    if not c.ckpt:
-        raise ConfigError("--predict needs --ckpt=CHECKPOINT, a finetune.py checkpoint such as out/finetune_demo/best.pt")
     for path in c.predict:
         if not os.path.exists(path):
             raise ConfigError(f"--predict={path}: file not found")
         if any(ch.isspace() for ch in os.path.abspath(path)):  # annotation lines are split at whitespace
             raise ConfigError(f"--predict={path}: paths with spaces are not supported; rename or link the file")
-    model, cc = classifier_from_checkpoint(c.ckpt)
+    model, cc = checkpoint_model(c, "--predict")
     d = setup(c)
-    model.to(d.device).eval()
+    model.to(d.device)
     labels = " ".join(["0"] * (1 if cc.task == "classification" else cc.num_outputs))
     with tempfile.TemporaryDirectory() as tmp:
         cc.predict, cc.data_root, cc.replace_prefix, cc.num_workers = os.path.join(tmp, "predict.txt"), "", (), 0
@@ -458,12 +431,10 @@ def predict_videos(c):
 def evaluate_checkpoint(c):
     """eval_only: the metrics of `ckpt` on val_list and test_list; predictions as eval_<split>_predictions.csv.
     The task, outputs and class names come from the checkpoint; the lists and view counts from the config."""
-    if not c.ckpt:
-        raise ConfigError("eval_only=True needs --ckpt=CHECKPOINT (a finetune.py checkpoint)")
-    model, cc = classifier_from_checkpoint(c.ckpt)
+    model, cc = checkpoint_model(c, "eval_only=True")
     c.task, c.num_classes, c.num_outputs, c.class_names = cc.task, cc.num_classes, cc.num_outputs, cc.class_names
     d = setup(c)
-    model.to(d.device).eval()
+    model.to(d.device)
     results = {}
     for split in ("val", "test"):
         if getattr(c, f"{split}_list"):
@@ -481,19 +452,11 @@ def evaluate_checkpoint(c):
 
 def extract_features(c):
     """--extract=LIST --ckpt=CKPT: out_dir/features.npy (N, C) in list order and out_dir/features.csv."""
-    check_list_file("extract", c.extract)
-    if not c.ckpt:
-        raise ConfigError("--extract needs --ckpt=CHECKPOINT (a finetune.py, pretrain.py or release checkpoint)")
-    config = load_checkpoint(c.ckpt).get("config", {})
+    check_lists(c, "extract")
     d = setup(c)
-    if config.get("task"):  # finetune.py: the head's input
-        model, _ = classifier_from_checkpoint(c.ckpt)
-        pooled = True
-    else:  # pretrain.py or the release: the encoder
-        c.init_from = c.ckpt
-        model = build_classifier(c, d.master)
-        pooled = getattr(model, "has_fc_norm", False)
-    model.to(d.device).eval()
+    model, cc = checkpoint_model(c, "--extract", d.master)
+    pooled = cc is not None or getattr(model, "has_fc_norm", False)  # fc_norm's output (finetune.py: the head's input)
+    model.to(d.device)
     c.task = "regression"  # labels are optional and unused
     ds = eval_dataset(c, "extract", model.cfg)
     _, features = evaluate(lambda v: model.embed(v)[0] if pooled else model.embed(v)[1].mean(1), ds, d, c)
@@ -508,14 +471,12 @@ def extract_features(c):
 @torch.no_grad()
 def explain_video(c):
     """--explain=VIDEO --ckpt=CKPT --out=FILE.png: what the K bottleneck tokens of each TPSBT stage look at in
-    the middle clip of a video, for a pretrain.py or finetune.py checkpoint. The picture, per stage from top to
-    bottom: one row per bottleneck token, one column per temporal slice; each cell is the slice's middle frame
-    under the token's softmax weights over the slice's spatial positions, a heat map normalised per cell
-    (dark: 0, red: half the cell's maximum, yellow: its maximum). Cells are framed by one white pixel and each
-    stage ends in 8 white rows. Returns the frames uint8 (T, S, S, 3) and each stage's weights (T_s, P, K)."""
-    if not c.ckpt or not os.path.isfile(c.explain):
-        raise ConfigError(f"--explain={c.explain} needs an existing video and --ckpt=CHECKPOINT (pretrain.py or "
-                          f"finetune.py)")
+    the middle clip of a video (README, "A look inside the bottleneck"): per stage a row per token, a column per
+    temporal slice, each cell the slice's middle frame under the token's softmax weights over the slice's
+    positions (normalised per cell: dark 0, red half the maximum, yellow the maximum), framed in white.
+    Returns the frames uint8 (T, S, S, 3) and each stage's weights (T_s, P, K)."""
+    if not os.path.isfile(c.explain):
+        raise ConfigError(f"--explain={c.explain}: video not found")
     ckpt = load_checkpoint(c.ckpt)
     if "model_config" not in ckpt:
         raise ConfigError(f"ckpt={c.ckpt}: --explain draws pretrain.py and finetune.py checkpoints")
@@ -553,8 +514,6 @@ def explain_video(c):
 
 
 # --- the recipe's checks and report ----------------------------------------------------------------
-
-
 def apply_fold(c):
     keys = [k for k in ("out_dir", "train_list", "val_list", "test_list") if "{fold}" in getattr(c, k)]
     if keys and c.fold < 1:

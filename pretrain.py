@@ -9,29 +9,19 @@ Masked facial-video autoencoding: pre-trains SVFAP's TPSBT encoder on unlabelled
     torchrun --nnodes=2 --node_rank=NODE --nproc_per_node=4 --master_addr=IP_OF_NODE_0 --master_port=29500 \
         pretrain.py config/pretrain_voxceleb2_base.py
 
-Configuration, nanoGPT style: the globals in the config block below are the defaults. Arguments apply in
-order: a path is a Python config file of plain assignments (config/*.py), `--key=value` sets one key (read
-as a Python literal, or as typed for string keys), `--model_args.FIELD=value` sets one SVFAPConfig field on
-top of the preset named by `model`, and a list key (finetune.py's `predict`) grows by one item per use.
-Unknown keys and values of the wrong type are errors.
+Configuration, nanoGPT style: the config block's globals are the defaults; arguments apply in order: a path is
+a config file of plain assignments (config/*.py), --key=value sets one key, --model_args.FIELD=value one
+SVFAPConfig field of the `model` preset, and a list key (finetune.py's `predict`) grows by one item per use.
+batch_size counts videos per optimiser step over all processes and accumulation steps, so a recipe means the
+same on 1 or 8 GPUs; lr = base_lr * clips per step / 256, clips per step = batch_size * repeated_sampling.
 
-Batch size and learning rate: `batch_size` is the number of videos per optimiser step summed over all
-processes and accumulation steps, so a recipe means the same on 1 or 8 GPUs. lr = base_lr * clips per
-step / 256, where clips per step = batch_size * repeated_sampling.
+Outputs in out_dir: ckpt.pt (written atomically), log.jsonl (one JSON object per logged iteration),
+results.json, and with each checkpoint recon_iterNNNNNNN_*.mp4: original | masked input | reconstruction
+("denorm-with-true-patch-stats": with norm_pix_loss the picture uses the true patches' mean and std, which
+the model never saw, so it flatters the model). --init_from=resume continues from ckpt.pt, mid-epoch too,
+with the losses of the uninterrupted run; out_dir must be on a file system every node sees.
 
-Outputs in out_dir: ckpt.pt (the latest checkpoint, written atomically), log.jsonl (one JSON object per
-logged iteration), results.json at the end, and with each checkpoint recon_iterNNNNNNN_*.mp4: clips as
-original | masked input | reconstruction. With norm_pix_loss the reconstruction is de-normalised with the
-true patches' mean and std (the file name says "denorm-with-true-patch-stats"): that uses information the
-model never saw, so the picture flatters the model.
-
-`--init_from=resume` continues from out_dir/ckpt.pt at the iteration where it stopped, mid-epoch too, and
-gives the losses the uninterrupted run would have given: the data order depends only on (seed, epoch),
-each clip's window, crop, flip and tube mask only on (seed, epoch, index), and the checkpoint holds every
-process's generator state (drop path). out_dir must be on a file system every node sees.
-
-Below `main`, behind a fence, the pieces finetune.py shares: config, processes, the training loop `fit`,
-checkpoints.
+Below `main`, behind a fence, the pieces finetune.py shares: config, processes, the training loop, checkpoints.
 """
 
 import argparse
@@ -105,14 +95,10 @@ CONFIG_KEYS = [k for k in globals() if k not in _names_before_config and not k.s
 def main(argv):
     t_start = time.time()
     c = load_config({k: globals()[k] for k in CONFIG_KEYS}, argv)
-    if c.init_from not in ("scratch", "resume"):
-        raise ConfigError(f"init_from={c.init_from!r}: valid values are scratch and resume")
+    check_lists(c, "train_list", "vis_list")
     checkpoint = resume_checkpoint(c)
     mc = (SVFAPConfig.from_dict(checkpoint["model_config"]) if checkpoint  # the shape it was trained with
           else build_model_config(c.model, c.model_args))
-    check_list_file("train_list", c.train_list)
-    if c.vis_list:
-        check_list_file("vis_list", c.vis_list)
     if c.repeated_sampling < 1:
         raise ConfigError(f"repeated_sampling={c.repeated_sampling} must be at least 1")
     d = setup(c)
@@ -137,7 +123,8 @@ def main(argv):
 
     def after_save(iter_num):
         if vis is not None:
-            path = os.path.join(c.out_dir, reconstruction_video_name(iter_num, mc))
+            name = f"recon_iter{iter_num:07d}_{'denorm-with-true-patch-stats' if mc.norm_pix_loss else 'plain'}.mp4"
+            path = os.path.join(c.out_dir, name)
             write_mp4(path, reconstruction_frames(model, *vis), fps=6)  # slow enough to watch 16 frames
 
     example = (torch.zeros(1, mc.in_chans, mc.num_frames, mc.img_size, mc.img_size, device=d.device),
@@ -188,10 +175,6 @@ def reconstruction_frames(model, video, mask):
     frames = frames.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
     frames = frames[..., : frames.shape[-2] // 2 * 2, : frames.shape[-1] // 2 * 2]  # H.264 wants even sizes
     return (frames.permute(1, 2, 3, 0) * 255).round().to(torch.uint8).cpu().numpy()
-
-
-def reconstruction_video_name(iter_num, cfg):
-    return f"recon_iter{iter_num:07d}_{'denorm-with-true-patch-stats' if cfg.norm_pix_loss else 'plain'}.mp4"
 
 
 # =============================================================================================================
@@ -286,16 +269,21 @@ def build_model_config(preset, model_args, base=None):
         raise ConfigError(str(e)) from None
 
 
-def check_list_file(key, path):
-    """An annotation list must exist before anything starts (a typo should not cost a DDP start-up)."""
-    if not path:
-        raise ConfigError(f"{key} is empty; give the path of an annotation list (\"<video> <label>\" per line)")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{key}={path}: annotation file not found")
+def check_lists(c, required, *optional):
+    """The annotation lists must exist before anything starts (a typo should not cost a DDP start-up)."""
+    if not getattr(c, required):
+        raise ConfigError(f"{required} is empty; give the path of an annotation list (\"<video> <label>\" per line)")
+    for key in (required, *optional):
+        if getattr(c, key) and not os.path.isfile(getattr(c, key)):
+            raise ConfigError(f"{key}={getattr(c, key)}: annotation file not found")
 
 
-def resume_checkpoint(c):
-    """out_dir/ckpt.pt for init_from=resume, else None."""
+def resume_checkpoint(c, init_paths=""):
+    """out_dir/ckpt.pt for init_from=resume, else None, after checking init_from: scratch, resume, or with
+    init_paths (what such a file may hold) the path of an existing file."""
+    if c.init_from not in ("scratch", "resume") and not (init_paths and os.path.isfile(c.init_from)):
+        raise ConfigError(f"init_from={c.init_from!r}: valid values are scratch, resume" +
+                          (f" or the path of {init_paths} (no such file)" if init_paths else ""))
     path = os.path.join(c.out_dir, "ckpt.pt")
     if c.init_from == "resume" and not os.path.isfile(path):
         raise ConfigError(f"init_from=resume continues from out_dir/ckpt.pt, but {path} does not exist")
@@ -305,17 +293,15 @@ def resume_checkpoint(c):
 def make_dataset(c, key, mode, mc, **kw):
     """data.VideoDataset of the list in config key `key`; load and label errors become one ConfigError line."""
     try:
-        ds = VideoDataset(getattr(c, key), mode, img_size=mc.img_size, num_frames=mc.num_frames,
+        return VideoDataset(getattr(c, key), mode, img_size=mc.img_size, num_frames=mc.num_frames,
                           sampling_rate=c.sampling_rate, crop_box=tuple(c.crop_box) or None,
                           root=c.data_root or None, replace_prefix=tuple(c.replace_prefix) or None,
                           max_fail_fraction=c.max_fail_fraction, crop_scales=tuple(c.crop_scales), seed=c.seed, **kw)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}: {e}") from None
-    return ds
 
 
 # --- processes, devices, precision ----------------------------------------------
-
 Dist = namedtuple("Dist", "ddp rank local_rank world_size device master dtype")
 
 
@@ -327,10 +313,9 @@ def setup(c):
         raise ConfigError(f"device={name} but CUDA is not available; use device=cpu")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise ConfigError(f"device={name!r}: valid values are auto, cpu, cuda, cuda:N")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    dtype_name = ("bfloat16" if name.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-                  ) if c.dtype == "auto" else c.dtype
-    if dtype_name not in dtypes:
+    auto = torch.bfloat16 if name.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = {"auto": auto, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(c.dtype)
+    if dtype is None:
         raise ConfigError(f"dtype={c.dtype!r}: valid values are auto, float32, bfloat16, float16")
     ddp = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ.get(k, 0)) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp \
@@ -348,7 +333,7 @@ def setup(c):
     if rank == 0:
         os.makedirs(c.out_dir, exist_ok=True)
     torch.manual_seed(c.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    return Dist(ddp, rank, local_rank, world, device, rank == 0, dtypes[dtype_name])
+    return Dist(ddp, rank, local_rank, world, device, rank == 0, dtype)
 
 
 def autocast(d):
@@ -362,8 +347,6 @@ def to_device(batch, device):
 
 
 # --- optimisation -----------------------------------------------------------------
-
-
 def lr_at(it, lr, min_lr, warmup_iters, total_iters):
     """Linear warm-up to lr over warmup_iters, then cosine decay to min_lr at total_iters (per iteration)."""
     if it < warmup_iters:
@@ -400,8 +383,6 @@ def make_optimizer(groups, lr, c):
 
 
 # --- the training loop -------------------------------------------------------------------
-
-
 def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter, example, after_save=None,
         after_epoch=None, extra_state=None):
     """Train `model` on `dataset` for c.epochs (or c.max_iters), from `checkpoint` (resume) or the start.
@@ -583,8 +564,6 @@ class Interval:
 
 
 # --- checkpoints, logs, the command line -----------------------------------------------------------
-
-
 def save_checkpoint(path, checkpoint):
     """Written to a temporary file and renamed: a crash while writing leaves the previous checkpoint intact."""
     with atomic_path(path) as tmp:
