@@ -54,7 +54,7 @@ import metrics
 from data import atomic_path, device_transform, write_png
 from model import TPSBT, SVFAPClassifier, SVFAPConfig, load_official_state_dict
 from pretrain import (ConfigError, autocast, build_model_config, check_lists, fit, load_checkpoint, load_config,
-                      log_json, make_dataset, make_optimizer, param_groups, resume_checkpoint, run, save_checkpoint,
+                      log_json, make_dataset, param_groups, resume_checkpoint, run, save_checkpoint,
                       setup, write_json)
 
 # -----------------------------------------------------------------------------
@@ -95,8 +95,7 @@ random_erase = 0.25  # probability that a frame gets a box of random noise
 mixup = 0.8  # Beta(alpha, alpha) of mixup; 0 = off
 cutmix = 1.0  # Beta(alpha, alpha) of cutmix; 0 = off (with both on, each batch picks one at random)
 best_metric = ""  # "uar" | "war" | "f1" (classification) | "ccc" | "pcc" (regression, mean over dimensions); "" = uar / ccc
-video_group = ""  # AVCAffe: a regex over a clip's path whose first group names its source video; the metrics
-#                   are then of videos, each the mean of its clips' scores (metrics.group_average)
+video_group = ""  # AVCAffe: a regex whose first group names a clip's source video: metrics of videos (clips averaged)
 # model
 model = "base"
 model_args = dict(drop_path=0.1)
@@ -152,7 +151,8 @@ def main(argv):
     if warning and d.master:
         print("!" * 100 + "\n" + warning + "\n" + "!" * 100)
     lr = c.base_lr * c.batch_size / 256
-    optimizer = make_optimizer(param_groups(model, c.weight_decay, c.layer_decay, c.head_lr_scale), lr, c)
+    groups = param_groups(model, c.weight_decay, c.layer_decay, c.head_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(c.beta1, c.beta2), fused=True)
     best = checkpoint["best"] if checkpoint else {"value": -math.inf, "epoch": None, "metrics": None}
     if d.master:
         print(f"fine-tuning ({c.task}, {n_out} outputs, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
@@ -169,7 +169,7 @@ def main(argv):
         soft = smooth_one_hot(target, n_out, c.label_smoothing)
         if c.mixup > 0 or c.cutmix > 0:
             video, soft = mixup_cutmix(video, soft, c.mixup, c.cutmix)
-        return soft_cross_entropy(net(video).float(), soft)
+        return F.cross_entropy(net(video).float(), soft)  # soft targets: probabilities
 
     def validate(epoch, iter_num):
         """Evaluate val; keep best.pt and val_predictions.csv when best_metric improves."""
@@ -183,7 +183,7 @@ def main(argv):
         if d.master:
             if improved:
                 save_checkpoint(os.path.join(c.out_dir, "best.pt"), {"model": model.state_dict(), "config": vars(c),
-                                            "model_config": mc.to_dict(), "best": best})
+                                                                     "model_config": mc.to_dict(), "best": best})
                 write_predictions(os.path.join(c.out_dir, "val_predictions.csv"), eval_sets["val"], idx, scores, c)
             log_json(os.path.join(c.out_dir, "log.jsonl"), {"iter": iter_num, "epoch": epoch, "val": m})
             tqdm.write(f"epoch {epoch}: val {format_metrics(m)}" + ("  (best so far)" if improved else ""))
@@ -224,10 +224,6 @@ def test_results(c, d, model, test_set, best, last_epoch):
 def smooth_one_hot(target, num_classes, smoothing):
     """(B,) class indices -> (B, C) targets: 1 - smoothing + smoothing/C on the class, smoothing/C elsewhere."""
     return F.one_hot(target, num_classes).float() * (1.0 - smoothing) + smoothing / num_classes
-
-
-def soft_cross_entropy(logits, soft_target):
-    return torch.sum(-soft_target * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
 def mixup_cutmix(video, soft_target, mixup_alpha, cutmix_alpha, switch_prob=0.5, generator=None):
@@ -289,17 +285,15 @@ def eval_dataset(c, key, mc):
 
 
 def view_scores(model, task):
-    """Per-view scores: softmax probabilities (classification, as the release's merge step averages them) or
-    the regression outputs."""
+    """Per-view scores: softmax probabilities (classification, averaged as in the release) or the outputs."""
     return lambda video: model(video).float().softmax(-1) if task == "classification" else model(video).float()
 
 
 @torch.no_grad()
 def evaluate(score_fn, dataset, d, c):
-    """(indices (N,), scores (N, C)) of every video of an "eval" dataset, on every rank: score_fn of each
-    view, averaged over the num_clips x num_crops views of a video. Each process takes every world_size-th
-    video, without the padding DistributedSampler would add (that would count some videos twice); the
-    (index, scores) rows are gathered and sorted by index, so the result equals a single process's."""
+    """(indices (N,), scores (N, C)) of every video of an "eval" dataset, on every rank: score_fn of each view,
+    averaged over a video's views. Each process takes every world_size-th video, without DistributedSampler's
+    padding (it would count videos twice); the rows gathered and sorted by index equal one process's."""
     loader = DataLoader(Subset(dataset, range(d.rank, len(dataset), d.world_size)), c.eval_batch_size,
                         num_workers=c.num_workers, pin_memory=d.device.type == "cuda", generator=torch.Generator())
     indices, scores = [], []
@@ -309,10 +303,9 @@ def evaluate(score_fn, dataset, d, c):
         with autocast(d):
             scores.append(score_fn(video).float().view(B, V, -1).mean(1).cpu())  # (B*V, C) -> (B, C)
         indices.append(index)
-    part = (torch.cat(indices), torch.cat(scores))  # tensors, not Python floats: a million features fit
-    parts = [part] * d.world_size
+    parts = [(torch.cat(indices), torch.cat(scores))] * d.world_size  # tensors: a million features fit
     if d.ddp:
-        dist.all_gather_object(parts, part)
+        dist.all_gather_object(parts, parts[0])
     idx, scores = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     order = idx.argsort()
     return idx[order].numpy(), scores[order].double().numpy()
@@ -379,12 +372,11 @@ def build_classifier(c, master):
             raise ConfigError(f"init_from={c.init_from}: {e}") from None
         target = model.encoder.state_dict()
         not_loaded = [k.removeprefix("encoder.") for k in missing if k.startswith("encoder.")]
-        loaded = [k for k in target if k not in not_loaded]
         layout = "the authors' release layout"
         model.has_fc_norm = "fc_norm.weight" not in missing
     if master:
-        print(f"init_from={c.init_from} ({layout}): loaded {len(loaded)}/{len(target)} encoder tensors"
-              + (f"; NOT loaded: {', '.join(not_loaded)}" if not_loaded else "")
+        print(f"init_from={c.init_from} ({layout}): loaded {len(target) - len(not_loaded)}/{len(target)} encoder "
+              f"tensors" + (f"; NOT loaded: {', '.join(not_loaded)}" if not_loaded else "")
               + (f"; unused in the checkpoint: {', '.join(unused)}" if unused else ""))
     return model
 
@@ -489,11 +481,10 @@ def explain_video(c):
             f.write(os.path.abspath(c.explain) + "\n")
         views = make_dataset(cc, "explain", "eval", cfg, num_clips=1, num_crops=1)[0][0]  # (1, T, 3, S, S) uint8
     maps = []  # the spatial attention of each bottleneck stage, (T_s, P, K)
-    hooks = [s.spatial_attention.register_forward_hook(lambda m, args, out: maps.append(m.weights(args[0])[0]))
-             for s in encoder.stages if s.spatial_attention is not None]
+    for stage in encoder.stages:  # hooks on this function's own encoder
+        if stage.spatial_attention is not None:
+            stage.spatial_attention.register_forward_hook(lambda m, args, out: maps.append(m.weights(args[0])[0]))
     encoder(device_transform(views, None, cfg.img_size))
-    for hook in hooks:
-        hook.remove()
     if not maps:
         raise ConfigError(f"ckpt={c.ckpt}: the model has no spatial bottleneck (spatial_bottleneck=False)")
     frames = views[0].permute(0, 2, 3, 1).float()  # (T, S, S, 3)

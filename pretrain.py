@@ -110,7 +110,8 @@ def main(argv):
     model = SVFAP(mc).to(d.device)
     clips_per_iter = c.batch_size * c.repeated_sampling
     lr = c.base_lr * clips_per_iter / 256
-    optimizer = make_optimizer(param_groups(model, c.weight_decay), lr, c)
+    # fused AdamW: one kernel for all parameters, on CUDA and (torch >= 2.4) on the CPU
+    optimizer = torch.optim.AdamW(param_groups(model, c.weight_decay), lr=lr, betas=(c.beta1, c.beta2), fused=True)
     if d.master:
         print(f"pre-training {c.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
               f"{len(dataset)} videos from {c.train_list}; {clips_per_iter} clips/step, lr {lr:.3g} = "
@@ -124,8 +125,7 @@ def main(argv):
     def after_save(iter_num):
         if vis is not None:
             name = f"recon_iter{iter_num:07d}_{'denorm-with-true-patch-stats' if mc.norm_pix_loss else 'plain'}.mp4"
-            path = os.path.join(c.out_dir, name)
-            write_mp4(path, reconstruction_frames(model, *vis), fps=6)  # slow enough to watch 16 frames
+            write_mp4(os.path.join(c.out_dir, name), reconstruction_frames(model, *vis), fps=6)  # slow enough to watch
 
     example = (torch.zeros(1, mc.in_chans, mc.num_frames, mc.img_size, mc.img_size, device=d.device),
                tube_mask(1, mc, generator=torch.Generator()).to(d.device))
@@ -157,8 +157,7 @@ def reconstruction_clips(c, mc, d):
 
 def reconstruction_frames(model, video, mask):
     """uint8 (T, rows, cols, 3): one row per clip, original | masked input | reconstruction."""
-    cfg = model.cfg
-    was_training = model.training
+    cfg, was_training = model.cfg, model.training
     model.eval()  # no drop path: the picture shows the model, and the training generators stay untouched
     with torch.no_grad():
         recon = model.reconstruct(video, model(video, mask)[1], mask).float()  # (B, 3, T, H, W) in [0, 1]
@@ -194,8 +193,7 @@ def typed(key, value, default, source):
     """value as the type of the key's default, or ConfigError (no silent conversions: 1 is not a bool)."""
     if isinstance(default, bool) and isinstance(value, str) and value.lower() in ("true", "false"):
         value = value.lower() == "true"
-    kinds = {bool: (bool,), int: (int,), float: (int, float), tuple: (tuple, list), list: (tuple, list)}
-    kind = kinds.get(type(default), (type(default),))
+    kind = {float: (int, float), tuple: (tuple, list), list: (tuple, list)}.get(type(default), (type(default),))
     if not isinstance(value, kind) or (isinstance(value, bool) and not isinstance(default, bool)):
         names = {bool: "True or False", int: "an integer", float: "a number", str: "a string",
                  tuple: "a tuple, e.g. (1, 2)", list: "a list", dict: "a dict"}
@@ -356,12 +354,10 @@ def lr_at(it, lr, min_lr, warmup_iters, total_iters):
 
 
 def param_groups(model, weight_decay, layer_decay=1.0, head_lr_scale=1.0):
-    """AdamW groups. Weight decay only on weight matrices and kernels: not on norms, biases, the mask
-    token (model.no_weight_decay; the position tables are fixed buffers, not parameters). With
-    layer_decay < 1 (fine-tuning), one group per layer of model.lr_layer_id with
-    lr_scale = layer_decay ** (num_lr_layers - 1 - layer): the patch embedding learns slowest.
-    head_lr_scale multiplies the lr of the classifier's fc_norm and head: the head starts at 0.001 x its
-    initial scale, and a model trained from scratch learns nothing until the head has grown."""
+    """AdamW groups. Weight decay only on weight matrices and kernels, not on norms, biases, the mask token
+    (model.no_weight_decay; the position tables are buffers). layer_decay < 1 (fine-tuning): one group per
+    layer of model.lr_layer_id, lr_scale = layer_decay ** (num_lr_layers - 1 - layer). head_lr_scale: see
+    finetune.py's config (the head starts at 0.001 x its initial scale)."""
     groups = {}
     for name, p in model.named_parameters():
         decay = not no_weight_decay(name, p)
@@ -372,14 +368,6 @@ def param_groups(model, weight_decay, layer_decay=1.0, head_lr_scale=1.0):
         groups.setdefault((layer, decay, head), {"params": [], "weight_decay": weight_decay if decay else 0.0,
                                                  "lr_scale": scale, "layer": layer})["params"].append(p)
     return [groups[k] for k in sorted(groups)]
-
-
-def make_optimizer(groups, lr, c):
-    """AdamW, fused wherever the installed torch has a fused kernel for the device (CUDA; the CPU since 2.4)."""
-    try:
-        return torch.optim.AdamW(groups, lr=lr, betas=(c.beta1, c.beta2), fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=lr, betas=(c.beta1, c.beta2))
 
 
 # --- the training loop -------------------------------------------------------------------
@@ -467,10 +455,15 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
 
 def restore(checkpoint, model, optimizer, scaler, c, d):
     """The state of a resumed run (returns its iteration) and the training process's generator: drop path,
-    mixup and erasing differ per rank, and a resumed run continues each rank's."""
+    mixup and erasing differ per rank, and a resumed run continues each rank's. The log keeps the lines of
+    the iterations up to the checkpoint's (a new run: none); the others are about to be run again."""
+    iter_num, log_path = checkpoint["iter_num"] if checkpoint else 0, os.path.join(c.out_dir, "log.jsonl")
+    if d.master and os.path.isfile(log_path):
+        with open(log_path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line).get("iter", 0) <= iter_num]
+        with open(log_path, "w") as f:
+            f.writelines(lines)
     if not checkpoint:
-        if d.master and os.path.exists(os.path.join(c.out_dir, "log.jsonl")):
-            os.remove(os.path.join(c.out_dir, "log.jsonl"))
         torch.manual_seed(c.seed + d.rank)
         return 0
     for part, obj in (("model", model), ("optimizer", optimizer), ("scaler", scaler)):
@@ -480,22 +473,18 @@ def restore(checkpoint, model, optimizer, scaler, c, d):
         if d.device.type == "cuda" and checkpoint["rng"][d.rank]["cuda"] is not None:  # None: saved on the CPU
             torch.cuda.set_rng_state(checkpoint["rng"][d.rank]["cuda"])
     else:
-        torch.manual_seed(c.seed + d.rank + 1000 * checkpoint["iter_num"])
+        torch.manual_seed(c.seed + d.rank + 1000 * iter_num)
         if d.master:
             print(f"note: the checkpoint holds generator states of {len(checkpoint['rng'])} processes, this run "
                   f"has {d.world_size}: reseeding, so the run will not repeat the original exactly")
-    if d.master:
-        trim_log(os.path.join(c.out_dir, "log.jsonl"), checkpoint["iter_num"])
-    return checkpoint["iter_num"]
+    return iter_num
 
 
 def train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log):
-    """One optimiser step over grad_accum micro-batches; returns (the next batch, the gradient norm).
-
-    The one device-to-host sync is the check that loss and gradient are finite, after the next batch's copy
-    to the device was issued. Non-finite in float32 / bfloat16: NonFiniteLoss before the step. float16 runs
-    with loss scaling: a step whose gradients overflow is skipped (and counted in the log); the run stops
-    when the loss itself stays non-finite for 5 steps."""
+    """One optimiser step over grad_accum micro-batches; returns (the next batch, the gradient norm). Its one
+    device-to-host sync checks that loss and gradient are finite, after the next batch's copy was issued: in
+    float32 / bfloat16 NonFiniteLoss before the step; in float16 a step whose gradients overflow is skipped
+    (and logged), and the run stops when the loss itself stays non-finite for 5 steps."""
     loss_sum = torch.zeros((), device=d.device)
     for micro_step in range(c.grad_accum):
         if d.ddp:  # all-reduce the gradients on the last micro-step only
@@ -590,15 +579,6 @@ def log_json(path, record):
 def write_json(path, obj):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
-
-
-def trim_log(path, iter_num):
-    """On resume, drop log lines of iterations after the checkpoint: they are about to be run again."""
-    if os.path.isfile(path):
-        with open(path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line).get("iter", 0) <= iter_num]
-        with open(path, "w") as f:
-            f.writelines(lines)
 
 
 def run(main, argv, script, doc="", defaults=None):
