@@ -272,12 +272,10 @@ def random_erasing(video, prob, min_area=0.02, max_area=1 / 3, min_aspect=0.3, g
 
 # --- evaluation ------------------------------------------------------------------------------------
 def eval_dataset(c, key, mc):
-    """An "eval" dataset of the list in config key `key`; every entry must be readable (evaluation never
-    skips a video), which is checked now rather than after the last training epoch."""
+    """An "eval" dataset of the list in config key `key`, every entry checked now (evaluation never skips one)."""
     ds = make_dataset(c, key, "eval", mc, num_clips=c.num_clips, num_crops=c.num_crops, task=c.task,
                       num_outputs=num_model_outputs(c) if key != "extract" else None)
-    bad = ds.unreadable()
-    if bad:
+    if bad := ds.unreadable():
         shown = "; ".join(f"line {n}: {path} ({reason})" for n, path, reason in bad[:20])
         raise ConfigError(f"{key}={getattr(c, key)}: {len(bad)} of {len(ds)} entries cannot be read (evaluation "
                           f"never skips a video; fix or remove them): {shown}" + ("; ..." if len(bad) > 20 else ""))
@@ -381,19 +379,23 @@ def build_classifier(c, master):
     return model
 
 
-def checkpoint_model(c, mode, master=False):
-    """(model in eval mode, the config of the run that wrote it) of --ckpt: a finetune.py checkpoint's classifier
-    as trained; --extract also takes a pretrain.py or release checkpoint, loaded as init_from (config None)."""
+def checkpoint_model(c, mode):
+    """(model in eval mode on this process's device, the config of the run that wrote it, setup(c)) of --ckpt: a
+    finetune.py checkpoint's classifier as trained; --extract also takes a pretrain.py or release checkpoint,
+    whose encoder it loads as init_from does (config None)."""
     ckpt = load_checkpoint(c.ckpt)
-    if "model_config" in ckpt and ckpt.get("config", {}).get("task") is not None:
+    finetuned = "model_config" in ckpt and ckpt.get("config", {}).get("task") is not None
+    if not finetuned and mode != "--extract":
+        raise ConfigError(f"ckpt={c.ckpt} is not a finetune.py checkpoint (e.g. out/finetune_demo/best.pt)")
+    d = setup(c)
+    if finetuned:
         cc = SimpleNamespace(**ckpt["config"])
         model = SVFAPClassifier(SVFAPConfig.from_dict(ckpt["model_config"]), num_model_outputs(cc))
         model.load_state_dict(ckpt["model"])
-        return model.eval(), cc
-    if mode != "--extract":
-        raise ConfigError(f"ckpt={c.ckpt} is not a finetune.py checkpoint (e.g. out/finetune_demo/best.pt)")
-    c.init_from = c.ckpt
-    return build_classifier(c, master).eval(), None
+    else:
+        c.init_from, cc = c.ckpt, None
+        model = build_classifier(c, d.master)
+    return model.to(d.device).eval(), cc, d
 
 
 # --- modes without training ----------------------------------------------------------------------
@@ -404,9 +406,7 @@ def predict_videos(c):
             raise ConfigError(f"--predict={path}: file not found")
         if any(ch.isspace() for ch in os.path.abspath(path)):  # annotation lines are split at whitespace
             raise ConfigError(f"--predict={path}: paths with spaces are not supported; rename or link the file")
-    model, cc = checkpoint_model(c, "--predict")
-    d = setup(c)
-    model.to(d.device)
+    model, cc, d = checkpoint_model(c, "--predict")
     labels = " ".join(["0"] * (1 if cc.task == "classification" else cc.num_outputs))
     with tempfile.TemporaryDirectory() as tmp:
         cc.predict, cc.data_root, cc.replace_prefix, cc.num_workers = os.path.join(tmp, "predict.txt"), "", (), 0
@@ -423,21 +423,18 @@ def predict_videos(c):
 def evaluate_checkpoint(c):
     """eval_only: the metrics of `ckpt` on val_list and test_list; predictions as eval_<split>_predictions.csv.
     The task, outputs and class names come from the checkpoint; the lists and view counts from the config."""
-    model, cc = checkpoint_model(c, "eval_only=True")
+    model, cc, d = checkpoint_model(c, "eval_only=True")
     c.task, c.num_classes, c.num_outputs, c.class_names = cc.task, cc.num_classes, cc.num_outputs, cc.class_names
-    d = setup(c)
-    model.to(d.device)
     results = {}
-    for split in ("val", "test"):
-        if getattr(c, f"{split}_list"):
-            ds = eval_dataset(c, f"{split}_list", model.cfg)
-            idx, scores = evaluate(view_scores(model, c.task), ds, d, c)
-            results[split] = compute_metrics(ds, idx, scores, c)
-            if d.master:
-                path = os.path.join(c.out_dir, f"eval_{split}_predictions.csv")
-                write_predictions(path, ds, idx, scores, c)
-                print(f"{split} ({getattr(c, f'{split}_list')}, {len(idx)} videos): {format_metrics(results[split])}"
-                      f"  -> {path}")
+    for split in [s for s in ("val", "test") if getattr(c, f"{s}_list")]:
+        ds = eval_dataset(c, f"{split}_list", model.cfg)
+        idx, scores = evaluate(view_scores(model, c.task), ds, d, c)
+        results[split] = compute_metrics(ds, idx, scores, c)
+        if d.master:
+            path = os.path.join(c.out_dir, f"eval_{split}_predictions.csv")
+            write_predictions(path, ds, idx, scores, c)
+            print(f"{split} ({getattr(c, f'{split}_list')}, {len(idx)} videos): {format_metrics(results[split])}"
+                  f"  -> {path}")
     if d.master:
         write_json(os.path.join(c.out_dir, "results_eval.json"), {"ckpt": c.ckpt, **results})
 
@@ -445,10 +442,8 @@ def evaluate_checkpoint(c):
 def extract_features(c):
     """--extract=LIST --ckpt=CKPT: out_dir/features.npy (N, C) in list order and out_dir/features.csv."""
     check_lists(c, "extract")
-    d = setup(c)
-    model, cc = checkpoint_model(c, "--extract", d.master)
+    model, cc, d = checkpoint_model(c, "--extract")
     pooled = cc is not None or getattr(model, "has_fc_norm", False)  # fc_norm's output (finetune.py: the head's input)
-    model.to(d.device)
     c.task = "regression"  # labels are optional and unused
     ds = eval_dataset(c, "extract", model.cfg)
     _, features = evaluate(lambda v: model.embed(v)[0] if pooled else model.embed(v)[1].mean(1), ds, d, c)

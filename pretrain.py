@@ -20,8 +20,6 @@ results.json, and with each checkpoint recon_iterNNNNNNN_*.mp4: original | maske
 ("denorm-with-true-patch-stats": with norm_pix_loss the picture uses the true patches' mean and std, which
 the model never saw, so it flatters the model). --init_from=resume continues from ckpt.pt, mid-epoch too,
 with the losses of the uninterrupted run; out_dir must be on a file system every node sees.
-
-Below `main`, behind a fence, the pieces finetune.py shares: config, processes, the training loop, checkpoints.
 """
 
 import argparse
@@ -162,8 +160,7 @@ def reconstruction_frames(model, video, mask):
     with torch.no_grad():
         recon = model.reconstruct(video, model(video, mask)[1], mask).float()  # (B, 3, T, H, W) in [0, 1]
     model.train(was_training)
-    mean = torch.tensor(IMAGENET_MEAN, device=video.device).view(1, 3, 1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=video.device).view(1, 3, 1, 1, 1)
+    mean, std = (torch.tensor(v, device=video.device).view(1, 3, 1, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
     original = (video.float() * std + mean).clamp(0, 1)
     B, (T, Hg, Wg), p = video.shape[0], cfg.grid, cfg.patch_size
     pixel_mask = (mask.view(B, T, Hg, Wg).repeat_interleave(cfg.tubelet_size, 1)
@@ -252,11 +249,9 @@ def load_config(defaults, argv):
 
 def build_model_config(preset, model_args, base=None):
     """SVFAPConfig of a CONFIGS preset (or of the dict `base`, e.g. a checkpoint's) with model_args on top."""
-    if base is None:
-        if preset not in CONFIGS:
-            raise ConfigError(f"model={preset!r} is not a preset of model.CONFIGS; valid: {', '.join(CONFIGS)}")
-        base = CONFIGS[preset].to_dict()
-    fields = dict(base)
+    if base is None and preset not in CONFIGS:
+        raise ConfigError(f"model={preset!r} is not a preset of model.CONFIGS; valid: {', '.join(CONFIGS)}")
+    fields = dict(base or CONFIGS[preset].to_dict())
     for field, value in model_args.items():
         if field not in fields:
             raise unknown_key(field, list(fields), "model_args (SVFAPConfig fields)")
@@ -328,8 +323,7 @@ def setup(c):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if ddp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if rank == 0:
-        os.makedirs(c.out_dir, exist_ok=True)
+    os.makedirs(c.out_dir, exist_ok=True)
     torch.manual_seed(c.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     return Dist(ddp, rank, local_rank, world, device, rank == 0, dtype)
 
