@@ -22,19 +22,18 @@ shape, this config's model_args such as drop_path on top) or one of the authors'
 and `model_args`); it prints how many encoder tensors were loaded and names those that were not.
 
 Each video is evaluated on num_clips x num_crops views, their softmax probabilities (or regression outputs)
-averaged. val_list is evaluated after every epoch, and best.pt keeps the epoch with the best `best_metric`;
-test_list at the end, with the model of the best val epoch and with the last one. The release chose its best
-epoch on test (DFEW's val lists are its test lists): when val and test share videos this script says so
-loudly. Every entry of val_list and test_list is checked at start-up (evaluation never skips a video).
+averaged; every entry of val_list and test_list is checked at start-up (evaluation never skips a video).
+val_list is evaluated after every epoch: best.pt and val_predictions.csv keep the epoch with the best
+`best_metric`. test_list is evaluated at the end with the model of the best val epoch (test_predictions.csv)
+and the last one (test_predictions_last.csv). The release chose its best epoch on test (DFEW's val lists are
+its test lists): when val and test share videos this script says so loudly. Also in out_dir: ckpt.pt (the
+latest, for resume), log.jsonl, results.json.
 
---extract: DIR/features.npy, float32 (N, C), a row per line of LIST in list order, each the clip embedding
-averaged over the views (a finetune.py checkpoint: fc_norm's output, the head's input; pretrain.py: the
-mean-pooled last-stage tokens; the release: fc_norm's output if it holds fc_norm), and DIR/features.csv.
-Data settings (crop_box, sampling_rate, num_clips, ...) come from the config and command line for --extract
-and eval_only; --predict and --explain take them from the run that wrote the checkpoint.
-
-Outputs in out_dir: ckpt.pt (latest, for resume), best.pt, log.jsonl, val_predictions.csv (best epoch),
-test_predictions.csv (best val epoch's model), test_predictions_last.csv (last epoch's), results.json.
+--extract writes DIR/features.npy, float32 (N, C), a row per line of LIST in list order (the clip embedding
+averaged over the views: fc_norm's output for a finetune.py checkpoint or a release one that holds fc_norm,
+else the mean-pooled last-stage tokens), and DIR/features.csv. Data settings (crop_box, sampling_rate,
+num_clips, ...) come from the config and command line for --extract and eval_only; --predict and --explain
+take them from the run that wrote the checkpoint.
 """
 import math
 import os
@@ -54,8 +53,7 @@ import metrics
 from data import atomic_path, device_transform, write_png
 from model import TPSBT, SVFAPClassifier, SVFAPConfig, load_official_state_dict
 from pretrain import (ConfigError, autocast, build_model_config, check_lists, fit, load_checkpoint, load_config,
-                      log_json, make_dataset, param_groups, resume_checkpoint, run, save_checkpoint,
-                      setup, write_json)
+                      log_json, make_dataset, param_groups, resume_checkpoint, run, setup, write_json)
 
 # -----------------------------------------------------------------------------
 # config: defaults are the paper's fine-tuning recipe (section 7); config/finetune_*.py name the data
@@ -182,8 +180,9 @@ def main(argv):
             best.update(value=m[c.best_metric], epoch=epoch, metrics=m)
         if d.master:
             if improved:
-                save_checkpoint(os.path.join(c.out_dir, "best.pt"), {"model": model.state_dict(), "config": vars(c),
-                                                                     "model_config": mc.to_dict(), "best": best})
+                with atomic_path(os.path.join(c.out_dir, "best.pt")) as tmp:  # a crash while saving keeps the last
+                    torch.save({"model": model.state_dict(), "config": vars(c), "model_config": mc.to_dict(),
+                                "best": best}, tmp)
                 write_predictions(os.path.join(c.out_dir, "val_predictions.csv"), eval_sets["val"], idx, scores, c)
             log_json(os.path.join(c.out_dir, "log.jsonl"), {"iter": iter_num, "epoch": epoch, "val": m})
             tqdm.write(f"epoch {epoch}: val {format_metrics(m)}" + ("  (best so far)" if improved else ""))
@@ -538,12 +537,10 @@ def summary(c, r, warning):
     if "test_best" in r:
         lines.append(f"test, model of the best val epoch ({r['best_epoch']}): {format_metrics(r['test_best'])}"
                      f"   [test_predictions.csv]")
-        lines.append(f"test, model of the last epoch ({r['last_epoch']}):      {format_metrics(r['test_last'])}"
-                     f"   [test_predictions_last.csv]")
-    elif "test" in r:
-        lines.append(f"test, model of epoch {r['last_epoch']}: {format_metrics(r['test_last'])}   [test_predictions.csv]")
     if "test" in r:
-        lines.append(f"full report: python metrics.py {os.path.join(c.out_dir, 'test_predictions.csv')}")
+        csv = "test_predictions_last.csv" if "test_best" in r else "test_predictions.csv"
+        lines += [f"test, model of the last epoch ({r['last_epoch']}): {format_metrics(r['test_last'])}   [{csv}]",
+                  f"full report: python metrics.py {os.path.join(c.out_dir, 'test_predictions.csv')}"]
     return "\n".join(lines + ([warning] if warning else []))
 
 

@@ -333,11 +333,6 @@ def autocast(d):
     return contextlib.nullcontext() if d.dtype == torch.float32 else torch.autocast(d.device.type, dtype=d.dtype)
 
 
-def to_device(batch, device):
-    """Issue the host-to-device copies of a batch (asynchronous from pinned memory); None stays None."""
-    return None if batch is None else [x.to(device, non_blocking=True) for x in batch]
-
-
 # --- optimisation -----------------------------------------------------------------
 def lr_at(it, lr, min_lr, warmup_iters, total_iters):
     """Linear warm-up to lr over warmup_iters, then cosine decay to min_lr at total_iters (per iteration)."""
@@ -365,8 +360,8 @@ def param_groups(model, weight_decay, layer_decay=1.0, head_lr_scale=1.0):
 
 
 # --- the training loop -------------------------------------------------------------------
-def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter, example, after_save=None,
-        after_epoch=None, extra_state=None):
+def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter, example,
+        after_save=lambda iter_num: None, after_epoch=None, extra_state=dict):
     """Train `model` on `dataset` for c.epochs (or c.max_iters), from `checkpoint` (resume) or the start.
     after_epoch(epoch, iter_num) runs after each epoch (validation), after_save(iter_num) after each checkpoint
     on rank 0, and extra_state() adds entries to the checkpoint. Returns (epochs done, last logged loss)."""
@@ -396,12 +391,11 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
         if d.ddp:  # a collective: every rank takes part
             dist.all_gather_object(rngs, mine)
         if d.master:
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "scaler": scaler.state_dict(), "config": vars(c), "model_config":
-                                        model.cfg.to_dict(), "iter_num": iter_num, "rng": rngs,
-                                        **(extra_state() if extra_state else {})})
-            if after_save:
-                after_save(iter_num)
+            with atomic_path(ckpt_path) as tmp:  # renamed when written: a crash while saving keeps the last one
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter_num": iter_num,
+                            "scaler": scaler.state_dict(), "config": vars(c), "model_config": model.cfg.to_dict(),
+                            "rng": rngs, **extra_state()}, tmp)
+            after_save(iter_num)
 
     bar, saved = tqdm(total=stop_iter, initial=iter_num, disable=not d.master, desc="train", dynamic_ncols=True), iter_num
     # MFU = 6 x MACs per clip (training ~ 3 forwards, 2 FLOPs per MAC) x clips/s per device / peak FLOP/s
@@ -414,7 +408,7 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
         batches = iter(DataLoader(dataset, micro_batch, sampler=list(sampler)[start * c.grad_accum * micro_batch:],
                                   num_workers=c.num_workers, pin_memory=d.device.type == "cuda", drop_last=True,
                                   generator=torch.Generator()))  # without it, the loader draws from torch's seed
-        batch = log.timed(lambda: to_device(next(batches), d.device))
+        batch = log.fetch(batches)
         for _ in range(start, min(n_iter_epoch, start + stop_iter - iter_num)):
             it_lr = lr_at(iter_num, lr, c.min_lr, round(c.warmup_epochs * n_iter_epoch), total_iters)
             for group in optimizer.param_groups:
@@ -485,7 +479,7 @@ def train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log):
             ddp.require_backward_grad_sync = micro_step == c.grad_accum - 1
         with autocast(d):
             loss = loss_fn(net, batch)
-        batch = log.timed(lambda: to_device(next(batches, None), d.device))  # queued before backward and the sync
+        batch = log.fetch(batches)  # queued before backward and the sync
         scaler.scale(loss / c.grad_accum).backward()
         loss_sum += loss.detach().float()
     scaler.unscale_(optimizer)
@@ -520,11 +514,13 @@ class Interval:
         self.loss, self.steps, self.iters, self.skipped = torch.zeros((), device=self.d.device), 0, 0, 0
         self.wait, self.pause, self.t0 = 0.0, 0.0, time.perf_counter()
 
-    def timed(self, fetch):
-        t = time.perf_counter()
-        out = fetch()
+    def fetch(self, batches):
+        """The next batch (None after the last) with its host-to-device copies issued (asynchronous from pinned
+        memory); the time it takes is data wait."""
+        t, batch = time.perf_counter(), next(batches, None)
+        batch = None if batch is None else [x.to(self.d.device, non_blocking=True) for x in batch]
         self.wait += time.perf_counter() - t
-        return out
+        return batch
 
     def add(self, loss, skipped):
         if loss is not None:
@@ -547,12 +543,6 @@ class Interval:
 
 
 # --- checkpoints, logs, the command line -----------------------------------------------------------
-def save_checkpoint(path, checkpoint):
-    """Written to a temporary file and renamed: a crash while writing leaves the previous checkpoint intact."""
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
-
-
 def load_checkpoint(path):
     """torch.load with weights_only=True: a checkpoint from elsewhere cannot run code when loaded."""
     if not os.path.isfile(path):
