@@ -378,13 +378,13 @@ def build_classifier(c, master):
     return model
 
 
-def checkpoint_model(c, mode):
+def checkpoint_model(c, encoder_ok=False):
     """(model in eval mode on this process's device, the config of the run that wrote it, setup(c)) of --ckpt: a
-    finetune.py checkpoint's classifier as trained; --extract also takes a pretrain.py or release checkpoint,
-    whose encoder it loads as init_from does (config None)."""
+    finetune.py checkpoint's classifier as trained; with encoder_ok (--extract) also a pretrain.py or release
+    checkpoint, whose encoder it loads as init_from does (config None)."""
     ckpt = load_checkpoint(c.ckpt)
     finetuned = "model_config" in ckpt and ckpt.get("config", {}).get("task") is not None
-    if not finetuned and mode != "--extract":
+    if not finetuned and not encoder_ok:
         raise ConfigError(f"ckpt={c.ckpt} is not a finetune.py checkpoint (e.g. out/finetune_demo/best.pt)")
     d = setup(c)
     if finetuned:
@@ -405,7 +405,7 @@ def predict_videos(c):
             raise ConfigError(f"--predict={path}: file not found")
         if any(ch.isspace() for ch in os.path.abspath(path)):  # annotation lines are split at whitespace
             raise ConfigError(f"--predict={path}: paths with spaces are not supported; rename or link the file")
-    model, cc, d = checkpoint_model(c, "--predict")
+    model, cc, d = checkpoint_model(c)
     labels = " ".join(["0"] * (1 if cc.task == "classification" else cc.num_outputs))
     with tempfile.TemporaryDirectory() as tmp:
         cc.predict, cc.data_root, cc.replace_prefix, cc.num_workers = os.path.join(tmp, "predict.txt"), "", (), 0
@@ -422,7 +422,7 @@ def predict_videos(c):
 def evaluate_checkpoint(c):
     """eval_only: the metrics of `ckpt` on val_list and test_list; predictions as eval_<split>_predictions.csv.
     The task, outputs and class names come from the checkpoint; the lists and view counts from the config."""
-    model, cc, d = checkpoint_model(c, "eval_only=True")
+    model, cc, d = checkpoint_model(c)
     c.task, c.num_classes, c.num_outputs, c.class_names = cc.task, cc.num_classes, cc.num_outputs, cc.class_names
     results = {}
     for split in [s for s in ("val", "test") if getattr(c, f"{s}_list")]:
@@ -441,7 +441,7 @@ def evaluate_checkpoint(c):
 def extract_features(c):
     """--extract=LIST --ckpt=CKPT: out_dir/features.npy (N, C) in list order and out_dir/features.csv."""
     check_lists(c, "extract")
-    model, cc, d = checkpoint_model(c, "--extract")
+    model, cc, d = checkpoint_model(c, encoder_ok=True)
     pooled = cc is not None or getattr(model, "has_fc_norm", False)  # fc_norm's output (finetune.py: the head's input)
     c.task = "regression"  # labels are optional and unused
     ds = eval_dataset(c, "extract", model.cfg)

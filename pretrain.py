@@ -6,7 +6,7 @@ Masked facial-video autoencoding: pre-trains SVFAP's TPSBT encoder on unlabelled
     python pretrain.py config/pretrain_demo.py --batch_size=8 --model_args.mask_ratio=0.75
     torchrun --standalone --nproc_per_node=4 pretrain.py config/pretrain_voxceleb2_base.py
     # 2 nodes x 4 GPUs: the same command on both nodes, NODE = 0 on the first and 1 on the second
-    torchrun --nnodes=2 --node_rank=NODE --nproc_per_node=4 --master_addr=IP_OF_NODE_0 --master_port=29500 \
+    torchrun --nnodes=2 --node_rank=NODE --nproc_per_node=4 --master_addr=IP_OF_NODE_0 --master_port=29500 \\
         pretrain.py config/pretrain_voxceleb2_base.py
 
 Configuration, nanoGPT style: the config block's globals are the defaults; arguments apply in order: a path is
