@@ -456,11 +456,10 @@ def extract_features(c):
 
 @torch.no_grad()
 def explain_video(c):
-    """--explain=VIDEO --ckpt=CKPT --out=FILE.png: what the K bottleneck tokens of each TPSBT stage look at in
-    the middle clip of a video (README, "A look inside the bottleneck"): per stage a row per token, a column per
-    temporal slice, each cell the slice's middle frame under the token's softmax weights over the slice's
-    positions (normalised per cell: dark 0, red half the maximum, yellow the maximum), framed in white.
-    Returns the frames uint8 (T, S, S, 3) and each stage's weights (T_s, P, K)."""
+    """--explain=VIDEO --ckpt=CKPT --out=FILE.png: what the K bottleneck tokens of each TPSBT stage look at in the
+    middle clip of a video: per stage a row per token, a column per temporal slice, each cell the slice's middle
+    frame under the token's softmax weights over its positions (per cell: dark 0, red half the maximum, yellow
+    the maximum). Returns the frames uint8 (T, S, S, 3) and each stage's weights (T_s, P, K)."""
     if not os.path.isfile(c.explain):
         raise ConfigError(f"--explain={c.explain}: video not found")
     ckpt = load_checkpoint(c.ckpt)

@@ -442,9 +442,8 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
 
 
 def restore(checkpoint, model, optimizer, scaler, c, d):
-    """The state of a resumed run (returns its iteration) and the training process's generator: drop path,
-    mixup and erasing differ per rank, and a resumed run continues each rank's. The log keeps the lines of
-    the iterations up to the checkpoint's (a new run: none); the others are about to be run again."""
+    """The state of a resumed run (returns its iteration), each rank's generator (drop path, mixup, erasing)
+    included; the log keeps the lines up to the checkpoint's iteration (a new run: none)."""
     iter_num, log_path = checkpoint["iter_num"] if checkpoint else 0, os.path.join(c.out_dir, "log.jsonl")
     if d.master and os.path.isfile(log_path):
         with open(log_path) as f:
@@ -515,8 +514,7 @@ class Interval:
         self.wait, self.pause, self.t0 = 0.0, 0.0, time.perf_counter()
 
     def fetch(self, batches):
-        """The next batch (None after the last) with its host-to-device copies issued (asynchronous from pinned
-        memory); the time it takes is data wait."""
+        """The next batch (None after the last), its copies to the device issued; the time taken is data wait."""
         t, batch = time.perf_counter(), next(batches, None)
         batch = None if batch is None else [x.to(self.d.device, non_blocking=True) for x in batch]
         self.wait += time.perf_counter() - t
