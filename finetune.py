@@ -16,40 +16,24 @@ MAFW, ...) or regression (dimensional emotion, personality), as section 5 and 7 
     # what the K bottleneck tokens of each TPSBT stage look at in one video
     python finetune.py --explain=VIDEO --ckpt=CKPT --out=bottleneck.png
 
-Configuration works as in pretrain.py (a config file, then --key=value; see its docstring). Paths
-containing "{fold}" take the value of --fold.
+Configuration works as in pretrain.py (see its docstring); paths containing "{fold}" take the value of --fold.
+init_from: "scratch", "resume" (out_dir/ckpt.pt), a pretrain.py checkpoint (its encoder and the encoder's
+shape, this config's model_args such as drop_path on top) or one of the authors' release (shape from `model`
+and `model_args`); it prints how many encoder tensors were loaded and names those that were not.
 
-init_from: "scratch"; "resume" (out_dir/ckpt.pt); the path of a pretrain.py checkpoint (its encoder, and
-its encoder's shape, with this config's model_args such as drop_path on top); or the path of a checkpoint of
-the authors' release (through model.load_official_state_dict; the shape comes from `model` and
-`model_args`). It prints how many encoder tensors were loaded and names those that were not.
+Each video is evaluated on num_clips x num_crops views, their softmax probabilities (or regression outputs)
+averaged; every entry of val_list and test_list is checked at start-up (evaluation never skips a video).
+val_list is evaluated after every epoch: best.pt and val_predictions.csv keep the epoch with the best
+`best_metric`. test_list is evaluated at the end with the model of the best val epoch (test_predictions.csv)
+and the last one (test_predictions_last.csv). The release chose its best epoch on test (DFEW's val lists are
+its test lists): when val and test share videos this script says so loudly. Also in out_dir: ckpt.pt (the
+latest, for resume), log.jsonl, results.json.
 
-Evaluation: each video gives num_clips x num_crops views; their softmax probabilities (classification,
-as the release's merge step) or outputs (regression) are averaged. val_list is evaluated after every
-epoch and out_dir/best.pt keeps the epoch with the best `best_metric`; test_list is evaluated at the end
-with the model of the best val epoch (test_predictions.csv) and with the last epoch's (test_predictions_last.csv).
-Without val_list the last epoch is the model. Under DDP every process evaluates every world_size-th video
-(no padding) and the scores are gathered by video index, so the metrics equal a single-process run's.
-
-The authors' release validated on the test set (DFEW's val lists are copies of its test lists), so its
-"best epoch" was chosen on test: when val and test share videos this script says so loudly and reports
-the last epoch's test metrics beside the best-on-val ones.
-
-Broken files: training skips an unreadable video (and counts it); evaluation never does, so every entry
-of val_list and test_list is checked at start-up, before the first step, and the run stops naming them.
-
---extract writes DIR/features.npy, float32 (N, C), one row per line of LIST in list order, each row the clip
-embedding averaged over the evaluation views, and DIR/features.csv (row, path). CKPT may be a finetune.py
-checkpoint (the pooled features after fc_norm, the head's input), a pretrain.py checkpoint (the mean-pooled
-last-stage tokens of the encoder), or a checkpoint of the authors' release (shape from `model`; fc_norm
-output when it holds fc_norm, else the mean-pooled tokens).
-
-Where the data settings (crop_box, sampling_rate, num_clips, num_crops, video_group, ...) come from: for
---extract and eval_only, the config and the command line, as for training (give the config file of the data);
-for --predict and --explain, which take only videos, the run that wrote the checkpoint.
-
-Outputs in out_dir: ckpt.pt (latest, for resume), best.pt, log.jsonl, val_predictions.csv (best epoch),
-test_predictions.csv, test_predictions_last.csv, results.json.
+--extract writes DIR/features.npy, float32 (N, C), a row per line of LIST in list order (the clip embedding
+averaged over the views: fc_norm's output for a finetune.py checkpoint or a release one that holds fc_norm,
+else the mean-pooled last-stage tokens), and DIR/features.csv. Data settings (crop_box, sampling_rate,
+num_clips, ...) come from the config and command line for --extract and eval_only; --predict and --explain
+take them from the run that wrote the checkpoint.
 """
 import math
 import os
@@ -68,9 +52,8 @@ from tqdm import tqdm
 import metrics
 from data import atomic_path, device_transform, write_png
 from model import TPSBT, SVFAPClassifier, SVFAPConfig, load_official_state_dict
-from pretrain import (ConfigError, autocast, build_model_config, check_list_file, fit, load_checkpoint, load_config,
-                      log_json, make_dataset, make_optimizer, param_groups, resume_checkpoint, run, save_checkpoint,
-                      setup, write_json)
+from pretrain import (ConfigError, autocast, build_model_config, check_lists, fit, load_checkpoint, load_config,
+                      log_json, make_dataset, param_groups, resume_checkpoint, run, setup, write_json)
 
 # -----------------------------------------------------------------------------
 # config: defaults are the paper's fine-tuning recipe (section 7); config/finetune_*.py name the data
@@ -110,8 +93,7 @@ random_erase = 0.25  # probability that a frame gets a box of random noise
 mixup = 0.8  # Beta(alpha, alpha) of mixup; 0 = off
 cutmix = 1.0  # Beta(alpha, alpha) of cutmix; 0 = off (with both on, each batch picks one at random)
 best_metric = ""  # "uar" | "war" | "f1" (classification) | "ccc" | "pcc" (regression, mean over dimensions); "" = uar / ccc
-video_group = ""  # AVCAffe: a regex over a clip's path whose first group names its source video; the metrics
-#                   are then of videos, each the mean of its clips' scores (metrics.group_average)
+video_group = ""  # AVCAffe: a regex whose first group names a clip's source video: metrics of videos (clips averaged)
 # model
 model = "base"
 model_args = dict(drop_path=0.1)
@@ -145,19 +127,16 @@ METRICS = {"classification": ("uar", "war", "f1"), "regression": ("ccc", "pcc")}
 def main(argv):
     t_start = time.time()
     c = load_config({k: globals()[k] for k in CONFIG_KEYS}, argv)
+    if (c.predict or c.extract or c.explain or c.eval_only) and not c.ckpt:
+        raise ConfigError("--predict, --extract, --explain and eval_only=True need --ckpt=CHECKPOINT")
     if c.predict or c.extract or c.explain:
         return (predict_videos if c.predict else extract_features if c.extract else explain_video)(c)
     apply_fold(c)
     if c.eval_only:
         return evaluate_checkpoint(c)
     check_task(c)
-    for key in ("train_list", "val_list", "test_list"):
-        if key == "train_list" or getattr(c, key):
-            check_list_file(key, getattr(c, key))
-    if c.init_from not in ("scratch", "resume") and not os.path.isfile(c.init_from):
-        raise ConfigError(f"init_from={c.init_from}: no such checkpoint file (valid: scratch, resume or the path "
-                          f"of a pretrain.py or authors' release checkpoint)")
-    checkpoint = resume_checkpoint(c)
+    check_lists(c, "train_list", "val_list", "test_list")
+    checkpoint = resume_checkpoint(c, init_paths="a pretrain.py or authors' release checkpoint")
     d = setup(c)
     n_out = num_model_outputs(c)
     # model first: a pretrain.py checkpoint decides the encoder's shape, and with it the clip size
@@ -170,9 +149,9 @@ def main(argv):
     if warning and d.master:
         print("!" * 100 + "\n" + warning + "\n" + "!" * 100)
     lr = c.base_lr * c.batch_size / 256
-    optimizer = make_optimizer(param_groups(model, c.weight_decay, c.layer_decay, c.head_lr_scale), lr, c)
+    groups = param_groups(model, c.weight_decay, c.layer_decay, c.head_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(c.beta1, c.beta2), fused=True)
     best = checkpoint["best"] if checkpoint else {"value": -math.inf, "epoch": None, "metrics": None}
-    best_path = os.path.join(c.out_dir, "best.pt")
     if d.master:
         print(f"fine-tuning ({c.task}, {n_out} outputs, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
               f"params) on {len(train_set)} videos from {c.train_list}; lr {lr:.3g} = {c.base_lr:g} x "
@@ -188,7 +167,7 @@ def main(argv):
         soft = smooth_one_hot(target, n_out, c.label_smoothing)
         if c.mixup > 0 or c.cutmix > 0:
             video, soft = mixup_cutmix(video, soft, c.mixup, c.cutmix)
-        return soft_cross_entropy(net(video).float(), soft)
+        return F.cross_entropy(net(video).float(), soft)  # soft targets: probabilities
 
     def validate(epoch, iter_num):
         """Evaluate val; keep best.pt and val_predictions.csv when best_metric improves."""
@@ -201,8 +180,9 @@ def main(argv):
             best.update(value=m[c.best_metric], epoch=epoch, metrics=m)
         if d.master:
             if improved:
-                save_checkpoint(best_path, {"model": model.state_dict(), "config": vars(c),
-                                            "model_config": mc.to_dict(), "best": best})
+                with atomic_path(os.path.join(c.out_dir, "best.pt")) as tmp:  # a crash while saving keeps the last
+                    torch.save({"model": model.state_dict(), "config": vars(c), "model_config": mc.to_dict(),
+                                "best": best}, tmp)
                 write_predictions(os.path.join(c.out_dir, "val_predictions.csv"), eval_sets["val"], idx, scores, c)
             log_json(os.path.join(c.out_dir, "log.jsonl"), {"iter": iter_num, "epoch": epoch, "val": m})
             tqdm.write(f"epoch {epoch}: val {format_metrics(m)}" + ("  (best so far)" if improved else ""))
@@ -222,10 +202,10 @@ def main(argv):
 
 def test_results(c, d, model, test_set, best, last_epoch):
     """Test metrics of the model of the last epoch and, when it differs, of the best val epoch (best.pt),
-    which is the one reported; their predictions in test_predictions.csv and test_predictions_last.csv."""
+    which is the one reported (test_predictions.csv; the other one's in test_predictions_last.csv)."""
     model.eval()
-    results = {}
-    for name in ["last"] + (["best"] if best["epoch"] not in (None, last_epoch) else []):
+    results, names = {}, ["last"] + (["best"] if best["epoch"] not in (None, last_epoch) else [])
+    for name in names:
         if name == "best":
             if d.ddp:
                 dist.barrier()  # rank 0 wrote best.pt
@@ -233,24 +213,16 @@ def test_results(c, d, model, test_set, best, last_epoch):
         idx, scores = evaluate(view_scores(model, c.task), test_set, d, c)
         results[f"test_{name}"] = compute_metrics(test_set, idx, scores, c)
         if d.master:
-            write_predictions(os.path.join(c.out_dir, f"test_predictions_{name}.csv"), test_set, idx, scores, c)
-    results["test"] = results.get("test_best", results["test_last"])
-    if d.master:
-        chosen = "test_predictions_best.csv" if "test_best" in results else "test_predictions_last.csv"
-        os.replace(os.path.join(c.out_dir, chosen), os.path.join(c.out_dir, "test_predictions.csv"))
+            csv = "test_predictions.csv" if name == names[-1] else "test_predictions_last.csv"
+            write_predictions(os.path.join(c.out_dir, csv), test_set, idx, scores, c)
+    results["test"] = results[f"test_{names[-1]}"]
     return results
 
 
 # --- losses: label smoothing, random erasing, mixup and cutmix ---------------------------------------
-
-
 def smooth_one_hot(target, num_classes, smoothing):
     """(B,) class indices -> (B, C) targets: 1 - smoothing + smoothing/C on the class, smoothing/C elsewhere."""
     return F.one_hot(target, num_classes).float() * (1.0 - smoothing) + smoothing / num_classes
-
-
-def soft_cross_entropy(logits, soft_target):
-    return torch.sum(-soft_target * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
 def mixup_cutmix(video, soft_target, mixup_alpha, cutmix_alpha, switch_prob=0.5, generator=None):
@@ -298,15 +270,11 @@ def random_erasing(video, prob, min_area=0.02, max_area=1 / 3, min_aspect=0.3, g
 
 
 # --- evaluation ------------------------------------------------------------------------------------
-
-
 def eval_dataset(c, key, mc):
-    """An "eval" dataset of the list in config key `key`; every entry must be readable (evaluation never
-    skips a video), which is checked now rather than after the last training epoch."""
+    """An "eval" dataset of the list in config key `key`, every entry checked now (evaluation never skips one)."""
     ds = make_dataset(c, key, "eval", mc, num_clips=c.num_clips, num_crops=c.num_crops, task=c.task,
                       num_outputs=num_model_outputs(c) if key != "extract" else None)
-    bad = ds.unreadable()
-    if bad:
+    if bad := ds.unreadable():
         shown = "; ".join(f"line {n}: {path} ({reason})" for n, path, reason in bad[:20])
         raise ConfigError(f"{key}={getattr(c, key)}: {len(bad)} of {len(ds)} entries cannot be read (evaluation "
                           f"never skips a video; fix or remove them): {shown}" + ("; ..." if len(bad) > 20 else ""))
@@ -314,17 +282,15 @@ def eval_dataset(c, key, mc):
 
 
 def view_scores(model, task):
-    """Per-view scores: softmax probabilities (classification, as the release's merge step averages them) or
-    the regression outputs."""
+    """Per-view scores: softmax probabilities (classification, averaged as in the release) or the outputs."""
     return lambda video: model(video).float().softmax(-1) if task == "classification" else model(video).float()
 
 
 @torch.no_grad()
 def evaluate(score_fn, dataset, d, c):
-    """(indices (N,), scores (N, C)) of every video of an "eval" dataset, on every rank: score_fn of each
-    view, averaged over the num_clips x num_crops views of a video. Each process takes every world_size-th
-    video, without the padding DistributedSampler would add (that would count some videos twice); the
-    (index, scores) rows are gathered and sorted by index, so the result equals a single process's."""
+    """(indices (N,), scores (N, C)) of every video of an "eval" dataset, on every rank: score_fn of each view,
+    averaged over a video's views. Each process takes every world_size-th video, without DistributedSampler's
+    padding (it would count videos twice); the rows gathered and sorted by index equal one process's."""
     loader = DataLoader(Subset(dataset, range(d.rank, len(dataset), d.world_size)), c.eval_batch_size,
                         num_workers=c.num_workers, pin_memory=d.device.type == "cuda", generator=torch.Generator())
     indices, scores = [], []
@@ -334,10 +300,9 @@ def evaluate(score_fn, dataset, d, c):
         with autocast(d):
             scores.append(score_fn(video).float().view(B, V, -1).mean(1).cpu())  # (B*V, C) -> (B, C)
         indices.append(index)
-    part = (torch.cat(indices), torch.cat(scores))  # tensors, not Python floats: a million features fit
-    parts = [part] * d.world_size
+    parts = [(torch.cat(indices), torch.cat(scores))] * d.world_size  # tensors: a million features fit
     if d.ddp:
-        dist.all_gather_object(parts, part)
+        dist.all_gather_object(parts, parts[0])
     idx, scores = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     order = idx.argsort()
     return idx[order].numpy(), scores[order].double().numpy()
@@ -374,8 +339,6 @@ def write_predictions(path, dataset, idx, scores, c):
 
 
 # --- the model ---------------------------------------------------------------------------------------
-
-
 def num_model_outputs(c):
     return c.num_classes if c.task == "classification" else c.num_outputs
 
@@ -406,42 +369,43 @@ def build_classifier(c, master):
             raise ConfigError(f"init_from={c.init_from}: {e}") from None
         target = model.encoder.state_dict()
         not_loaded = [k.removeprefix("encoder.") for k in missing if k.startswith("encoder.")]
-        loaded = [k for k in target if k not in not_loaded]
         layout = "the authors' release layout"
         model.has_fc_norm = "fc_norm.weight" not in missing
     if master:
-        print(f"init_from={c.init_from} ({layout}): loaded {len(loaded)}/{len(target)} encoder tensors"
-              + (f"; NOT loaded: {', '.join(not_loaded)}" if not_loaded else "")
+        print(f"init_from={c.init_from} ({layout}): loaded {len(target) - len(not_loaded)}/{len(target)} encoder "
+              f"tensors" + (f"; NOT loaded: {', '.join(not_loaded)}" if not_loaded else "")
               + (f"; unused in the checkpoint: {', '.join(unused)}" if unused else ""))
     return model
 
 
-def classifier_from_checkpoint(path):
-    """(model, the run's config) of a finetune.py checkpoint."""
-    ckpt = load_checkpoint(path)
-    if "model_config" not in ckpt or ckpt.get("config", {}).get("task") is None:
-        raise ConfigError(f"ckpt={path} is not a finetune.py checkpoint (e.g. out/finetune_demo/best.pt)")
-    cc = SimpleNamespace(**ckpt["config"])
-    model = SVFAPClassifier(SVFAPConfig.from_dict(ckpt["model_config"]), num_model_outputs(cc))
-    model.load_state_dict(ckpt["model"])
-    return model, cc
+def checkpoint_model(c, encoder_ok=False):
+    """(model in eval mode on this process's device, the config of the run that wrote it, setup(c)) of --ckpt: a
+    finetune.py checkpoint's classifier as trained; with encoder_ok (--extract) also a pretrain.py or release
+    checkpoint, whose encoder it loads as init_from does (config None)."""
+    ckpt = load_checkpoint(c.ckpt)
+    finetuned = "model_config" in ckpt and ckpt.get("config", {}).get("task") is not None
+    if not finetuned and not encoder_ok:
+        raise ConfigError(f"ckpt={c.ckpt} is not a finetune.py checkpoint (e.g. out/finetune_demo/best.pt)")
+    d = setup(c)
+    if finetuned:
+        cc = SimpleNamespace(**ckpt["config"])
+        model = SVFAPClassifier(SVFAPConfig.from_dict(ckpt["model_config"]), num_model_outputs(cc))
+        model.load_state_dict(ckpt["model"])
+    else:
+        c.init_from, cc = c.ckpt, None
+        model = build_classifier(c, d.master)
+    return model.to(d.device).eval(), cc, d
 
 
 # --- modes without training ----------------------------------------------------------------------
-
-
 def predict_videos(c):
     """Print per-class probabilities (or regression outputs) of each --predict video, averaged over views."""
-    if not c.ckpt:
-        raise ConfigError("--predict needs --ckpt=CHECKPOINT, a finetune.py checkpoint such as out/finetune_demo/best.pt")
     for path in c.predict:
         if not os.path.exists(path):
             raise ConfigError(f"--predict={path}: file not found")
         if any(ch.isspace() for ch in os.path.abspath(path)):  # annotation lines are split at whitespace
             raise ConfigError(f"--predict={path}: paths with spaces are not supported; rename or link the file")
-    model, cc = classifier_from_checkpoint(c.ckpt)
-    d = setup(c)
-    model.to(d.device).eval()
+    model, cc, d = checkpoint_model(c)
     labels = " ".join(["0"] * (1 if cc.task == "classification" else cc.num_outputs))
     with tempfile.TemporaryDirectory() as tmp:
         cc.predict, cc.data_root, cc.replace_prefix, cc.num_workers = os.path.join(tmp, "predict.txt"), "", (), 0
@@ -458,42 +422,27 @@ def predict_videos(c):
 def evaluate_checkpoint(c):
     """eval_only: the metrics of `ckpt` on val_list and test_list; predictions as eval_<split>_predictions.csv.
     The task, outputs and class names come from the checkpoint; the lists and view counts from the config."""
-    if not c.ckpt:
-        raise ConfigError("eval_only=True needs --ckpt=CHECKPOINT (a finetune.py checkpoint)")
-    model, cc = classifier_from_checkpoint(c.ckpt)
+    model, cc, d = checkpoint_model(c)
     c.task, c.num_classes, c.num_outputs, c.class_names = cc.task, cc.num_classes, cc.num_outputs, cc.class_names
-    d = setup(c)
-    model.to(d.device).eval()
     results = {}
-    for split in ("val", "test"):
-        if getattr(c, f"{split}_list"):
-            ds = eval_dataset(c, f"{split}_list", model.cfg)
-            idx, scores = evaluate(view_scores(model, c.task), ds, d, c)
-            results[split] = compute_metrics(ds, idx, scores, c)
-            if d.master:
-                path = os.path.join(c.out_dir, f"eval_{split}_predictions.csv")
-                write_predictions(path, ds, idx, scores, c)
-                print(f"{split} ({getattr(c, f'{split}_list')}, {len(idx)} videos): {format_metrics(results[split])}"
-                      f"  -> {path}")
+    for split in [s for s in ("val", "test") if getattr(c, f"{s}_list")]:
+        ds = eval_dataset(c, f"{split}_list", model.cfg)
+        idx, scores = evaluate(view_scores(model, c.task), ds, d, c)
+        results[split] = compute_metrics(ds, idx, scores, c)
+        if d.master:
+            path = os.path.join(c.out_dir, f"eval_{split}_predictions.csv")
+            write_predictions(path, ds, idx, scores, c)
+            print(f"{split} ({getattr(c, f'{split}_list')}, {len(idx)} videos): {format_metrics(results[split])}"
+                  f"  -> {path}")
     if d.master:
         write_json(os.path.join(c.out_dir, "results_eval.json"), {"ckpt": c.ckpt, **results})
 
 
 def extract_features(c):
     """--extract=LIST --ckpt=CKPT: out_dir/features.npy (N, C) in list order and out_dir/features.csv."""
-    check_list_file("extract", c.extract)
-    if not c.ckpt:
-        raise ConfigError("--extract needs --ckpt=CHECKPOINT (a finetune.py, pretrain.py or release checkpoint)")
-    config = load_checkpoint(c.ckpt).get("config", {})
-    d = setup(c)
-    if config.get("task"):  # finetune.py: the head's input
-        model, _ = classifier_from_checkpoint(c.ckpt)
-        pooled = True
-    else:  # pretrain.py or the release: the encoder
-        c.init_from = c.ckpt
-        model = build_classifier(c, d.master)
-        pooled = getattr(model, "has_fc_norm", False)
-    model.to(d.device).eval()
+    check_lists(c, "extract")
+    model, cc, d = checkpoint_model(c, encoder_ok=True)
+    pooled = cc is not None or getattr(model, "has_fc_norm", False)  # fc_norm's output (finetune.py: the head's input)
     c.task = "regression"  # labels are optional and unused
     ds = eval_dataset(c, "extract", model.cfg)
     _, features = evaluate(lambda v: model.embed(v)[0] if pooled else model.embed(v)[1].mean(1), ds, d, c)
@@ -507,15 +456,12 @@ def extract_features(c):
 
 @torch.no_grad()
 def explain_video(c):
-    """--explain=VIDEO --ckpt=CKPT --out=FILE.png: what the K bottleneck tokens of each TPSBT stage look at in
-    the middle clip of a video, for a pretrain.py or finetune.py checkpoint. The picture, per stage from top to
-    bottom: one row per bottleneck token, one column per temporal slice; each cell is the slice's middle frame
-    under the token's softmax weights over the slice's spatial positions, a heat map normalised per cell
-    (dark: 0, red: half the cell's maximum, yellow: its maximum). Cells are framed by one white pixel and each
-    stage ends in 8 white rows. Returns the frames uint8 (T, S, S, 3) and each stage's weights (T_s, P, K)."""
-    if not c.ckpt or not os.path.isfile(c.explain):
-        raise ConfigError(f"--explain={c.explain} needs an existing video and --ckpt=CHECKPOINT (pretrain.py or "
-                          f"finetune.py)")
+    """--explain=VIDEO --ckpt=CKPT --out=FILE.png: what the K bottleneck tokens of each TPSBT stage look at in the
+    middle clip of a video: per stage a row per token, a column per temporal slice, each cell the slice's middle
+    frame under the token's softmax weights over its positions (per cell: dark 0, red half the maximum, yellow
+    the maximum). Returns the frames uint8 (T, S, S, 3) and each stage's weights (T_s, P, K)."""
+    if not os.path.isfile(c.explain):
+        raise ConfigError(f"--explain={c.explain}: video not found")
     ckpt = load_checkpoint(c.ckpt)
     if "model_config" not in ckpt:
         raise ConfigError(f"ckpt={c.ckpt}: --explain draws pretrain.py and finetune.py checkpoints")
@@ -528,11 +474,10 @@ def explain_video(c):
             f.write(os.path.abspath(c.explain) + "\n")
         views = make_dataset(cc, "explain", "eval", cfg, num_clips=1, num_crops=1)[0][0]  # (1, T, 3, S, S) uint8
     maps = []  # the spatial attention of each bottleneck stage, (T_s, P, K)
-    hooks = [s.spatial_attention.register_forward_hook(lambda m, args, out: maps.append(m.weights(args[0])[0]))
-             for s in encoder.stages if s.spatial_attention is not None]
+    for stage in encoder.stages:  # hooks on this function's own encoder
+        if stage.spatial_attention is not None:
+            stage.spatial_attention.register_forward_hook(lambda m, args, out: maps.append(m.weights(args[0])[0]))
     encoder(device_transform(views, None, cfg.img_size))
-    for hook in hooks:
-        hook.remove()
     if not maps:
         raise ConfigError(f"ckpt={c.ckpt}: the model has no spatial bottleneck (spatial_bottleneck=False)")
     frames = views[0].permute(0, 2, 3, 1).float()  # (T, S, S, 3)
@@ -553,8 +498,6 @@ def explain_video(c):
 
 
 # --- the recipe's checks and report ----------------------------------------------------------------
-
-
 def apply_fold(c):
     keys = [k for k in ("out_dir", "train_list", "val_list", "test_list") if "{fold}" in getattr(c, k)]
     if keys and c.fold < 1:
@@ -593,12 +536,10 @@ def summary(c, r, warning):
     if "test_best" in r:
         lines.append(f"test, model of the best val epoch ({r['best_epoch']}): {format_metrics(r['test_best'])}"
                      f"   [test_predictions.csv]")
-        lines.append(f"test, model of the last epoch ({r['last_epoch']}):      {format_metrics(r['test_last'])}"
-                     f"   [test_predictions_last.csv]")
-    elif "test" in r:
-        lines.append(f"test, model of epoch {r['last_epoch']}: {format_metrics(r['test_last'])}   [test_predictions.csv]")
     if "test" in r:
-        lines.append(f"full report: python metrics.py {os.path.join(c.out_dir, 'test_predictions.csv')}")
+        csv = "test_predictions_last.csv" if "test_best" in r else "test_predictions.csv"
+        lines += [f"test, model of the last epoch ({r['last_epoch']}): {format_metrics(r['test_last'])}   [{csv}]",
+                  f"full report: python metrics.py {os.path.join(c.out_dir, 'test_predictions.csv')}"]
     return "\n".join(lines + ([warning] if warning else []))
 
 

@@ -6,32 +6,20 @@ Masked facial-video autoencoding: pre-trains SVFAP's TPSBT encoder on unlabelled
     python pretrain.py config/pretrain_demo.py --batch_size=8 --model_args.mask_ratio=0.75
     torchrun --standalone --nproc_per_node=4 pretrain.py config/pretrain_voxceleb2_base.py
     # 2 nodes x 4 GPUs: the same command on both nodes, NODE = 0 on the first and 1 on the second
-    torchrun --nnodes=2 --node_rank=NODE --nproc_per_node=4 --master_addr=IP_OF_NODE_0 --master_port=29500 \
+    torchrun --nnodes=2 --node_rank=NODE --nproc_per_node=4 --master_addr=IP_OF_NODE_0 --master_port=29500 \\
         pretrain.py config/pretrain_voxceleb2_base.py
 
-Configuration, nanoGPT style: the globals in the config block below are the defaults. Arguments apply in
-order: a path is a Python config file of plain assignments (config/*.py), `--key=value` sets one key (read
-as a Python literal, or as typed for string keys), `--model_args.FIELD=value` sets one SVFAPConfig field on
-top of the preset named by `model`, and a list key (finetune.py's `predict`) grows by one item per use.
-Unknown keys and values of the wrong type are errors.
+Configuration, nanoGPT style: the config block's globals are the defaults; arguments apply in order: a path is
+a config file of plain assignments (config/*.py), --key=value sets one key, --model_args.FIELD=value one
+SVFAPConfig field of the `model` preset, and a list key (finetune.py's `predict`) grows by one item per use.
+batch_size counts videos per optimiser step over all processes and accumulation steps, so a recipe means the
+same on 1 or 8 GPUs; lr = base_lr * clips per step / 256, clips per step = batch_size * repeated_sampling.
 
-Batch size and learning rate: `batch_size` is the number of videos per optimiser step summed over all
-processes and accumulation steps, so a recipe means the same on 1 or 8 GPUs. lr = base_lr * clips per
-step / 256, where clips per step = batch_size * repeated_sampling.
-
-Outputs in out_dir: ckpt.pt (the latest checkpoint, written atomically), log.jsonl (one JSON object per
-logged iteration), results.json at the end, and with each checkpoint recon_iterNNNNNNN_*.mp4: clips as
-original | masked input | reconstruction. With norm_pix_loss the reconstruction is de-normalised with the
-true patches' mean and std (the file name says "denorm-with-true-patch-stats"): that uses information the
-model never saw, so the picture flatters the model.
-
-`--init_from=resume` continues from out_dir/ckpt.pt at the iteration where it stopped, mid-epoch too, and
-gives the losses the uninterrupted run would have given: the data order depends only on (seed, epoch),
-each clip's window, crop, flip and tube mask only on (seed, epoch, index), and the checkpoint holds every
-process's generator state (drop path). out_dir must be on a file system every node sees.
-
-Below `main`, behind a fence, the pieces finetune.py shares: config, processes, the training loop `fit`,
-checkpoints.
+Outputs in out_dir: ckpt.pt (written atomically), log.jsonl (one JSON object per logged iteration),
+results.json, and with each checkpoint recon_iterNNNNNNN_*.mp4: original | masked input | reconstruction
+("denorm-with-true-patch-stats": with norm_pix_loss the picture uses the true patches' mean and std, which
+the model never saw, so it flatters the model). --init_from=resume continues from ckpt.pt, mid-epoch too,
+with the losses of the uninterrupted run; out_dir must be on a file system every node sees.
 """
 
 import argparse
@@ -105,14 +93,10 @@ CONFIG_KEYS = [k for k in globals() if k not in _names_before_config and not k.s
 def main(argv):
     t_start = time.time()
     c = load_config({k: globals()[k] for k in CONFIG_KEYS}, argv)
-    if c.init_from not in ("scratch", "resume"):
-        raise ConfigError(f"init_from={c.init_from!r}: valid values are scratch and resume")
+    check_lists(c, "train_list", "vis_list")
     checkpoint = resume_checkpoint(c)
     mc = (SVFAPConfig.from_dict(checkpoint["model_config"]) if checkpoint  # the shape it was trained with
           else build_model_config(c.model, c.model_args))
-    check_list_file("train_list", c.train_list)
-    if c.vis_list:
-        check_list_file("vis_list", c.vis_list)
     if c.repeated_sampling < 1:
         raise ConfigError(f"repeated_sampling={c.repeated_sampling} must be at least 1")
     d = setup(c)
@@ -124,7 +108,8 @@ def main(argv):
     model = SVFAP(mc).to(d.device)
     clips_per_iter = c.batch_size * c.repeated_sampling
     lr = c.base_lr * clips_per_iter / 256
-    optimizer = make_optimizer(param_groups(model, c.weight_decay), lr, c)
+    # fused AdamW: one kernel for all parameters, on CUDA and (torch >= 2.4) on the CPU
+    optimizer = torch.optim.AdamW(param_groups(model, c.weight_decay), lr=lr, betas=(c.beta1, c.beta2), fused=True)
     if d.master:
         print(f"pre-training {c.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
               f"{len(dataset)} videos from {c.train_list}; {clips_per_iter} clips/step, lr {lr:.3g} = "
@@ -137,8 +122,8 @@ def main(argv):
 
     def after_save(iter_num):
         if vis is not None:
-            path = os.path.join(c.out_dir, reconstruction_video_name(iter_num, mc))
-            write_mp4(path, reconstruction_frames(model, *vis), fps=6)  # slow enough to watch 16 frames
+            name = f"recon_iter{iter_num:07d}_{'denorm-with-true-patch-stats' if mc.norm_pix_loss else 'plain'}.mp4"
+            write_mp4(os.path.join(c.out_dir, name), reconstruction_frames(model, *vis), fps=6)  # slow enough to watch
 
     example = (torch.zeros(1, mc.in_chans, mc.num_frames, mc.img_size, mc.img_size, device=d.device),
                tube_mask(1, mc, generator=torch.Generator()).to(d.device))
@@ -170,14 +155,12 @@ def reconstruction_clips(c, mc, d):
 
 def reconstruction_frames(model, video, mask):
     """uint8 (T, rows, cols, 3): one row per clip, original | masked input | reconstruction."""
-    cfg = model.cfg
-    was_training = model.training
+    cfg, was_training = model.cfg, model.training
     model.eval()  # no drop path: the picture shows the model, and the training generators stay untouched
     with torch.no_grad():
         recon = model.reconstruct(video, model(video, mask)[1], mask).float()  # (B, 3, T, H, W) in [0, 1]
     model.train(was_training)
-    mean = torch.tensor(IMAGENET_MEAN, device=video.device).view(1, 3, 1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=video.device).view(1, 3, 1, 1, 1)
+    mean, std = (torch.tensor(v, device=video.device).view(1, 3, 1, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
     original = (video.float() * std + mean).clamp(0, 1)
     B, (T, Hg, Wg), p = video.shape[0], cfg.grid, cfg.patch_size
     pixel_mask = (mask.view(B, T, Hg, Wg).repeat_interleave(cfg.tubelet_size, 1)
@@ -188,10 +171,6 @@ def reconstruction_frames(model, video, mask):
     frames = frames.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
     frames = frames[..., : frames.shape[-2] // 2 * 2, : frames.shape[-1] // 2 * 2]  # H.264 wants even sizes
     return (frames.permute(1, 2, 3, 0) * 255).round().to(torch.uint8).cpu().numpy()
-
-
-def reconstruction_video_name(iter_num, cfg):
-    return f"recon_iter{iter_num:07d}_{'denorm-with-true-patch-stats' if cfg.norm_pix_loss else 'plain'}.mp4"
 
 
 # =============================================================================================================
@@ -211,8 +190,7 @@ def typed(key, value, default, source):
     """value as the type of the key's default, or ConfigError (no silent conversions: 1 is not a bool)."""
     if isinstance(default, bool) and isinstance(value, str) and value.lower() in ("true", "false"):
         value = value.lower() == "true"
-    kinds = {bool: (bool,), int: (int,), float: (int, float), tuple: (tuple, list), list: (tuple, list)}
-    kind = kinds.get(type(default), (type(default),))
+    kind = {float: (int, float), tuple: (tuple, list), list: (tuple, list)}.get(type(default), (type(default),))
     if not isinstance(value, kind) or (isinstance(value, bool) and not isinstance(default, bool)):
         names = {bool: "True or False", int: "an integer", float: "a number", str: "a string",
                  tuple: "a tuple, e.g. (1, 2)", list: "a list", dict: "a dict"}
@@ -271,11 +249,9 @@ def load_config(defaults, argv):
 
 def build_model_config(preset, model_args, base=None):
     """SVFAPConfig of a CONFIGS preset (or of the dict `base`, e.g. a checkpoint's) with model_args on top."""
-    if base is None:
-        if preset not in CONFIGS:
-            raise ConfigError(f"model={preset!r} is not a preset of model.CONFIGS; valid: {', '.join(CONFIGS)}")
-        base = CONFIGS[preset].to_dict()
-    fields = dict(base)
+    if base is None and preset not in CONFIGS:
+        raise ConfigError(f"model={preset!r} is not a preset of model.CONFIGS; valid: {', '.join(CONFIGS)}")
+    fields = dict(base or CONFIGS[preset].to_dict())
     for field, value in model_args.items():
         if field not in fields:
             raise unknown_key(field, list(fields), "model_args (SVFAPConfig fields)")
@@ -286,16 +262,21 @@ def build_model_config(preset, model_args, base=None):
         raise ConfigError(str(e)) from None
 
 
-def check_list_file(key, path):
-    """An annotation list must exist before anything starts (a typo should not cost a DDP start-up)."""
-    if not path:
-        raise ConfigError(f"{key} is empty; give the path of an annotation list (\"<video> <label>\" per line)")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{key}={path}: annotation file not found")
+def check_lists(c, required, *optional):
+    """The annotation lists must exist before anything starts (a typo should not cost a DDP start-up)."""
+    if not getattr(c, required):
+        raise ConfigError(f"{required} is empty; give the path of an annotation list (\"<video> <label>\" per line)")
+    for key in (required, *optional):
+        if getattr(c, key) and not os.path.isfile(getattr(c, key)):
+            raise ConfigError(f"{key}={getattr(c, key)}: annotation file not found")
 
 
-def resume_checkpoint(c):
-    """out_dir/ckpt.pt for init_from=resume, else None."""
+def resume_checkpoint(c, init_paths=""):
+    """out_dir/ckpt.pt for init_from=resume, else None, after checking init_from: scratch, resume, or with
+    init_paths (what such a file may hold) the path of an existing file."""
+    if c.init_from not in ("scratch", "resume") and not (init_paths and os.path.isfile(c.init_from)):
+        raise ConfigError(f"init_from={c.init_from!r}: valid values are scratch, resume" +
+                          (f" or the path of {init_paths} (no such file)" if init_paths else ""))
     path = os.path.join(c.out_dir, "ckpt.pt")
     if c.init_from == "resume" and not os.path.isfile(path):
         raise ConfigError(f"init_from=resume continues from out_dir/ckpt.pt, but {path} does not exist")
@@ -305,17 +286,15 @@ def resume_checkpoint(c):
 def make_dataset(c, key, mode, mc, **kw):
     """data.VideoDataset of the list in config key `key`; load and label errors become one ConfigError line."""
     try:
-        ds = VideoDataset(getattr(c, key), mode, img_size=mc.img_size, num_frames=mc.num_frames,
+        return VideoDataset(getattr(c, key), mode, img_size=mc.img_size, num_frames=mc.num_frames,
                           sampling_rate=c.sampling_rate, crop_box=tuple(c.crop_box) or None,
                           root=c.data_root or None, replace_prefix=tuple(c.replace_prefix) or None,
                           max_fail_fraction=c.max_fail_fraction, crop_scales=tuple(c.crop_scales), seed=c.seed, **kw)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}: {e}") from None
-    return ds
 
 
 # --- processes, devices, precision ----------------------------------------------
-
 Dist = namedtuple("Dist", "ddp rank local_rank world_size device master dtype")
 
 
@@ -327,10 +306,9 @@ def setup(c):
         raise ConfigError(f"device={name} but CUDA is not available; use device=cpu")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise ConfigError(f"device={name!r}: valid values are auto, cpu, cuda, cuda:N")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    dtype_name = ("bfloat16" if name.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-                  ) if c.dtype == "auto" else c.dtype
-    if dtype_name not in dtypes:
+    auto = torch.bfloat16 if name.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = {"auto": auto, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(c.dtype)
+    if dtype is None:
         raise ConfigError(f"dtype={c.dtype!r}: valid values are auto, float32, bfloat16, float16")
     ddp = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ.get(k, 0)) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp \
@@ -345,10 +323,9 @@ def setup(c):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if ddp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if rank == 0:
-        os.makedirs(c.out_dir, exist_ok=True)
+    os.makedirs(c.out_dir, exist_ok=True)
     torch.manual_seed(c.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    return Dist(ddp, rank, local_rank, world, device, rank == 0, dtypes[dtype_name])
+    return Dist(ddp, rank, local_rank, world, device, rank == 0, dtype)
 
 
 def autocast(d):
@@ -356,14 +333,7 @@ def autocast(d):
     return contextlib.nullcontext() if d.dtype == torch.float32 else torch.autocast(d.device.type, dtype=d.dtype)
 
 
-def to_device(batch, device):
-    """Issue the host-to-device copies of a batch (asynchronous from pinned memory); None stays None."""
-    return None if batch is None else [x.to(device, non_blocking=True) for x in batch]
-
-
 # --- optimisation -----------------------------------------------------------------
-
-
 def lr_at(it, lr, min_lr, warmup_iters, total_iters):
     """Linear warm-up to lr over warmup_iters, then cosine decay to min_lr at total_iters (per iteration)."""
     if it < warmup_iters:
@@ -373,12 +343,10 @@ def lr_at(it, lr, min_lr, warmup_iters, total_iters):
 
 
 def param_groups(model, weight_decay, layer_decay=1.0, head_lr_scale=1.0):
-    """AdamW groups. Weight decay only on weight matrices and kernels: not on norms, biases, the mask
-    token (model.no_weight_decay; the position tables are fixed buffers, not parameters). With
-    layer_decay < 1 (fine-tuning), one group per layer of model.lr_layer_id with
-    lr_scale = layer_decay ** (num_lr_layers - 1 - layer): the patch embedding learns slowest.
-    head_lr_scale multiplies the lr of the classifier's fc_norm and head: the head starts at 0.001 x its
-    initial scale, and a model trained from scratch learns nothing until the head has grown."""
+    """AdamW groups. Weight decay only on weight matrices and kernels, not on norms, biases, the mask token
+    (model.no_weight_decay; the position tables are buffers). layer_decay < 1 (fine-tuning): one group per
+    layer of model.lr_layer_id, lr_scale = layer_decay ** (num_lr_layers - 1 - layer). head_lr_scale: see
+    finetune.py's config (the head starts at 0.001 x its initial scale)."""
     groups = {}
     for name, p in model.named_parameters():
         decay = not no_weight_decay(name, p)
@@ -391,19 +359,9 @@ def param_groups(model, weight_decay, layer_decay=1.0, head_lr_scale=1.0):
     return [groups[k] for k in sorted(groups)]
 
 
-def make_optimizer(groups, lr, c):
-    """AdamW, fused wherever the installed torch has a fused kernel for the device (CUDA; the CPU since 2.4)."""
-    try:
-        return torch.optim.AdamW(groups, lr=lr, betas=(c.beta1, c.beta2), fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=lr, betas=(c.beta1, c.beta2))
-
-
 # --- the training loop -------------------------------------------------------------------
-
-
-def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter, example, after_save=None,
-        after_epoch=None, extra_state=None):
+def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter, example,
+        after_save=lambda iter_num: None, after_epoch=None, extra_state=dict):
     """Train `model` on `dataset` for c.epochs (or c.max_iters), from `checkpoint` (resume) or the start.
     after_epoch(epoch, iter_num) runs after each epoch (validation), after_save(iter_num) after each checkpoint
     on rank 0, and extra_state() adds entries to the checkpoint. Returns (epochs done, last logged loss)."""
@@ -433,12 +391,11 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
         if d.ddp:  # a collective: every rank takes part
             dist.all_gather_object(rngs, mine)
         if d.master:
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "scaler": scaler.state_dict(), "config": vars(c), "model_config":
-                                        model.cfg.to_dict(), "iter_num": iter_num, "rng": rngs,
-                                        **(extra_state() if extra_state else {})})
-            if after_save:
-                after_save(iter_num)
+            with atomic_path(ckpt_path) as tmp:  # renamed when written: a crash while saving keeps the last one
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter_num": iter_num,
+                            "scaler": scaler.state_dict(), "config": vars(c), "model_config": model.cfg.to_dict(),
+                            "rng": rngs, **extra_state()}, tmp)
+            after_save(iter_num)
 
     bar, saved = tqdm(total=stop_iter, initial=iter_num, disable=not d.master, desc="train", dynamic_ncols=True), iter_num
     # MFU = 6 x MACs per clip (training ~ 3 forwards, 2 FLOPs per MAC) x clips/s per device / peak FLOP/s
@@ -451,7 +408,7 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
         batches = iter(DataLoader(dataset, micro_batch, sampler=list(sampler)[start * c.grad_accum * micro_batch:],
                                   num_workers=c.num_workers, pin_memory=d.device.type == "cuda", drop_last=True,
                                   generator=torch.Generator()))  # without it, the loader draws from torch's seed
-        batch = log.timed(lambda: to_device(next(batches), d.device))
+        batch = log.fetch(batches)
         for _ in range(start, min(n_iter_epoch, start + stop_iter - iter_num)):
             it_lr = lr_at(iter_num, lr, c.min_lr, round(c.warmup_epochs * n_iter_epoch), total_iters)
             for group in optimizer.param_groups:
@@ -485,11 +442,15 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
 
 
 def restore(checkpoint, model, optimizer, scaler, c, d):
-    """The state of a resumed run (returns its iteration) and the training process's generator: drop path,
-    mixup and erasing differ per rank, and a resumed run continues each rank's."""
+    """The state of a resumed run (returns its iteration), each rank's generator (drop path, mixup, erasing)
+    included; the log keeps the lines up to the checkpoint's iteration (a new run: none)."""
+    iter_num, log_path = checkpoint["iter_num"] if checkpoint else 0, os.path.join(c.out_dir, "log.jsonl")
+    if d.master and os.path.isfile(log_path):
+        with open(log_path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line).get("iter", 0) <= iter_num]
+        with open(log_path, "w") as f:
+            f.writelines(lines)
     if not checkpoint:
-        if d.master and os.path.exists(os.path.join(c.out_dir, "log.jsonl")):
-            os.remove(os.path.join(c.out_dir, "log.jsonl"))
         torch.manual_seed(c.seed + d.rank)
         return 0
     for part, obj in (("model", model), ("optimizer", optimizer), ("scaler", scaler)):
@@ -499,29 +460,25 @@ def restore(checkpoint, model, optimizer, scaler, c, d):
         if d.device.type == "cuda" and checkpoint["rng"][d.rank]["cuda"] is not None:  # None: saved on the CPU
             torch.cuda.set_rng_state(checkpoint["rng"][d.rank]["cuda"])
     else:
-        torch.manual_seed(c.seed + d.rank + 1000 * checkpoint["iter_num"])
+        torch.manual_seed(c.seed + d.rank + 1000 * iter_num)
         if d.master:
             print(f"note: the checkpoint holds generator states of {len(checkpoint['rng'])} processes, this run "
                   f"has {d.world_size}: reseeding, so the run will not repeat the original exactly")
-    if d.master:
-        trim_log(os.path.join(c.out_dir, "log.jsonl"), checkpoint["iter_num"])
-    return checkpoint["iter_num"]
+    return iter_num
 
 
 def train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log):
-    """One optimiser step over grad_accum micro-batches; returns (the next batch, the gradient norm).
-
-    The one device-to-host sync is the check that loss and gradient are finite, after the next batch's copy
-    to the device was issued. Non-finite in float32 / bfloat16: NonFiniteLoss before the step. float16 runs
-    with loss scaling: a step whose gradients overflow is skipped (and counted in the log); the run stops
-    when the loss itself stays non-finite for 5 steps."""
+    """One optimiser step over grad_accum micro-batches; returns (the next batch, the gradient norm). Its one
+    device-to-host sync checks that loss and gradient are finite, after the next batch's copy was issued: in
+    float32 / bfloat16 NonFiniteLoss before the step; in float16 a step whose gradients overflow is skipped
+    (and logged), and the run stops when the loss itself stays non-finite for 5 steps."""
     loss_sum = torch.zeros((), device=d.device)
     for micro_step in range(c.grad_accum):
         if d.ddp:  # all-reduce the gradients on the last micro-step only
             ddp.require_backward_grad_sync = micro_step == c.grad_accum - 1
         with autocast(d):
             loss = loss_fn(net, batch)
-        batch = log.timed(lambda: to_device(next(batches, None), d.device))  # queued before backward and the sync
+        batch = log.fetch(batches)  # queued before backward and the sync
         scaler.scale(loss / c.grad_accum).backward()
         loss_sum += loss.detach().float()
     scaler.unscale_(optimizer)
@@ -556,11 +513,12 @@ class Interval:
         self.loss, self.steps, self.iters, self.skipped = torch.zeros((), device=self.d.device), 0, 0, 0
         self.wait, self.pause, self.t0 = 0.0, 0.0, time.perf_counter()
 
-    def timed(self, fetch):
-        t = time.perf_counter()
-        out = fetch()
+    def fetch(self, batches):
+        """The next batch (None after the last), its copies to the device issued; the time taken is data wait."""
+        t, batch = time.perf_counter(), next(batches, None)
+        batch = None if batch is None else [x.to(self.d.device, non_blocking=True) for x in batch]
         self.wait += time.perf_counter() - t
-        return out
+        return batch
 
     def add(self, loss, skipped):
         if loss is not None:
@@ -583,14 +541,6 @@ class Interval:
 
 
 # --- checkpoints, logs, the command line -----------------------------------------------------------
-
-
-def save_checkpoint(path, checkpoint):
-    """Written to a temporary file and renamed: a crash while writing leaves the previous checkpoint intact."""
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
-
-
 def load_checkpoint(path):
     """torch.load with weights_only=True: a checkpoint from elsewhere cannot run code when loaded."""
     if not os.path.isfile(path):
@@ -611,15 +561,6 @@ def log_json(path, record):
 def write_json(path, obj):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
-
-
-def trim_log(path, iter_num):
-    """On resume, drop log lines of iterations after the checkpoint: they are about to be run again."""
-    if os.path.isfile(path):
-        with open(path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line).get("iter", 0) <= iter_num]
-        with open(path, "w") as f:
-            f.writelines(lines)
 
 
 def run(main, argv, script, doc="", defaults=None):
