@@ -1,6 +1,5 @@
-"""Evaluation metrics as the SVFAP paper reports them (WAR / UAR / weighted F1 in %, CCC / PCC / personality
-ACC), and the prediction files that carry finetune.py's outputs here. Cross-validation folds are pooled, then
-measured once (not the mean of fold values); at video level (AVCAffe), each video's clip scores are averaged first.
+"""Metrics as the SVFAP paper reports them (WAR / UAR / weighted F1 in %, CCC / PCC / personality ACC) of the
+prediction files finetune.py writes. Folds are pooled, then measured once (not the mean of fold values).
 
   python metrics.py out/dfew/fold1/test_predictions.csv ... out/dfew/fold5/test_predictions.csv
   python metrics.py --video_group='(.*)/[^/]+$' out/finetune_avcaffe_arousal/test_predictions.csv
@@ -37,9 +36,9 @@ def _as_array(x, name, labels=False):
     return a.astype(np.int64) if labels else a
 
 
-def _same_length(a, b, name_a="y_true", name_b="y_pred"):
-    if len(a) != len(b):
-        raise ValueError(f"{name_a} has {len(a)} samples but {name_b} has {len(b)}; they must match")
+def _same_length(y_true, y_pred):
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"y_true has {len(y_true)} samples but y_pred has {len(y_pred)}; they must match")
 
 # -----------------------------------------------------------------------------
 # classification metrics: y_pred is labels (B,) or a score matrix (B, C), reduced by argmax (ties go to
@@ -69,8 +68,7 @@ def war(y_true, y_pred, num_classes=None):
 def per_class_recall(y_true, y_pred, num_classes=None):
     """float64 (C,) recall of each class; NaN for a class with no sample in y_true (recall undefined)."""
     cm = confusion_matrix(y_true, y_pred, num_classes)
-    support = cm.sum(axis=1)
-    return np.divide(np.diag(cm), support, out=np.full(len(cm), np.nan), where=support > 0)
+    return np.diag(cm) / np.where(cm.sum(axis=1) > 0, cm.sum(axis=1), np.nan)
 
 
 def uar(y_true, y_pred, num_classes=None):
@@ -83,8 +81,7 @@ def weighted_f1(y_true, y_pred, num_classes=None):
     cm = confusion_matrix(y_true, y_pred, num_classes)
     tp, support = np.diag(cm).astype(np.float64), cm.sum(axis=1)
     denom = support + cm.sum(axis=0)  # F1 = 2 tp / (2 tp + fp + fn) = 2 tp / (support + predicted)
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0) * support
-    return float(f1.sum() / support.sum())
+    return float(np.average(np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0), weights=support))
 
 # -----------------------------------------------------------------------------
 # regression metrics: 1-D inputs give a float, (N, D) inputs give a (D,) array, one value per dimension
@@ -138,14 +135,12 @@ Predictions = namedtuple("Predictions", "task ids targets scores class_names")
 
 
 def write_predictions(path, ids, targets, scores, class_names=None, task=None):
-    """ids: N video ids (paths); targets: (N,) class indices or (N,) / (N, D) regression labels; scores: (N, C)
-    class scores or (N,) / (N, D) regression outputs; class_names: of the C classes or D dimensions (None:
-    indices). task=None infers it from targets (integers: classification); pass it for float class indices."""
+    """ids: N video ids (paths); targets (N,) class indices or (N,) / (N, D) labels; scores (N, C) or (N,) / (N, D);
+    class_names of the C classes or D dimensions (None: indices); task=None: integer targets mean classification."""
     targets, scores = _as_array(targets, f"{path}: targets"), _as_array(scores, f"{path}: scores")
     task = task or ("classification" if targets.dtype.kind in "biu" else "regression")
-    for name, a in (("targets", targets), ("scores", scores)):
-        if len(a) != len(ids):
-            raise ValueError(f"{path}: {len(ids)} ids but {len(a)} {name}; they must match")
+    if len(targets) != len(ids) or len(scores) != len(ids):
+        raise ValueError(f"{path}: {len(ids)} ids but {len(targets)} targets and {len(scores)} scores; they must match")
     if task == "classification":
         targets, width = _as_array(targets, "targets", labels=True), scores.shape[1]
         if len(bad := targets[(targets < 0) | (targets >= width)]):
@@ -215,8 +210,6 @@ def group_average(ids, scores, targets, groups):
         groups = [m.group(1 if m.re.groups else 0) for m in matches]
     keys = [str(k) for k in groups]
     scores, targets = _as_array(scores, "scores").astype(np.float64), _as_array(targets, "targets")
-    _same_length(keys, scores, "groups", "scores")
-    _same_length(keys, targets, "groups", "targets")
     videos, head, video = np.unique(keys, return_index=True, return_inverse=True)  # (V,), (V,) first clips, (N,)
     if len(bad := np.flatnonzero((targets != targets[head][video]).reshape(len(keys), -1).any(axis=1))):
         b, f = bad[0], head[video[bad[0]]]
@@ -237,10 +230,9 @@ def format_report(pred, title):
     names = pred.class_names or [str(i) for i in range(width)]
     if pred.task == "classification":
         recall, cm = per_class_recall(y, s), confusion_matrix(y, s)
-        absent = int(np.isnan(recall).sum())
+        absent = f" ({np.isnan(recall).sum()} without samples, left out of UAR)" if np.isnan(recall).any() else ""
         recalls = [[k, str(m.sum()), "-" if np.isnan(r) else f"{100 * r:.2f}"] for k, m, r in zip(names, cm, recall)]
-        return "\n".join([title, f"classification: {n} videos, {width} classes"
-                          + (f" ({absent} without samples, left out of UAR)" if absent else ""),
+        return "\n".join([title, f"classification: {n} videos, {width} classes{absent}",
                           f"WAR {100 * war(y, s):6.2f}", f"UAR {100 * uar(y, s):6.2f}",
                           f"weighted F1 {100 * weighted_f1(y, s):6.2f}", "", "per-class recall (%):",
                           _table([["class", "support", "recall"]] + recalls), "",
@@ -315,21 +307,16 @@ def report(files, video_group=""):
     return format_report(pooled, title)
 
 
-def main(argv=None):
+if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="*", metavar="FILE", help="prediction CSV files")
     parser.add_argument("--summary", nargs="+", metavar="NAME=GLOB", help="a table row per group of runs (out_dirs)")
-    parser.add_argument("--video_group", metavar="REGEX", default="",
-                        help="average each video's clip scores first; the first group (or the match) of REGEX "
-                             "in a clip's id names its video, e.g. '(.*)/[^/]+$' (the folder)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--video_group", metavar="REGEX", default="", help="average each video's clip scores first "
+                        "(AVCAffe): REGEX's first group (or match) in a clip's id names its video, e.g. '(.*)/[^/]+$'")
+    args = parser.parse_args()
     if bool(args.files) == bool(args.summary):
         parser.error("give prediction files, or --summary NAME=GLOB ..., not both")
     try:
         print(summarize_runs(args.summary) if args.summary else report(args.files, args.video_group))
     except (OSError, ValueError) as e:
         sys.exit(f"metrics.py: error: {e}")  # exit status 1
-
-
-if __name__ == "__main__":
-    main()
