@@ -166,8 +166,7 @@ def check_tube_mask(mask, cfg):
 # 3. Transformer pieces ---------------------------------------------------------------------------------
 
 def attend(q, k, v, num_heads):
-    """Multi-head scaled dot-product attention: q (B, Nq, C), k and v (B, Nk, C) -> (B, Nq, C); heads are
-    contiguous slices of the channels."""
+    """Multi-head SDPA: q (B, Nq, C), k and v (B, Nk, C) -> (B, Nq, C); heads are contiguous slices of the channels."""
     q, k, v = (t.unflatten(-1, (num_heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, h, N, C/h)
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, Nq, C)
 
@@ -236,9 +235,8 @@ class Block(nn.Module):
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_rate, self.training)
 
 class SBTBlock(Block):
-    """Spatial bottleneck Transformer block: a Block preceded by cross-attention to a context.
-    z += MHCA(LN_q(z), LN_c(context)); then the Block. With z = bottleneck tokens and context = all tokens
-    it is an SBT block; with the roles swapped it is the reverse block."""
+    """Spatial bottleneck Transformer block: z += MHCA(LN_q(z), LN_c(context)), then a Block. With z = the bottleneck
+    tokens and context = all tokens it is an SBT block; with the roles swapped it is the reverse block."""
     def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
         super().__init__(dim, num_heads, mlp_ratio, drop_path)
         self.cross_norm1 = LayerNorm(dim)  # LN_q, query side
@@ -252,8 +250,7 @@ class SBTBlock(Block):
 # 4. The two ideas of TPSBT -----------------------------------------------------------------------------
 
 class TemporalPyramid(nn.Module):
-    """Halve the temporal length at every spatial position: Conv1d(C, C, kernel 2, stride 2) along time,
-    or average / max pooling (the paper's ablation)."""
+    """Halve the temporal length at each spatial position: a strided Conv1d, or avg / max pooling (paper's ablation)."""
     def __init__(self, dim, mode="conv"):
         super().__init__()
         self.mode = mode
@@ -418,8 +415,7 @@ class Decoder(nn.Module):
         return self.head(self.norm(x[:, -num_masked:]))  # predictions for the masked tokens only
 
 class SVFAP(nn.Module):
-    """Masked facial-video autoencoder: TPSBT on visible tubes, multi-scale fusion, a light decoder that
-    reconstructs the masked tubelets."""
+    """Masked facial-video autoencoder: TPSBT on visible tubes, multi-scale fusion, light decoder of masked tubelets."""
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -639,19 +635,18 @@ def bench_steps(cfg, device, batch, stage, steps=10, compile=False, dtype=torch.
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    def seconds_per_step():
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        return (time.perf_counter() - t0) / steps
     for _ in range(3 if compile else 1):  # warm-up (and compilation)
         step()
     sync(device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync(device)
-        times.append((time.perf_counter() - t0) / steps)
-    dt, peak = min(times), peak_tflops(device)
+    dt, peak = min(seconds_per_step() for _ in range(rounds)), peak_tflops(device)
     return dict(ms=1000 * dt, clips_s=batch / dt, gmacs=macs / 1e9,
                 mfu=6 * macs * batch / dt / (peak * 1e12) if peak else None,  # training = 3 forwards
                 peak_mb=torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None)
