@@ -46,11 +46,9 @@ def _parse_annotation_lines(path, root=None, replace_prefix=None):
         replace_prefix = tuple(replace_prefix.split("=", 1))
     base = root if root is not None else os.path.dirname(os.path.abspath(path))
     with open(path, encoding="utf-8") as f:  # OSError's message names the file and the reason
-        lines = [line.split() for line in f.read().splitlines()]
+        lines = [(n, line.split()) for n, line in enumerate(f.read().splitlines(), start=1) if line.strip()]
     rows = []
-    for number, fields in enumerate(lines, start=1):
-        if not fields:
-            continue
+    for number, fields in lines:
         if bad := next((v for v in fields[1:] if not re.fullmatch(NUMBER, v)), None):
             raise ValueError(f"{path}, line {number}: {bad!r} is not a number; expected '<path> <label>' or "
                              f"'<path> <v1> ... <vD>' separated by spaces (paths cannot contain spaces)")
@@ -137,8 +135,7 @@ class _Clip:
         self.frames[position] = rgb
 
     def check_complete(self, num_frames):
-        missing = [i for i in self.wanted if i not in self.frames]
-        if missing:
+        if missing := [i for i in self.wanted if i not in self.frames]:
             raise _FrameOutOfRange(f"{self.path}: frame {missing[0]} requested but the video has {num_frames} "
                                    f"frames (valid indices 0..{num_frames - 1})")
         return np.stack([self.frames[i] for i in self.indices])  # an index asked for twice appears twice
@@ -149,10 +146,7 @@ def _quick_index(packets):
     if any(p.pts is None or p.is_corrupt or p.is_discard for p in packets):
         return None
     pts = np.sort(np.array([p.pts for p in packets], dtype=np.int64))
-    if len(pts) == 0 or np.any(np.diff(pts) <= 0):  # no frames, or two packets share a pts
-        return None
-    keys = np.searchsorted(pts, np.sort(np.array([p.pts for p in packets if p.is_keyframe], dtype=np.int64)))
-    return (pts, keys) if len(keys) and keys[0] == 0 else None  # else the first frame shown is not a keyframe
+    return pts, np.searchsorted(pts, np.sort(np.array([p.pts for p in packets if p.is_keyframe], dtype=np.int64)))
 
 
 class _Video:
@@ -163,17 +157,19 @@ class _Video:
         if not streams:
             kinds = ", ".join(s.type for s in container.streams) or "none"
             raise VideoReadError(f"{path}: no video stream (streams: {kinds})")
-        self.path, self.context = path, streams[0].codec_context
+        self.path, self.context, self.exact = path, streams[0].codec_context, False  # exact: from a full decode
         self.context.thread_count = 1  # DataLoader workers are the parallelism; more would oversubscribe the cores
         self.packets = [p for p in container.demux(streams[0]) if p.size > 0]  # size 0: the closing flush packet
-        self.exact, self.seekable = False, False
-        if (quick := _quick_index(self.packets)) is not None:
-            self._set_index(*quick)
+        self._set_index(*(_quick_index(self.packets) or ([], [])))
 
     def _set_index(self, pts, keys):
-        self.pts, self.keys, self.count, self.seekable = pts, keys, len(pts), True
-        self.position = {int(p): i for i, p in enumerate(pts)}  # pts -> frame position
-        self.packet_of = {p.pts: j for j, p in enumerate(self.packets)}  # pts -> packet number
+        """Frames 0..n-1 carry pts; reads seek if these increase and frame 0 is a keyframe, else decode all in order."""
+        self.count = len(pts)
+        self.seekable = len(keys) > 0 and keys[0] == 0 and None not in pts and all(b > a for a, b in zip(pts, pts[1:]))
+        if self.seekable:
+            self.pts, self.keys = np.array(pts, dtype=np.int64), np.array(keys, dtype=np.int64)
+            self.position = {int(p): i for i, p in enumerate(pts)}  # pts -> frame position
+            self.packet_of = {p.pts: j for j, p in enumerate(self.packets)}  # pts -> packet number
 
     def frame_count(self, exact=True):
         """Frames of a full sequential decode; exact=False: the quick count from packet headers when trusted."""
@@ -189,10 +185,9 @@ class _Video:
         may_skip = bool(wanted) and context.name in SKIP_NONREF_DECODERS
         for packet in self.packets[start:]:
             position = self.position.get(packet.pts) if may_skip else None
-            skip = position is not None and position not in wanted
-            if skip:
+            if position is not None and position not in wanted:
                 self.skipped.add(position)
-            context.skip_frame = "NONREF" if skip else "DEFAULT"
+            context.skip_frame = "NONREF" if position in self.skipped else "DEFAULT"
             yield from context.decode(packet)
         context.skip_frame = "DEFAULT"
         yield from context.decode(None)
@@ -207,27 +202,20 @@ class _Video:
         if not pts:
             raise VideoReadError(f"{self.path}: the video stream decodes to no frames")
         key_pts = {p.pts for p in self.packets if p.is_keyframe}
-        keys = np.array([i for i, p in enumerate(pts) if p in key_pts], dtype=np.int64)
-        if None not in pts and all(b > a for a, b in zip(pts, pts[1:])) and len(keys) and keys[0] == 0:
-            self._set_index(np.array(pts, dtype=np.int64), keys)
-        else:  # no usable timestamps: every read decodes in order
-            self.count, self.seekable = len(pts), False
+        self._set_index(pts, [i for i, p in enumerate(pts) if p in key_pts])
         self.exact = True
 
     def _read_seeking(self, clip):
         """Fill clip decoding from keyframes; False when the decoder contradicts the index."""
         wanted, i = clip.wanted, 0
-        while i < len(wanted):
+        while True:
             key = int(self.keys[np.searchsorted(self.keys, wanted[i], "right") - 1])
             decoded = self._frames(self.packet_of[int(self.pts[key])], clip.wanted)
-            for frame in decoded:  # frames before the keyframe (leading frames of an open GOP) are dropped
-                position = self.position.get(frame.pts)
-                if position is None or position > key:
-                    return False
-                if position == key:
-                    break
-            else:
+            # the first frame not before the keyframe must be it (leading frames of an open GOP come before)
+            frame = next((f for f in decoded if self.position.get(f.pts, math.inf) >= key), None)
+            if frame is None or self.position.get(frame.pts) != key:
                 return False
+            position = key
             while True:  # decode forward, checking that every frame is where the index says
                 if position == wanted[i]:
                     clip.put(position, frame)
@@ -241,7 +229,6 @@ class _Video:
                 if nxt is None or nxt <= position or any(p not in self.skipped for p in range(position + 1, nxt)):
                     return False
                 position = nxt
-        return True
 
     def read(self, indices, crop_box=None, size=None):
         """uint8 (T, h, w, 3): the frames at indices (any order, repeats ok); see _Clip for crop_box and size."""
@@ -301,12 +288,11 @@ def open_video(path):
         container = av.open(path, metadata_errors="ignore", options={"skip_frame": "all"})
     except av.error.FFmpegError as e:
         raise VideoReadError(f"{path}: not a readable video ({e.strerror or e})") from e
-    try:
-        yield _Video(path, container)
-    except av.error.FFmpegError as e:
-        raise VideoReadError(f"{path}: decoding failed ({type(e).__name__}: {e.strerror or e})") from e
-    finally:
-        container.close()
+    with container:
+        try:
+            yield _Video(path, container)
+        except av.error.FFmpegError as e:
+            raise VideoReadError(f"{path}: decoding failed ({type(e).__name__}: {e.strerror or e})") from e
 
 
 def _read_chosen(path, choose, crop_box=None, size=None):
@@ -379,10 +365,8 @@ def multiscale_crop_box(height, width, scales=MULTISCALE_SCALES, generator=None)
 def eval_crops(clip, img_size, num_crops):
     """uint8 (T, 3, h, w) whose short side is img_size -> [(T, 3, img_size, img_size)] * num_crops, spread along
     the long side as clips are along a video. Face clips are square: crops coincide, as in the release."""
-    offsets = uniform_clip_starts(max(clip.shape[-2:]), img_size, num_crops)
-    if clip.shape[-2] <= clip.shape[-1]:
-        return [clip[..., :, o:o + img_size] for o in offsets]
-    return [clip[..., o:o + img_size, :] for o in offsets]
+    long = -1 if clip.shape[-2] <= clip.shape[-1] else -2
+    return [clip.narrow(long, o, img_size) for o in uniform_clip_starts(clip.shape[long], img_size, num_crops)]
 
 
 def _bilinear_taps(start, length, size):
@@ -436,17 +420,13 @@ class VideoDataset(torch.utils.data.Dataset):
     mode "train": (frames uint8 (T, 3, S, S), boxes int64 (5,), target int64 () or float32 (D,)).
     mode "eval": (views uint8 (V, T, 3, S, S), target, index), V = num_clips * num_crops (clip-major): the
         short side scaled to S, num_crops crops along the long side; index = the sample's place in the list.
-    Frames: crop_box = (top, bottom, left, right) is cut out first (VoxCeleb2: VOXCELEB2_CROP_BOX), then scaled
-    to S x S by swscale while converting to RGB (non-square frames are squashed: give a crop_box). boxes = (top,
-    left, height, width, flip): the paper's multi-scale crop of the S x S frames and a flip.
-    Item `index` of epoch `epoch` (set_epoch) draws everything random (windows, crops, flips, tube mask, the
-    stand-in for a broken file) from a torch.Generator seeded with item_seed(seed, epoch, index): items do not
-    depend on the number of workers or the fetch order, so a resumed run sees the same clips.
-    Labels (train, eval) are checked against num_outputs (num_classes, or the number D of regression values);
-    num_outputs=None (reconstruction clips, --extract): labels are optional and unused, the target is empty.
-    Broken files: pretrain and train skip an unreadable sample with a warning and take another; `skipped` and
-    `tried` count them (per worker); more than max_fail_fraction failed (of at least 100) raises. Eval never
-    skips: it raises naming the file; check eval lists at start-up with unreadable()."""
+    Frames: crop_box (top, bottom, left, right) is cut out, then scaled to S x S (non-square frames are squashed: give
+    a crop_box); boxes = (top, left, height, width, flip): the paper's multi-scale crop and a flip. All that is random
+    (windows, crops, flips, mask, a broken file's stand-in) draws from a generator seeded with item_seed(seed, epoch,
+    index): the same clips for any worker count or fetch order, and after a resume. Labels are checked against
+    num_outputs (classes, or D regression values); None (reconstructions, --extract): unused, the target empty. Broken
+    files: pretrain and train skip them with a warning (`skipped` of `tried`, per worker), raising past
+    max_fail_fraction (of at least 100); eval raises naming the file (check eval lists with unreadable())."""
 
     def __init__(self, annotation_file, mode, img_size=160, num_frames=16, sampling_rate=4, crop_box=None,
                  root=None, replace_prefix=None, num_clips=2, num_crops=2, repeated_sampling=1, mask_cfg=None,
@@ -483,10 +463,9 @@ class VideoDataset(torch.utils.data.Dataset):
             raise ValueError(f"{self.annotation_file}, line {number}: no label after the path; expected '<path> "
                              f"<label>' or '<path> <v1> ... <vD>' separated by spaces")
         if self.task == "regression":
-            for number, _, values in rows:
-                if len(values) != n:
-                    raise ValueError(f"{where(number, values)} has {len(values)} values; regression needs {n} "
-                                     f"numbers after the path (num_outputs={n})")
+            if wrong := next(((number, values) for number, _, values in rows if len(values) != n), None):
+                raise ValueError(f"{where(*wrong)} has {len(wrong[1])} values; regression needs {n} "
+                                 f"numbers after the path (num_outputs={n})")
             return [torch.tensor(v, dtype=torch.float32) for _, _, v in rows]
         labels = [v[0] if len(v) == 1 else math.nan for _, _, v in rows]
         one_based = all(x.is_integer() and 1 <= x <= n for x in labels) and max(labels) == n
@@ -776,8 +755,7 @@ def demo_identity(seed, identity):
         mouth_y=r.uniform(0.49, 0.51), mouth_w=r.uniform(0.31, 0.36), lip_t=r.uniform(0.035, 0.05),
         light=np.array([r.uniform(-0.4, 0.4), r.uniform(-0.4, 0.0), 1.0]), ambient=r.uniform(0.55, 0.7),
         background=(r.uniform(0.15, 0.85, 3), r.uniform(0.15, 0.85, 3), r.uniform(0, 2 * np.pi)),
-        blobs=[(r.uniform(-1, 1, 2), r.uniform(0.2, 0.5), r.uniform(0.1, 0.9, 3)) for _ in range(2)],
-    )
+        blobs=[(r.uniform(-1, 1, 2), r.uniform(0.2, 0.5), r.uniform(0.1, 0.9, 3)) for _ in range(2)])
 
 
 def demo_clip_plan(seed, clip_id, identity, label, num_frames=DEMO_FRAMES):
@@ -990,17 +968,15 @@ def demo_splits(seed=0, train_per_class=50, eval_per_class=20, pretrain_factor=1
     r = np.random.default_rng([seed, 2])
     n_train, n_eval = train_per_class * len(DEMO_CLASSES), eval_per_class * len(DEMO_CLASSES)
     sizes = {"train": n_train, "val": n_eval, "test": n_eval, "pretrain": pretrain_factor * n_train}
-    splits, clip_id, next_identity = {}, 0, 0
+    splits, clip_id = {}, 0
     pool_size = (sizes["pretrain"] + n_train) // clips_per_identity // 2
+    first = {"train": 0, "val": pool_size, "test": pool_size + n_eval // clips_per_identity + 1}  # first identity
     for name, n in sizes.items():
         labels = r.permutation(np.arange(n) % len(DEMO_CLASSES))
-        if name == "train":
-            ids = np.arange(n) // clips_per_identity                       # identities 0 .. n/cpi - 1
-        elif name == "pretrain":
+        if name == "pretrain":
             ids = r.integers(0, pool_size, n)                              # shared pool, overlaps train
         else:
-            ids = pool_size + next_identity + np.arange(n) // clips_per_identity
-            next_identity += n // clips_per_identity + 1
+            ids = first[name] + np.arange(n) // clips_per_identity          # train: 0 .. n/cpi - 1; val, test: own
         splits[name] = [(clip_id + i, int(ids[i]), int(labels[i])) for i in range(n)]
         clip_id += n
     return splits
@@ -1010,11 +986,8 @@ def ten_percent(train, seed=0):
     """A class-balanced 10% of the train split (same number of clips from each class)."""
     r = np.random.default_rng([seed, 3])
     per_class = max(1, len(train) // 10 // len(DEMO_CLASSES))
-    chosen = []
-    for c in range(len(DEMO_CLASSES)):
-        items = [item for item in train if item[2] == c]
-        chosen += [items[i] for i in sorted(r.choice(len(items), per_class, replace=False))]
-    return sorted(chosen)
+    by_class = [[item for item in train if item[2] == c] for c in range(len(DEMO_CLASSES))]
+    return sorted(items[i] for items in by_class for i in r.choice(len(items), per_class, replace=False))
 
 
 def _make_clip(out, seed, clip_id, identity, label, size, num_frames):
@@ -1094,15 +1067,14 @@ def main(argv):
                       "workers")}.get(command, ())
     if not valid:
         raise SystemExit(main.__doc__)
-    args = {}
-    for arg in argv:
-        key, sep, value = arg[2:].partition("=")
-        if not arg.startswith("--") or not sep or key not in valid:
-            raise SystemExit(f"data.py: unknown argument {arg!r}\n{main.__doc__}")
-        args[key] = value
     convert = {"list": str, "out": str, "crop_box": ast.literal_eval, "size": ast.literal_eval}  # others: int
     try:
-        args = {key: convert.get(key, int)(value) for key, value in args.items()}
+        args = {}
+        for arg in argv:
+            key, sep, value = arg[2:].partition("=")
+            if not arg.startswith("--") or not sep or key not in valid:
+                raise SystemExit(f"data.py: unknown argument {arg!r}\n{main.__doc__}")
+            args[key] = convert.get(key, int)(value)
         if command == "demo":
             return make_demo_dataset(**args)
         if "list" not in args or "out" not in args:
