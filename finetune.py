@@ -175,8 +175,7 @@ def main(argv):
         idx, scores = evaluate(view_scores(model, c.task), eval_sets["val"], d, c)
         model.train()
         m = compute_metrics(eval_sets["val"], idx, scores, c)
-        improved = m[c.best_metric] > best["value"]
-        if improved:
+        if improved := m[c.best_metric] > best["value"]:
             best.update(value=m[c.best_metric], epoch=epoch, metrics=m)
         if d.master:
             if improved:
@@ -273,7 +272,7 @@ def random_erasing(video, prob, min_area=0.02, max_area=1 / 3, min_aspect=0.3, g
 def eval_dataset(c, key, mc):
     """An "eval" dataset of the list in config key `key`, every entry checked now (evaluation never skips one)."""
     ds = make_dataset(c, key, "eval", mc, num_clips=c.num_clips, num_crops=c.num_crops, task=c.task,
-                      num_outputs=num_model_outputs(c) if key != "extract" else None)
+                      num_outputs=num_model_outputs(c) if "_list" in key else None)  # no labels: --predict, --extract
     if bad := ds.unreadable():
         shown = "; ".join(f"line {n}: {path} ({reason})" for n, path, reason in bad[:20])
         raise ConfigError(f"{key}={getattr(c, key)}: {len(bad)} of {len(ds)} entries cannot be read (evaluation "
@@ -345,29 +344,27 @@ def num_model_outputs(c):
 
 def build_classifier(c, master):
     """SVFAPClassifier as init_from says (scratch and resume start from the config's preset)."""
-    n_out = num_model_outputs(c)
-    if c.init_from in ("scratch", "resume"):
-        return SVFAPClassifier(build_model_config(c.model, c.model_args), n_out)
-    ckpt = load_checkpoint(c.init_from)
-    if "model_config" in ckpt:  # a pretrain.py (or finetune.py) checkpoint: reuse its encoder's shape
-        model = SVFAPClassifier(build_model_config(None, c.model_args, base=ckpt["model_config"]), n_out)
+    ckpt = {} if c.init_from in ("scratch", "resume") else load_checkpoint(c.init_from)
+    # a pretrain.py (or finetune.py) checkpoint decides the encoder's shape; a release checkpoint: `model`
+    model = SVFAPClassifier(build_model_config(c.model, c.model_args, base=ckpt.get("model_config")),
+                            num_model_outputs(c))
+    if not ckpt:
+        return model
+    target = model.encoder.state_dict()
+    if "model_config" in ckpt:
         source = {k.removeprefix("encoder."): v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
-        target = model.encoder.state_dict()
         loaded = {k: v for k, v in source.items() if k in target and v.shape == target[k].shape}
         model.encoder.load_state_dict(loaded, strict=False)
         not_loaded, unused = sorted(set(target) - set(loaded)), sorted(set(source) - set(loaded))
         layout = f"pretrain.py checkpoint, preset {ckpt['config'].get('model')!r}"
     else:  # the authors' release
-        model = SVFAPClassifier(build_model_config(c.model, c.model_args), n_out)
         state = next((ckpt[k] for k in ("model", "module") if isinstance(ckpt.get(k), dict)), ckpt)
-        head = model.head.state_dict()  # a fine-tuned release head with another class count stays out
-        state = {k: v for k, v in state.items()
-                 if not (k in ("head.weight", "head.bias") and v.shape != head[k.split(".")[1]].shape)}
+        own = model.state_dict()  # a fine-tuned release head with another class count stays out
+        state = {k: v for k, v in state.items() if not (k in ("head.weight", "head.bias") and v.shape != own[k].shape)}
         try:
             missing, unused = load_official_state_dict(model, state)
         except ValueError as e:
             raise ConfigError(f"init_from={c.init_from}: {e}") from None
-        target = model.encoder.state_dict()
         not_loaded = [k.removeprefix("encoder.") for k in missing if k.startswith("encoder.")]
         layout = "the authors' release layout"
         model.has_fc_norm = "fc_norm.weight" not in missing
@@ -406,12 +403,10 @@ def predict_videos(c):
         if any(ch.isspace() for ch in os.path.abspath(path)):  # annotation lines are split at whitespace
             raise ConfigError(f"--predict={path}: paths with spaces are not supported; rename or link the file")
     model, cc, d = checkpoint_model(c)
-    labels = " ".join(["0"] * (1 if cc.task == "classification" else cc.num_outputs))
-    with tempfile.TemporaryDirectory() as tmp:
-        cc.predict, cc.data_root, cc.replace_prefix, cc.num_workers = os.path.join(tmp, "predict.txt"), "", (), 0
+    with tempfile.TemporaryDirectory() as tmp:  # a list of absolute paths: the run's replace_prefix must not apply
+        cc.predict, cc.replace_prefix, cc.num_workers, cc.eval_batch_size = os.path.join(tmp, "predict.txt"), (), 0, 1
         with open(cc.predict, "w") as f:
-            f.writelines(f"{os.path.abspath(p)} {labels}\n" for p in c.predict)
-        cc.eval_batch_size = 1
+            f.writelines(os.path.abspath(p) + "\n" for p in c.predict)
         _, scores = evaluate(view_scores(model, cc.task), eval_dataset(cc, "predict", model.cfg), d, cc)
     names = list(cc.class_names) or [str(i) for i in range(num_model_outputs(cc))]
     for path, s in zip(c.predict, scores if d.master else []):
@@ -432,8 +427,7 @@ def evaluate_checkpoint(c):
         if d.master:
             path = os.path.join(c.out_dir, f"eval_{split}_predictions.csv")
             write_predictions(path, ds, idx, scores, c)
-            print(f"{split} ({getattr(c, f'{split}_list')}, {len(idx)} videos): {format_metrics(results[split])}"
-                  f"  -> {path}")
+            print(f"{split} ({ds.annotation_file}, {len(idx)} videos): {format_metrics(results[split])}  -> {path}")
     if d.master:
         write_json(os.path.join(c.out_dir, "results_eval.json"), {"ckpt": c.ckpt, **results})
 
@@ -469,7 +463,7 @@ def explain_video(c):
     encoder = TPSBT(cfg).eval()  # pre-training and fine-tuning keep the encoder under "encoder."
     encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in ckpt["model"].items() if k.startswith("encoder.")})
     with tempfile.TemporaryDirectory() as tmp:
-        cc.explain, cc.data_root, cc.replace_prefix = os.path.join(tmp, "explain.txt"), "", ()
+        cc.explain, cc.replace_prefix = os.path.join(tmp, "explain.txt"), ()  # an absolute path, as written
         with open(cc.explain, "w") as f:
             f.write(os.path.abspath(c.explain) + "\n")
         views = make_dataset(cc, "explain", "eval", cfg, num_clips=1, num_crops=1)[0][0]  # (1, T, 3, S, S) uint8
@@ -509,8 +503,7 @@ def apply_fold(c):
 def check_task(c):
     if c.task not in METRICS:
         raise ConfigError(f"task={c.task!r}: valid values are classification and regression")
-    n_out = num_model_outputs(c)
-    if n_out < 1:
+    if (n_out := num_model_outputs(c)) < 1:
         raise ConfigError(f"{'num_classes' if c.task == 'classification' else 'num_outputs'} must be at least 1")
     if c.class_names and len(c.class_names) != n_out:
         raise ConfigError(f"class_names has {len(c.class_names)} names but the model has {n_out} outputs")

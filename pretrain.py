@@ -136,8 +136,7 @@ def main(argv):
 
 
 def reconstruction_clips(c, mc, d):
-    """The first vis_clips readable clips of vis_list (or train_list) and a fixed tube mask; a broken file is
-    skipped with a note (the list may be a million-line training list)."""
+    """The first vis_clips readable clips of vis_list (or train_list), broken files skipped, and a fixed tube mask."""
     ds = make_dataset(c, "vis_list" if c.vis_list else "train_list", "eval", mc, num_clips=1, num_crops=1)
     clips = []
     for i in range(min(len(ds), 20 * c.vis_clips)):  # bounded: the other ranks wait in DDP's set-up meanwhile
@@ -188,8 +187,6 @@ class NonFiniteLoss(RuntimeError):
 
 def typed(key, value, default, source):
     """value as the type of the key's default, or ConfigError (no silent conversions: 1 is not a bool)."""
-    if isinstance(default, bool) and isinstance(value, str) and value.lower() in ("true", "false"):
-        value = value.lower() == "true"
     kind = {float: (int, float), tuple: (tuple, list), list: (tuple, list)}.get(type(default), (type(default),))
     if not isinstance(value, kind) or (isinstance(value, bool) and not isinstance(default, bool)):
         names = {bool: "True or False", int: "an integer", float: "a number", str: "a string",
@@ -201,10 +198,10 @@ def typed(key, value, default, source):
 
 
 def literal(text):
-    try:
+    """A command-line value as Python reads it, true / false as booleans; else the text, which typed() reports."""
+    with contextlib.suppress(ValueError, SyntaxError):
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # typed() reports it with the key's expected type
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def unknown_key(key, valid, source):
@@ -287,9 +284,9 @@ def make_dataset(c, key, mode, mc, **kw):
     """data.VideoDataset of the list in config key `key`; load and label errors become one ConfigError line."""
     try:
         return VideoDataset(getattr(c, key), mode, img_size=mc.img_size, num_frames=mc.num_frames,
-                          sampling_rate=c.sampling_rate, crop_box=tuple(c.crop_box) or None,
-                          root=c.data_root or None, replace_prefix=tuple(c.replace_prefix) or None,
-                          max_fail_fraction=c.max_fail_fraction, crop_scales=tuple(c.crop_scales), seed=c.seed, **kw)
+                            sampling_rate=c.sampling_rate, crop_box=tuple(c.crop_box) or None, seed=c.seed,
+                            root=c.data_root or None, replace_prefix=tuple(c.replace_prefix) or None,
+                            max_fail_fraction=c.max_fail_fraction, crop_scales=tuple(c.crop_scales), **kw)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}: {e}") from None
 
@@ -299,8 +296,7 @@ Dist = namedtuple("Dist", "ddp rank local_rank world_size device master dtype")
 
 
 def setup(c):
-    """Process group (NCCL on CUDA, gloo on the CPU) when started by torchrun, the device and dtype of this
-    process, out_dir, and the same initial weights on every rank."""
+    """This process's device and dtype, its process group under torchrun (NCCL on CUDA, gloo on the CPU), out_dir."""
     name = ("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but CUDA is not available; use device=cpu")
@@ -343,10 +339,9 @@ def lr_at(it, lr, min_lr, warmup_iters, total_iters):
 
 
 def param_groups(model, weight_decay, layer_decay=1.0, head_lr_scale=1.0):
-    """AdamW groups. Weight decay only on weight matrices and kernels, not on norms, biases, the mask token
-    (model.no_weight_decay; the position tables are buffers). layer_decay < 1 (fine-tuning): one group per
-    layer of model.lr_layer_id, lr_scale = layer_decay ** (num_lr_layers - 1 - layer). head_lr_scale: see
-    finetune.py's config (the head starts at 0.001 x its initial scale)."""
+    """AdamW groups: weight decay only on weight matrices and kernels (model.no_weight_decay). layer_decay < 1
+    (fine-tuning): a group per layer of model.lr_layer_id, lr_scale = layer_decay ** (num_lr_layers - 1 - layer),
+    times head_lr_scale for fc_norm and the head (see finetune.py's config)."""
     groups = {}
     for name, p in model.named_parameters():
         decay = not no_weight_decay(name, p)
@@ -450,18 +445,16 @@ def restore(checkpoint, model, optimizer, scaler, c, d):
             lines = [line for line in f if line.strip() and json.loads(line).get("iter", 0) <= iter_num]
         with open(log_path, "w") as f:
             f.writelines(lines)
-    if not checkpoint:
-        torch.manual_seed(c.seed + d.rank)
-        return 0
-    for part, obj in (("model", model), ("optimizer", optimizer), ("scaler", scaler)):
+    for part, obj in (("model", model), ("optimizer", optimizer), ("scaler", scaler)) if checkpoint else ():
         obj.load_state_dict(checkpoint[part])
-    if len(checkpoint["rng"]) == d.world_size:
-        torch.set_rng_state(checkpoint["rng"][d.rank]["torch"])
-        if d.device.type == "cuda" and checkpoint["rng"][d.rank]["cuda"] is not None:  # None: saved on the CPU
-            torch.cuda.set_rng_state(checkpoint["rng"][d.rank]["cuda"])
-    else:
+    rngs = checkpoint["rng"] if checkpoint else []
+    if len(rngs) == d.world_size:
+        torch.set_rng_state(rngs[d.rank]["torch"])
+        if d.device.type == "cuda" and rngs[d.rank]["cuda"] is not None:  # None: saved on the CPU
+            torch.cuda.set_rng_state(rngs[d.rank]["cuda"])
+    else:  # a new run (iteration 0), or a resumed one on another number of processes
         torch.manual_seed(c.seed + d.rank + 1000 * iter_num)
-        if d.master:
+        if checkpoint and d.master:
             print(f"note: the checkpoint holds generator states of {len(checkpoint['rng'])} processes, this run "
                   f"has {d.world_size}: reseeding, so the run will not repeat the original exactly")
     return iter_num
@@ -482,8 +475,7 @@ def train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log):
         scaler.scale(loss / c.grad_accum).backward()
         loss_sum += loss.detach().float()
     scaler.unscale_(optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
     loss = loss_sum / c.grad_accum
     if d.ddp:
         dist.all_reduce(loss)  # gloo has no AVG
@@ -501,9 +493,8 @@ def train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log):
 
 
 class Interval:
-    """What the log reports of the iterations since the last logging step, kept on the device until then:
-    mean loss, clips/s, data wait and MFU over the time spent in steps (evaluation and checkpoints excluded).
-    mfu_per_clip_s: the MFU of one clip per second (0: no peak known, no MFU)."""
+    """The log's mean loss, clips/s, data wait and MFU of the steps since the last log line (evaluation and checkpoints
+    excluded), kept on the device until read. mfu_per_clip_s: the MFU of one clip per second (0: no MFU)."""
 
     def __init__(self, d, clips_per_iter, mfu_per_clip_s):
         self.d, self.clips_per_iter, self.mfu_per_clip_s, self.bad, self.last_loss = d, clips_per_iter, mfu_per_clip_s, 0, None
