@@ -1,11 +1,10 @@
 """
-Masked facial-video autoencoding: pre-trains SVFAP's TPSBT encoder on unlabelled face videos
-(sections 2-4 and 7 of the reference).
+Pre-trains SVFAP's TPSBT encoder by masked autoencoding of unlabelled face videos (sections 2-4 and 7 of the reference).
 
     python pretrain.py config/pretrain_demo.py                          # CPU demo, minutes
     python pretrain.py config/pretrain_demo.py --batch_size=8 --model_args.mask_ratio=0.75
     torchrun --standalone --nproc_per_node=4 pretrain.py config/pretrain_voxceleb2_base.py
-    # 2 nodes x 4 GPUs: the same command on both nodes, NODE = 0 on the first and 1 on the second
+    # 2 nodes x 4 GPUs (out_dir on a file system both see): the same command on both, NODE = 0 or 1
     torchrun --nnodes=2 --node_rank=NODE --nproc_per_node=4 --master_addr=IP_OF_NODE_0 --master_port=29500 \\
         pretrain.py config/pretrain_voxceleb2_base.py
 
@@ -15,11 +14,10 @@ SVFAPConfig field of the `model` preset, and a list key (finetune.py's `predict`
 batch_size counts videos per optimiser step over all processes and accumulation steps, so a recipe means the
 same on 1 or 8 GPUs; lr = base_lr * clips per step / 256, clips per step = batch_size * repeated_sampling.
 
-Outputs in out_dir: ckpt.pt (written atomically), log.jsonl (one JSON object per logged iteration),
-results.json, and with each checkpoint recon_iterNNNNNNN_*.mp4: original | masked input | reconstruction
-("denorm-with-true-patch-stats": with norm_pix_loss the picture uses the true patches' mean and std, which
-the model never saw, so it flatters the model). --init_from=resume continues from ckpt.pt, mid-epoch too,
-with the losses of the uninterrupted run; out_dir must be on a file system every node sees.
+Outputs in out_dir: ckpt.pt (written atomically), log.jsonl (a JSON object per logged iteration), results.json, and
+with each checkpoint recon_iterNNNNNNN_*.mp4: original | masked input | reconstruction ("denorm-with-true-patch-stats":
+with norm_pix_loss the picture uses the true patches' mean and std, which the model never saw, so it flatters the
+model). --init_from=resume continues from ckpt.pt, mid-epoch too, with the uninterrupted run's losses.
 """
 
 import argparse
@@ -232,15 +230,14 @@ def load_config(defaults, argv):
             raise ConfigError(f"argument {arg!r}: write --{key}=VALUE")
         if key not in defaults:
             raise unknown_key(key, list(defaults), f"argument {arg!r}")
+        if dot and not isinstance(defaults[key], dict):
+            raise ConfigError(f"argument {arg!r}: {key} is not a dict, so {key}.{field} means nothing")
+        value = text if isinstance(defaults[key], (str, list)) else literal(text)
         if dot:  # --model_args.mask_ratio=0.75: one entry of a dict key, checked when the model is built
-            if not isinstance(defaults[key], dict):
-                raise ConfigError(f"argument {arg!r}: {key} is not a dict, so {key}.{field} means nothing")
-            c[key] = {**c[key], field: literal(text)}
+            value = {**c[key], field: value}
         elif isinstance(defaults[key], list):  # repeatable: --predict=a.mp4 --predict=b.mp4
-            c[key] = c[key] + [text]
-        else:
-            c[key] = typed(key, text if isinstance(defaults[key], str) else literal(text), defaults[key],
-                           f"argument {arg!r}")
+            value = c[key] + [text]
+        c[key] = typed(key, value, defaults[key], f"argument {arg!r}")
     return types.SimpleNamespace(**c)
 
 
@@ -437,8 +434,7 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
 
 
 def restore(checkpoint, model, optimizer, scaler, c, d):
-    """The state of a resumed run (returns its iteration), each rank's generator (drop path, mixup, erasing)
-    included; the log keeps the lines up to the checkpoint's iteration (a new run: none)."""
+    """A resumed run's state, each rank's generator included, and its log cut at its iteration; returns that."""
     iter_num, log_path = checkpoint["iter_num"] if checkpoint else 0, os.path.join(c.out_dir, "log.jsonl")
     if d.master and os.path.isfile(log_path):
         with open(log_path) as f:
@@ -461,10 +457,9 @@ def restore(checkpoint, model, optimizer, scaler, c, d):
 
 
 def train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log):
-    """One optimiser step over grad_accum micro-batches; returns (the next batch, the gradient norm). Its one
-    device-to-host sync checks that loss and gradient are finite, after the next batch's copy was issued: in
-    float32 / bfloat16 NonFiniteLoss before the step; in float16 a step whose gradients overflow is skipped
-    (and logged), and the run stops when the loss itself stays non-finite for 5 steps."""
+    """One optimiser step over grad_accum micro-batches; returns (the next batch, the gradient norm). Its one sync
+    checks loss and gradient: in float32 / bfloat16 a non-finite one raises NonFiniteLoss before the step; in float16
+    a step whose gradients overflow is skipped (logged); the run stops when the loss is non-finite 5 steps in a row."""
     loss_sum = torch.zeros((), device=d.device)
     for micro_step in range(c.grad_accum):
         if d.ddp:  # all-reduce the gradients on the last micro-step only
@@ -537,8 +532,7 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint {path} not found")
     try:
-        # the authors' release also stores its argparse.Namespace of arguments: allow that class, nothing else
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]):  # the release's arguments, nothing else
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated file or pickled objects beyond tensors and plain values
         raise ConfigError(f"checkpoint {path} cannot be loaded safely: {str(e).splitlines()[0]}") from None
