@@ -17,17 +17,15 @@ MAFW, ...) or regression (dimensional emotion, personality), as section 5 and 7 
     python finetune.py --explain=VIDEO --ckpt=CKPT --out=bottleneck.png
 
 Configuration works as in pretrain.py (see its docstring); paths containing "{fold}" take the value of --fold.
-init_from: "scratch", "resume" (out_dir/ckpt.pt), a pretrain.py checkpoint (its encoder and the encoder's
-shape, this config's model_args such as drop_path on top) or one of the authors' release (shape from `model`
-and `model_args`); it prints how many encoder tensors were loaded and names those that were not.
+init_from: "scratch", "resume" (out_dir/ckpt.pt), a pretrain.py checkpoint (its encoder and the encoder's shape,
+this config's model_args such as drop_path on top) or one of the authors' release (shape: `model`, `model_args`).
 
-Each video is evaluated on num_clips x num_crops views, their softmax probabilities (or regression outputs)
-averaged; every entry of val_list and test_list is checked at start-up (evaluation never skips a video).
-val_list is evaluated after every epoch: best.pt and val_predictions.csv keep the epoch with the best
-`best_metric`. test_list is evaluated at the end with the model of the best val epoch (test_predictions.csv)
-and the last one (test_predictions_last.csv). The release chose its best epoch on test (DFEW's val lists are
-its test lists): when val and test share videos this script says so loudly. Also in out_dir: ckpt.pt (the
-latest, for resume), log.jsonl, results.json.
+Evaluation averages the softmax probabilities (or regression outputs) of num_clips x num_crops views per video
+and never skips one (val_list and test_list are checked at start-up). val is evaluated after every epoch: best.pt
+and val_predictions.csv keep the epoch with the best `best_metric`; test at the end, with the model of the best
+val epoch (test_predictions.csv) and the last one (test_predictions_last.csv). The release chose its best epoch on
+test (DFEW's val lists are its test lists): when val and test share videos this script says so loudly. Also in
+out_dir: ckpt.pt (the latest, for resume), log.jsonl, results.json.
 
 --extract writes DIR/features.npy, float32 (N, C), a row per line of LIST in list order (the clip embedding
 averaged over the views: fc_norm's output for a finetune.py checkpoint or a release one that holds fc_norm,
@@ -169,14 +167,12 @@ def main(argv):
             video, soft = mixup_cutmix(video, soft, c.mixup, c.cutmix)
         return F.cross_entropy(net(video).float(), soft)  # soft targets: probabilities
 
-    def validate(epoch, iter_num):
-        """Evaluate val; keep best.pt and val_predictions.csv when best_metric improves."""
+    def validate(epoch, iter_num):  # best.pt and val_predictions.csv follow the best best_metric
         model.eval()
-        idx, scores = evaluate(view_scores(model, c.task), eval_sets["val"], d, c)
+        idx, scores = evaluate(model, eval_sets["val"], d, c)
         model.train()
         m = compute_metrics(eval_sets["val"], idx, scores, c)
-        improved = m[c.best_metric] > best["value"]
-        if improved:
+        if improved := m[c.best_metric] > best["value"]:
             best.update(value=m[c.best_metric], epoch=epoch, metrics=m)
         if d.master:
             if improved:
@@ -210,7 +206,7 @@ def test_results(c, d, model, test_set, best, last_epoch):
             if d.ddp:
                 dist.barrier()  # rank 0 wrote best.pt
             model.load_state_dict(load_checkpoint(os.path.join(c.out_dir, "best.pt"))["model"])
-        idx, scores = evaluate(view_scores(model, c.task), test_set, d, c)
+        idx, scores = evaluate(model, test_set, d, c)
         results[f"test_{name}"] = compute_metrics(test_set, idx, scores, c)
         if d.master:
             csv = "test_predictions.csv" if name == names[-1] else "test_predictions_last.csv"
@@ -250,9 +246,8 @@ def mixup_cutmix(video, soft_target, mixup_alpha, cutmix_alpha, switch_prob=0.5,
 
 def random_erasing(video, prob, min_area=0.02, max_area=1 / 3, min_aspect=0.3, generator=None):
     """timm's RandomErasing (mode "pixel", one box) as the release applies it: each frame on its own, with
-    probability prob, gets a box of normal noise covering 2-33% of its area, aspect ratio 0.3-3.3 (up to 10
-    tries to fit: all frames draw their 10 tries at once and keep the first that fits). video (B, 3, T, H, W),
-    normalised, so the noise has the data's scale."""
+    probability prob, gets a box of normal noise (of 10 tries drawn at once, the first that fits).
+    video (B, 3, T, H, W), normalised, so the noise has the data's scale."""
     B, C, T, H, W = video.shape
     rand = lambda *shape: torch.rand(shape, generator=generator, device=video.device)
     area = H * W * (min_area + (max_area - min_area) * rand(B, T, 10))
@@ -273,7 +268,7 @@ def random_erasing(video, prob, min_area=0.02, max_area=1 / 3, min_aspect=0.3, g
 def eval_dataset(c, key, mc):
     """An "eval" dataset of the list in config key `key`, every entry checked now (evaluation never skips one)."""
     ds = make_dataset(c, key, "eval", mc, num_clips=c.num_clips, num_crops=c.num_crops, task=c.task,
-                      num_outputs=num_model_outputs(c) if key != "extract" else None)
+                      num_outputs=num_model_outputs(c) if "_list" in key else None)  # no labels: --predict, --extract
     if bad := ds.unreadable():
         shown = "; ".join(f"line {n}: {path} ({reason})" for n, path, reason in bad[:20])
         raise ConfigError(f"{key}={getattr(c, key)}: {len(bad)} of {len(ds)} entries cannot be read (evaluation "
@@ -281,16 +276,11 @@ def eval_dataset(c, key, mc):
     return ds
 
 
-def view_scores(model, task):
-    """Per-view scores: softmax probabilities (classification, averaged as in the release) or the outputs."""
-    return lambda video: model(video).float().softmax(-1) if task == "classification" else model(video).float()
-
-
 @torch.no_grad()
 def evaluate(score_fn, dataset, d, c):
-    """(indices (N,), scores (N, C)) of every video of an "eval" dataset, on every rank: score_fn of each view,
-    averaged over a video's views. Each process takes every world_size-th video, without DistributedSampler's
-    padding (it would count videos twice); the rows gathered and sorted by index equal one process's."""
+    """(indices (N,), scores (N, C)) of every video of an "eval" dataset on every rank: score_fn of each view (for
+    classification its softmax probabilities, as the release's merge step) averaged over the views. Each process
+    takes every world_size-th video (no padding: no video counted twice); the result equals one process's."""
     loader = DataLoader(Subset(dataset, range(d.rank, len(dataset), d.world_size)), c.eval_batch_size,
                         num_workers=c.num_workers, pin_memory=d.device.type == "cuda", generator=torch.Generator())
     indices, scores = [], []
@@ -298,7 +288,8 @@ def evaluate(score_fn, dataset, d, c):
         B, V = views.shape[:2]  # views uint8 (B, V, T, 3, S, S)
         video = device_transform(views.to(d.device, non_blocking=True), None, dataset.img_size).flatten(0, 1)
         with autocast(d):
-            scores.append(score_fn(video).float().view(B, V, -1).mean(1).cpu())  # (B*V, C) -> (B, C)
+            out = score_fn(video).float()  # (B*V, C)
+            scores.append((out.softmax(-1) if c.task == "classification" else out).view(B, V, -1).mean(1).cpu())
         indices.append(index)
     parts = [(torch.cat(indices), torch.cat(scores))] * d.world_size  # tensors: a million features fit
     if d.ddp:
@@ -345,29 +336,27 @@ def num_model_outputs(c):
 
 def build_classifier(c, master):
     """SVFAPClassifier as init_from says (scratch and resume start from the config's preset)."""
-    n_out = num_model_outputs(c)
-    if c.init_from in ("scratch", "resume"):
-        return SVFAPClassifier(build_model_config(c.model, c.model_args), n_out)
-    ckpt = load_checkpoint(c.init_from)
-    if "model_config" in ckpt:  # a pretrain.py (or finetune.py) checkpoint: reuse its encoder's shape
-        model = SVFAPClassifier(build_model_config(None, c.model_args, base=ckpt["model_config"]), n_out)
+    ckpt = {} if c.init_from in ("scratch", "resume") else load_checkpoint(c.init_from)
+    # a pretrain.py (or finetune.py) checkpoint decides the encoder's shape; a release checkpoint: `model`
+    model = SVFAPClassifier(build_model_config(c.model, c.model_args, base=ckpt.get("model_config")),
+                            num_model_outputs(c))
+    if not ckpt:
+        return model
+    target = model.encoder.state_dict()
+    if "model_config" in ckpt:
         source = {k.removeprefix("encoder."): v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
-        target = model.encoder.state_dict()
         loaded = {k: v for k, v in source.items() if k in target and v.shape == target[k].shape}
         model.encoder.load_state_dict(loaded, strict=False)
         not_loaded, unused = sorted(set(target) - set(loaded)), sorted(set(source) - set(loaded))
         layout = f"pretrain.py checkpoint, preset {ckpt['config'].get('model')!r}"
     else:  # the authors' release
-        model = SVFAPClassifier(build_model_config(c.model, c.model_args), n_out)
         state = next((ckpt[k] for k in ("model", "module") if isinstance(ckpt.get(k), dict)), ckpt)
-        head = model.head.state_dict()  # a fine-tuned release head with another class count stays out
-        state = {k: v for k, v in state.items()
-                 if not (k in ("head.weight", "head.bias") and v.shape != head[k.split(".")[1]].shape)}
+        own = model.state_dict()  # a fine-tuned release head with another class count stays out
+        state = {k: v for k, v in state.items() if not (k in ("head.weight", "head.bias") and v.shape != own[k].shape)}
         try:
             missing, unused = load_official_state_dict(model, state)
         except ValueError as e:
             raise ConfigError(f"init_from={c.init_from}: {e}") from None
-        target = model.encoder.state_dict()
         not_loaded = [k.removeprefix("encoder.") for k in missing if k.startswith("encoder.")]
         layout = "the authors' release layout"
         model.has_fc_norm = "fc_norm.weight" not in missing
@@ -379,9 +368,8 @@ def build_classifier(c, master):
 
 
 def checkpoint_model(c, encoder_ok=False):
-    """(model in eval mode on this process's device, the config of the run that wrote it, setup(c)) of --ckpt: a
-    finetune.py checkpoint's classifier as trained; with encoder_ok (--extract) also a pretrain.py or release
-    checkpoint, whose encoder it loads as init_from does (config None)."""
+    """(model in eval mode, the config of the run that wrote it, setup(c)) of a finetune.py --ckpt; with encoder_ok
+    (--extract) also of a pretrain.py or release checkpoint, its encoder loaded as init_from does (config None)."""
     ckpt = load_checkpoint(c.ckpt)
     finetuned = "model_config" in ckpt and ckpt.get("config", {}).get("task") is not None
     if not finetuned and not encoder_ok:
@@ -406,13 +394,11 @@ def predict_videos(c):
         if any(ch.isspace() for ch in os.path.abspath(path)):  # annotation lines are split at whitespace
             raise ConfigError(f"--predict={path}: paths with spaces are not supported; rename or link the file")
     model, cc, d = checkpoint_model(c)
-    labels = " ".join(["0"] * (1 if cc.task == "classification" else cc.num_outputs))
-    with tempfile.TemporaryDirectory() as tmp:
-        cc.predict, cc.data_root, cc.replace_prefix, cc.num_workers = os.path.join(tmp, "predict.txt"), "", (), 0
+    with tempfile.TemporaryDirectory() as tmp:  # a list of absolute paths: the run's replace_prefix must not apply
+        cc.predict, cc.replace_prefix, cc.num_workers, cc.eval_batch_size = os.path.join(tmp, "predict.txt"), (), 0, 1
         with open(cc.predict, "w") as f:
-            f.writelines(f"{os.path.abspath(p)} {labels}\n" for p in c.predict)
-        cc.eval_batch_size = 1
-        _, scores = evaluate(view_scores(model, cc.task), eval_dataset(cc, "predict", model.cfg), d, cc)
+            f.writelines(os.path.abspath(p) + "\n" for p in c.predict)
+        _, scores = evaluate(model, eval_dataset(cc, "predict", model.cfg), d, cc)
     names = list(cc.class_names) or [str(i) for i in range(num_model_outputs(cc))]
     for path, s in zip(c.predict, scores if d.master else []):
         top = f"  -> {names[int(s.argmax())]}" if cc.task == "classification" else ""
@@ -420,20 +406,18 @@ def predict_videos(c):
 
 
 def evaluate_checkpoint(c):
-    """eval_only: the metrics of `ckpt` on val_list and test_list; predictions as eval_<split>_predictions.csv.
-    The task, outputs and class names come from the checkpoint; the lists and view counts from the config."""
+    """eval_only: `ckpt`'s metrics (its task and classes) on val_list and test_list; eval_<split>_predictions.csv."""
     model, cc, d = checkpoint_model(c)
     c.task, c.num_classes, c.num_outputs, c.class_names = cc.task, cc.num_classes, cc.num_outputs, cc.class_names
     results = {}
     for split in [s for s in ("val", "test") if getattr(c, f"{s}_list")]:
         ds = eval_dataset(c, f"{split}_list", model.cfg)
-        idx, scores = evaluate(view_scores(model, c.task), ds, d, c)
+        idx, scores = evaluate(model, ds, d, c)
         results[split] = compute_metrics(ds, idx, scores, c)
         if d.master:
             path = os.path.join(c.out_dir, f"eval_{split}_predictions.csv")
             write_predictions(path, ds, idx, scores, c)
-            print(f"{split} ({getattr(c, f'{split}_list')}, {len(idx)} videos): {format_metrics(results[split])}"
-                  f"  -> {path}")
+            print(f"{split} ({ds.annotation_file}, {len(idx)} videos): {format_metrics(results[split])}  -> {path}")
     if d.master:
         write_json(os.path.join(c.out_dir, "results_eval.json"), {"ckpt": c.ckpt, **results})
 
@@ -443,7 +427,7 @@ def extract_features(c):
     check_lists(c, "extract")
     model, cc, d = checkpoint_model(c, encoder_ok=True)
     pooled = cc is not None or getattr(model, "has_fc_norm", False)  # fc_norm's output (finetune.py: the head's input)
-    c.task = "regression"  # labels are optional and unused
+    c.task = "regression"  # the features as they are (no softmax); labels are optional and unused
     ds = eval_dataset(c, "extract", model.cfg)
     _, features = evaluate(lambda v: model.embed(v)[0] if pooled else model.embed(v)[1].mean(1), ds, d, c)
     if d.master:
@@ -456,10 +440,9 @@ def extract_features(c):
 
 @torch.no_grad()
 def explain_video(c):
-    """--explain=VIDEO --ckpt=CKPT --out=FILE.png: what the K bottleneck tokens of each TPSBT stage look at in the
-    middle clip of a video: per stage a row per token, a column per temporal slice, each cell the slice's middle
-    frame under the token's softmax weights over its positions (per cell: dark 0, red half the maximum, yellow
-    the maximum). Returns the frames uint8 (T, S, S, 3) and each stage's weights (T_s, P, K)."""
+    """--explain: per stage a row per bottleneck token, a column per temporal slice of the video's middle clip, each
+    cell the slice's middle frame under the token's softmax weights over its positions (dark 0, red half the
+    maximum, yellow the maximum). Returns the frames uint8 (T, S, S, 3) and each stage's weights (T_s, P, K)."""
     if not os.path.isfile(c.explain):
         raise ConfigError(f"--explain={c.explain}: video not found")
     ckpt = load_checkpoint(c.ckpt)
@@ -469,7 +452,7 @@ def explain_video(c):
     encoder = TPSBT(cfg).eval()  # pre-training and fine-tuning keep the encoder under "encoder."
     encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in ckpt["model"].items() if k.startswith("encoder.")})
     with tempfile.TemporaryDirectory() as tmp:
-        cc.explain, cc.data_root, cc.replace_prefix = os.path.join(tmp, "explain.txt"), "", ()
+        cc.explain, cc.replace_prefix = os.path.join(tmp, "explain.txt"), ()  # an absolute path, as written
         with open(cc.explain, "w") as f:
             f.write(os.path.abspath(c.explain) + "\n")
         views = make_dataset(cc, "explain", "eval", cfg, num_clips=1, num_crops=1)[0][0]  # (1, T, 3, S, S) uint8
@@ -509,8 +492,7 @@ def apply_fold(c):
 def check_task(c):
     if c.task not in METRICS:
         raise ConfigError(f"task={c.task!r}: valid values are classification and regression")
-    n_out = num_model_outputs(c)
-    if n_out < 1:
+    if (n_out := num_model_outputs(c)) < 1:
         raise ConfigError(f"{'num_classes' if c.task == 'classification' else 'num_outputs'} must be at least 1")
     if c.class_names and len(c.class_names) != n_out:
         raise ConfigError(f"class_names has {len(c.class_names)} names but the model has {n_out} outputs")
@@ -522,11 +504,9 @@ def check_task(c):
 def overlap_warning(val, test):
     """The release's val lists are its test lists: selecting the best epoch on them is selecting on test."""
     shared = {p for p, _ in val.samples} & {p for p, _ in test.samples}
-    if not shared:
-        return ""
     what = "the same videos" if len(shared) == len(val.samples) == len(test.samples) else f"{len(shared)} videos"
     return (f"WARNING: val_list and test_list hold {what}: the best-on-val epoch is chosen on the test set and its "
-            f"test metrics are optimistic; the last epoch's test metrics are reported beside them")
+            f"test metrics are optimistic; the last epoch's test metrics are reported beside them") if shared else ""
 
 
 def summary(c, r, warning):

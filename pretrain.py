@@ -1,11 +1,10 @@
 """
-Masked facial-video autoencoding: pre-trains SVFAP's TPSBT encoder on unlabelled face videos
-(sections 2-4 and 7 of the reference).
+Pre-trains SVFAP's TPSBT encoder by masked autoencoding of unlabelled face videos (sections 2-4 and 7 of the reference).
 
     python pretrain.py config/pretrain_demo.py                          # CPU demo, minutes
     python pretrain.py config/pretrain_demo.py --batch_size=8 --model_args.mask_ratio=0.75
     torchrun --standalone --nproc_per_node=4 pretrain.py config/pretrain_voxceleb2_base.py
-    # 2 nodes x 4 GPUs: the same command on both nodes, NODE = 0 on the first and 1 on the second
+    # 2 nodes x 4 GPUs (out_dir on a file system both see): the same command on both, NODE = 0 or 1
     torchrun --nnodes=2 --node_rank=NODE --nproc_per_node=4 --master_addr=IP_OF_NODE_0 --master_port=29500 \\
         pretrain.py config/pretrain_voxceleb2_base.py
 
@@ -15,11 +14,10 @@ SVFAPConfig field of the `model` preset, and a list key (finetune.py's `predict`
 batch_size counts videos per optimiser step over all processes and accumulation steps, so a recipe means the
 same on 1 or 8 GPUs; lr = base_lr * clips per step / 256, clips per step = batch_size * repeated_sampling.
 
-Outputs in out_dir: ckpt.pt (written atomically), log.jsonl (one JSON object per logged iteration),
-results.json, and with each checkpoint recon_iterNNNNNNN_*.mp4: original | masked input | reconstruction
-("denorm-with-true-patch-stats": with norm_pix_loss the picture uses the true patches' mean and std, which
-the model never saw, so it flatters the model). --init_from=resume continues from ckpt.pt, mid-epoch too,
-with the losses of the uninterrupted run; out_dir must be on a file system every node sees.
+Outputs in out_dir: ckpt.pt (written atomically), log.jsonl (a JSON object per logged iteration), results.json, and
+with each checkpoint recon_iterNNNNNNN_*.mp4: original | masked input | reconstruction ("denorm-with-true-patch-stats":
+with norm_pix_loss the picture uses the true patches' mean and std, which the model never saw, so it flatters the
+model). --init_from=resume continues from ckpt.pt, mid-epoch too, with the uninterrupted run's losses.
 """
 
 import argparse
@@ -136,8 +134,7 @@ def main(argv):
 
 
 def reconstruction_clips(c, mc, d):
-    """The first vis_clips readable clips of vis_list (or train_list) and a fixed tube mask; a broken file is
-    skipped with a note (the list may be a million-line training list)."""
+    """The first vis_clips readable clips of vis_list (or train_list), broken files skipped, and a fixed tube mask."""
     ds = make_dataset(c, "vis_list" if c.vis_list else "train_list", "eval", mc, num_clips=1, num_crops=1)
     clips = []
     for i in range(min(len(ds), 20 * c.vis_clips)):  # bounded: the other ranks wait in DDP's set-up meanwhile
@@ -188,8 +185,6 @@ class NonFiniteLoss(RuntimeError):
 
 def typed(key, value, default, source):
     """value as the type of the key's default, or ConfigError (no silent conversions: 1 is not a bool)."""
-    if isinstance(default, bool) and isinstance(value, str) and value.lower() in ("true", "false"):
-        value = value.lower() == "true"
     kind = {float: (int, float), tuple: (tuple, list), list: (tuple, list)}.get(type(default), (type(default),))
     if not isinstance(value, kind) or (isinstance(value, bool) and not isinstance(default, bool)):
         names = {bool: "True or False", int: "an integer", float: "a number", str: "a string",
@@ -201,10 +196,10 @@ def typed(key, value, default, source):
 
 
 def literal(text):
-    try:
+    """A command-line value as Python reads it, true / false as booleans; else the text, which typed() reports."""
+    with contextlib.suppress(ValueError, SyntaxError):
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # typed() reports it with the key's expected type
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def unknown_key(key, valid, source):
@@ -235,15 +230,14 @@ def load_config(defaults, argv):
             raise ConfigError(f"argument {arg!r}: write --{key}=VALUE")
         if key not in defaults:
             raise unknown_key(key, list(defaults), f"argument {arg!r}")
+        if dot and not isinstance(defaults[key], dict):
+            raise ConfigError(f"argument {arg!r}: {key} is not a dict, so {key}.{field} means nothing")
+        value = text if isinstance(defaults[key], (str, list)) else literal(text)
         if dot:  # --model_args.mask_ratio=0.75: one entry of a dict key, checked when the model is built
-            if not isinstance(defaults[key], dict):
-                raise ConfigError(f"argument {arg!r}: {key} is not a dict, so {key}.{field} means nothing")
-            c[key] = {**c[key], field: literal(text)}
+            value = {**c[key], field: value}
         elif isinstance(defaults[key], list):  # repeatable: --predict=a.mp4 --predict=b.mp4
-            c[key] = c[key] + [text]
-        else:
-            c[key] = typed(key, text if isinstance(defaults[key], str) else literal(text), defaults[key],
-                           f"argument {arg!r}")
+            value = c[key] + [text]
+        c[key] = typed(key, value, defaults[key], f"argument {arg!r}")
     return types.SimpleNamespace(**c)
 
 
@@ -287,9 +281,9 @@ def make_dataset(c, key, mode, mc, **kw):
     """data.VideoDataset of the list in config key `key`; load and label errors become one ConfigError line."""
     try:
         return VideoDataset(getattr(c, key), mode, img_size=mc.img_size, num_frames=mc.num_frames,
-                          sampling_rate=c.sampling_rate, crop_box=tuple(c.crop_box) or None,
-                          root=c.data_root or None, replace_prefix=tuple(c.replace_prefix) or None,
-                          max_fail_fraction=c.max_fail_fraction, crop_scales=tuple(c.crop_scales), seed=c.seed, **kw)
+                            sampling_rate=c.sampling_rate, crop_box=tuple(c.crop_box) or None, seed=c.seed,
+                            root=c.data_root or None, replace_prefix=tuple(c.replace_prefix) or None,
+                            max_fail_fraction=c.max_fail_fraction, crop_scales=tuple(c.crop_scales), **kw)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}: {e}") from None
 
@@ -299,8 +293,7 @@ Dist = namedtuple("Dist", "ddp rank local_rank world_size device master dtype")
 
 
 def setup(c):
-    """Process group (NCCL on CUDA, gloo on the CPU) when started by torchrun, the device and dtype of this
-    process, out_dir, and the same initial weights on every rank."""
+    """This process's device and dtype, its process group under torchrun (NCCL on CUDA, gloo on the CPU), out_dir."""
     name = ("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but CUDA is not available; use device=cpu")
@@ -343,10 +336,9 @@ def lr_at(it, lr, min_lr, warmup_iters, total_iters):
 
 
 def param_groups(model, weight_decay, layer_decay=1.0, head_lr_scale=1.0):
-    """AdamW groups. Weight decay only on weight matrices and kernels, not on norms, biases, the mask token
-    (model.no_weight_decay; the position tables are buffers). layer_decay < 1 (fine-tuning): one group per
-    layer of model.lr_layer_id, lr_scale = layer_decay ** (num_lr_layers - 1 - layer). head_lr_scale: see
-    finetune.py's config (the head starts at 0.001 x its initial scale)."""
+    """AdamW groups: weight decay only on weight matrices and kernels (model.no_weight_decay). layer_decay < 1
+    (fine-tuning): a group per layer of model.lr_layer_id, lr_scale = layer_decay ** (num_lr_layers - 1 - layer),
+    times head_lr_scale for fc_norm and the head (see finetune.py's config)."""
     groups = {}
     for name, p in model.named_parameters():
         decay = not no_weight_decay(name, p)
@@ -442,36 +434,32 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
 
 
 def restore(checkpoint, model, optimizer, scaler, c, d):
-    """The state of a resumed run (returns its iteration), each rank's generator (drop path, mixup, erasing)
-    included; the log keeps the lines up to the checkpoint's iteration (a new run: none)."""
+    """A resumed run's state, each rank's generator included, and its log cut at its iteration; returns that."""
     iter_num, log_path = checkpoint["iter_num"] if checkpoint else 0, os.path.join(c.out_dir, "log.jsonl")
     if d.master and os.path.isfile(log_path):
         with open(log_path) as f:
             lines = [line for line in f if line.strip() and json.loads(line).get("iter", 0) <= iter_num]
         with open(log_path, "w") as f:
             f.writelines(lines)
-    if not checkpoint:
-        torch.manual_seed(c.seed + d.rank)
-        return 0
-    for part, obj in (("model", model), ("optimizer", optimizer), ("scaler", scaler)):
+    for part, obj in (("model", model), ("optimizer", optimizer), ("scaler", scaler)) if checkpoint else ():
         obj.load_state_dict(checkpoint[part])
-    if len(checkpoint["rng"]) == d.world_size:
-        torch.set_rng_state(checkpoint["rng"][d.rank]["torch"])
-        if d.device.type == "cuda" and checkpoint["rng"][d.rank]["cuda"] is not None:  # None: saved on the CPU
-            torch.cuda.set_rng_state(checkpoint["rng"][d.rank]["cuda"])
-    else:
+    rngs = checkpoint["rng"] if checkpoint else []
+    if len(rngs) == d.world_size:
+        torch.set_rng_state(rngs[d.rank]["torch"])
+        if d.device.type == "cuda" and rngs[d.rank]["cuda"] is not None:  # None: saved on the CPU
+            torch.cuda.set_rng_state(rngs[d.rank]["cuda"])
+    else:  # a new run (iteration 0), or a resumed one on another number of processes
         torch.manual_seed(c.seed + d.rank + 1000 * iter_num)
-        if d.master:
+        if checkpoint and d.master:
             print(f"note: the checkpoint holds generator states of {len(checkpoint['rng'])} processes, this run "
                   f"has {d.world_size}: reseeding, so the run will not repeat the original exactly")
     return iter_num
 
 
 def train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log):
-    """One optimiser step over grad_accum micro-batches; returns (the next batch, the gradient norm). Its one
-    device-to-host sync checks that loss and gradient are finite, after the next batch's copy was issued: in
-    float32 / bfloat16 NonFiniteLoss before the step; in float16 a step whose gradients overflow is skipped
-    (and logged), and the run stops when the loss itself stays non-finite for 5 steps."""
+    """One optimiser step over grad_accum micro-batches; returns (the next batch, the gradient norm). Its one sync
+    checks loss and gradient: in float32 / bfloat16 a non-finite one raises NonFiniteLoss before the step; in float16
+    a step whose gradients overflow is skipped (logged); the run stops when the loss is non-finite 5 steps in a row."""
     loss_sum = torch.zeros((), device=d.device)
     for micro_step in range(c.grad_accum):
         if d.ddp:  # all-reduce the gradients on the last micro-step only
@@ -482,8 +470,7 @@ def train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log):
         scaler.scale(loss / c.grad_accum).backward()
         loss_sum += loss.detach().float()
     scaler.unscale_(optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
     loss = loss_sum / c.grad_accum
     if d.ddp:
         dist.all_reduce(loss)  # gloo has no AVG
@@ -501,9 +488,8 @@ def train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log):
 
 
 class Interval:
-    """What the log reports of the iterations since the last logging step, kept on the device until then:
-    mean loss, clips/s, data wait and MFU over the time spent in steps (evaluation and checkpoints excluded).
-    mfu_per_clip_s: the MFU of one clip per second (0: no peak known, no MFU)."""
+    """The log's mean loss, clips/s, data wait and MFU of the steps since the last log line (evaluation and checkpoints
+    excluded), kept on the device until read. mfu_per_clip_s: the MFU of one clip per second (0: no MFU)."""
 
     def __init__(self, d, clips_per_iter, mfu_per_clip_s):
         self.d, self.clips_per_iter, self.mfu_per_clip_s, self.bad, self.last_loss = d, clips_per_iter, mfu_per_clip_s, 0, None
@@ -546,8 +532,7 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint {path} not found")
     try:
-        # the authors' release also stores its argparse.Namespace of arguments: allow that class, nothing else
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]):  # the release's arguments, nothing else
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated file or pickled objects beyond tensors and plain values
         raise ConfigError(f"checkpoint {path} cannot be loaded safely: {str(e).splitlines()[0]}") from None
