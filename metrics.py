@@ -210,6 +210,8 @@ def group_average(ids, scores, targets, groups):
         groups = [m.group(1 if m.re.groups else 0) for m in matches]
     keys = [str(k) for k in groups]
     scores, targets = _as_array(scores, "scores").astype(np.float64), _as_array(targets, "targets")
+    if not len(keys) == len(scores) == len(targets):
+        raise ValueError(f"{len(keys)} clips but {len(scores)} scores and {len(targets)} targets; they must match")
     videos, head, video = np.unique(keys, return_index=True, return_inverse=True)  # (V,), (V,) first clips, (N,)
     if len(bad := np.flatnonzero((targets != targets[head][video]).reshape(len(keys), -1).any(axis=1))):
         b, f = bad[0], head[video[bad[0]]]

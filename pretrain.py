@@ -299,7 +299,8 @@ def setup(c):
         raise ConfigError(f"device={name} but CUDA is not available; use device=cpu")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise ConfigError(f"device={name!r}: valid values are auto, cpu, cuda, cuda:N")
-    auto = torch.bfloat16 if name.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    cuda_bf16 = c.dtype == "auto" and name.startswith("cuda") and torch.cuda.is_bf16_supported()  # asked: auto only
+    auto = torch.bfloat16 if cuda_bf16 else torch.float32
     dtype = {"auto": auto, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(c.dtype)
     if dtype is None:
         raise ConfigError(f"dtype={c.dtype!r}: valid values are auto, float32, bfloat16, float16")
@@ -436,9 +437,9 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
 def restore(checkpoint, model, optimizer, scaler, c, d):
     """A resumed run's state, each rank's generator included, and its log cut at its iteration; returns that."""
     iter_num, log_path = checkpoint["iter_num"] if checkpoint else 0, os.path.join(c.out_dir, "log.jsonl")
-    if d.master and os.path.isfile(log_path):
+    if d.master and os.path.isfile(log_path):  # a new run empties it unread (it may end in a half-written line)
         with open(log_path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line).get("iter", 0) <= iter_num]
+            lines = [line for line in f if checkpoint and line.strip() and json.loads(line).get("iter", 0) <= iter_num]
         with open(log_path, "w") as f:
             f.writelines(lines)
     for part, obj in (("model", model), ("optimizer", optimizer), ("scaler", scaler)) if checkpoint else ():

@@ -1,5 +1,6 @@
 """Tests for svfap. They read like the paper's claims; each asserts numbers or behaviour."""
 
+import argparse
 import ast
 import fractions
 import json
@@ -915,6 +916,8 @@ def test_video_grouping_names_the_clip_that_breaks_it():
     with pytest.raises(ValueError, match="clip 'clips/A/2.mp4' has target 1 but clip 'clips/A/0.mp4' of the same "
                                          "video 'clips/A' has 0"):
         metrics.group_average(ids, scores, targets, r"(.*)/[^/]+$")
+    with pytest.raises(ValueError, match="7 clips but 6 scores and 7 targets; they must match"):
+        metrics.group_average(ids, scores[:6], targets, r"(.*)/[^/]+$")
 
 
 @pytest.mark.parametrize("name", ["cremad", "ravdess", "enterface05", "werewolfxl", "avcaffe", "firstimpressions"])
@@ -1708,6 +1711,14 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(train_data, t
     assert max(train_losses(tmp_path)) == 2
     # the reconstruction video is named for how it was de-normalised
     assert os.path.isfile(tmp_path / "recon_iter0000002_plain.mp4")
+
+
+def test_a_new_run_starts_an_empty_log_even_after_a_run_killed_mid_line(tmp_path):
+    (tmp_path / "log.jsonl").write_text(json.dumps({"iter": 5, "loss": 1.0}) + '\n{"iter": 10, "lo')
+    c, d = argparse.Namespace(out_dir=str(tmp_path), seed=0), pretrain.Dist(False, 0, 0, 1, torch.device("cpu"), True,
+                                                                             torch.float32)
+    assert pretrain.restore(None, None, None, None, c, d) == 0
+    assert (tmp_path / "log.jsonl").read_text() == ""
 
 
 def test_checkpoint_holds_everything_to_rebuild_and_resume(train_pretrained):
