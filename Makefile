@@ -74,7 +74,7 @@ $(DATA)/pretrain.txt:
 # are at 97 UAR whatever the pre-training; with 1 the result hangs on which clip was drawn. No val list: picking the
 # best epoch on its 120 labelled clips would use 10x the training labels; the last epoch's model is tested.
 # A stage stops the one schedule at epoch E (max_iters) and the next resumes it, so a kept checkpoint is the
-# uninterrupted run's; the lr there has not decayed yet. A stage is done when PAPER/<run>_e<E>/ckpt.pt exists.
+# uninterrupted run's (the lr there has not decayed yet). A stage is done when <run>/ckpt_epoch<E>.pt exists.
 PAPER ?= out/paper
 EPOCHS ?= 1 2 5 10 20
 VIT_EPOCH ?= 10
@@ -83,13 +83,15 @@ VIT = --model_args.temporal_pyramid=False --model_args.spatial_bottleneck=False
 FEW2 = --train_list=$(DATA)/train_2per_class.txt --val_list= --test_list=$(DATA)/test.txt --batch_size=4 \
        --epochs=40 --warmup_epochs=2
 
-# $(1): model arguments, $(2): epochs to stop and keep the checkpoint at; 32 is the config's batch_size
-STAGES = mkdir -p $(PAPER) && run=$(@D:_e$(lastword $(2))=) && echo "== $$run" && \
-    n=$$(($$(wc -l < $(DATA)/pretrain.txt) / 32)) && for e in $(2); do [ -f $${run}_e$$e/ckpt.pt ] && continue; \
-      $(PRETRAIN) $(1) --epochs=$(lastword $(EPOCHS)) --max_iters=$$((e * n)) --seed=$* --out_dir=$$run \
-        --init_from=$$([ -f $$run/ckpt.pt ] && echo resume || echo scratch) >> $$run.log 2>&1 \
-      || { tail -n 5 $$run.log; echo "failed: $$run, log $$run.log"; exit 1; }; \
-      mkdir -p $${run}_e$$e && cp $$run/ckpt.pt $${run}_e$$e/tmp.pt && mv $${run}_e$$e/tmp.pt $${run}_e$$e/ckpt.pt; done
+# $(1): model arguments, $(2): the epochs to stop at and keep the checkpoint of; 32 is the config's batch_size
+STAGES = mkdir -p $(@D) && echo "== $(@D)" && n=$$(($$(wc -l < $(DATA)/pretrain.txt) / 32)) && for e in $(2); do \
+    [ -f $(@D)/ckpt_epoch$$e.pt ] && continue; \
+    $(PRETRAIN) $(1) --epochs=$(lastword $(EPOCHS)) --max_iters=$$((e * n)) --seed=$* --out_dir=$(@D) \
+      --init_from=$$([ -f $(@D)/ckpt.pt ] && echo resume || echo scratch) >> $(@D).log 2>&1 \
+      || { tail -n 5 $(@D).log; echo "failed: $(@D), log $(@D).log"; exit 1; }; \
+    cp $(@D)/ckpt.pt $(@D)/tmp.pt && mv $(@D)/tmp.pt $(@D)/ckpt_epoch$$e.pt; done
+LAST = $(PAPER)/pretrain_tpsbt_seed%/ckpt_epoch$(lastword $(EPOCHS)).pt
+VIT_LAST = $(PAPER)/pretrain_vit_seed%/ckpt_epoch$(VIT_EPOCH).pt
 
 .PHONY: paper
 paper: $(PAPER)/results.md
@@ -99,24 +101,22 @@ $(PAPER)/results.md: $(foreach s,$(SEEDS),$(foreach e,$(EPOCHS),$(PAPER)/few_tps
                        $(PAPER)/few_scratch_seed$(s)/results.json $(PAPER)/few_vit_e$(VIT_EPOCH)_seed$(s)/results.json)
 	$(PYTHON) metrics.py --paper=$(PAPER) --svg=$(PAPER_SVG) > $@
 
-$(PAPER)/pretrain_tpsbt_seed%_e$(lastword $(EPOCHS))/ckpt.pt: | $(DATA)/pretrain.txt
+$(LAST): | $(DATA)/pretrain.txt
 	@$(call STAGES,,$(EPOCHS))
-$(PAPER)/pretrain_vit_seed%_e$(VIT_EPOCH)/ckpt.pt: | $(DATA)/pretrain.txt
+$(VIT_LAST): | $(DATA)/pretrain.txt
 	@$(call STAGES,$(VIT),$(VIT_EPOCH))
 # fine-tune the checkpoint of epoch $(1)
 define FEW_TPSBT
-$(PAPER)/few_tpsbt_e$(1)_seed%/results.json: $(PAPER)/pretrain_tpsbt_seed%_e$(lastword $(EPOCHS))/ckpt.pt \
-                                              $(DATA)/train_2per_class.txt
-	@$$(call RUN,$$(FINETUNE) $$(FEW2) --init_from=$(PAPER)/pretrain_tpsbt_seed$$*_e$(1)/ckpt.pt)
+$(PAPER)/few_tpsbt_e$(1)_seed%/results.json: $(LAST) $(DATA)/train_2per_class.txt
+	@$$(call RUN,$$(FINETUNE) $$(FEW2) --init_from=$(PAPER)/pretrain_tpsbt_seed$$*/ckpt_epoch$(1).pt)
 endef
 $(foreach e,$(EPOCHS),$(eval $(call FEW_TPSBT,$(e))))
-$(PAPER)/few_vit_e$(VIT_EPOCH)_seed%/results.json: $(PAPER)/pretrain_vit_seed%_e$(VIT_EPOCH)/ckpt.pt \
-                                                   $(DATA)/train_2per_class.txt
-	@$(call RUN,$(FINETUNE) $(FEW2) --init_from=$(<D)/ckpt.pt)
+$(PAPER)/few_vit_e$(VIT_EPOCH)_seed%/results.json: $(VIT_LAST) $(DATA)/train_2per_class.txt
+	@$(call RUN,$(FINETUNE) $(FEW2) --init_from=$<)
 $(PAPER)/few_scratch_seed%/results.json: $(DATA)/train_2per_class.txt
 	@$(call RUN,$(FINETUNE) $(FEW2) --init_from=scratch)
 
 $(DATA)/train_2per_class.txt: | $(DATA)/pretrain.txt
 	awk '++n[$$2] <= 2' $(DATA)/train_10pct.txt > $@
 
-.PRECIOUS: $(PAPER)/%/results.json $(PAPER)/pretrain_tpsbt_seed%_e$(lastword $(EPOCHS))/ckpt.pt $(PAPER)/pretrain_vit_seed%_e$(VIT_EPOCH)/ckpt.pt
+.PRECIOUS: $(PAPER)/%/results.json $(LAST) $(VIT_LAST)
