@@ -2271,6 +2271,20 @@ def test_release_checkpoint_with_its_argparse_namespace_loads_safely(tmp_path, c
         assert torch.equal(value, ours["encoder." + key])
 
 
+def test_a_release_checkpoint_of_another_width_builds_its_own_shape(train_data, tmp_path):
+    """--init_from=<release file>, the README's one command line, builds the encoder the file holds (768 wide, 12
+    heads, depths (1, 2, 1)) whatever the config says (32 wide, 2 heads, depths (1, 1, 1)), and loads all of it."""
+    wide = replace(build_train_cfg(), embed_dim=768, num_heads=12, stage_depths=(1, 2, 1))
+    path = tmp_path / "release.pth"
+    torch.save({"model": release_layout(model_seeded(SVFAP, wide, seed=0), pretraining=True)}, path)
+    done = train_run("finetune.py", *train_finetune_args(train_data, tmp_path / "out", f"--init_from={path}",
+                                                         "--max_iters=1"))
+    n = len(M.TPSBT(wide).state_dict())
+    assert (f"(the authors' release layout; built 768 wide, 12 heads, depths (1, 2, 1)): loaded {n}/{n} encoder "
+            f"tensors;") in done.stdout
+    built = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["model_config"]
+    assert (built["embed_dim"], built["num_heads"], tuple(built["stage_depths"])) == (768, 12, (1, 2, 1))
+
 def test_make_compare_runs_every_seed_and_setting_and_skips_finished_runs(train_data, tmp_path):
     """`make compare` (the README's demo comparison) on tiny data and a seconds-long budget: every
     (seed, setting) run happens, the table has one row per group with n = 2, and a second `make` redoes
