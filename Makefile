@@ -78,15 +78,16 @@ $(DATA)/pretrain.txt:
 PAPER ?= out/paper
 EPOCHS ?= 1 2 5 10 20
 VIT_EPOCH ?= 10
+BATCH ?= 32
 PAPER_SVG ?= docs/paper.svg
 VIT = --model_args.temporal_pyramid=False --model_args.spatial_bottleneck=False
 FEW2 = --train_list=$(DATA)/train_2per_class.txt --val_list= --test_list=$(DATA)/test.txt --batch_size=4 \
        --epochs=40 --warmup_epochs=2
 
-# $(1): model arguments, $(2): the epochs to stop at and keep the checkpoint of; 32 is the config's batch_size
-STAGES = mkdir -p $(@D) && echo "== $(@D)" && n=$$(($$(wc -l < $(DATA)/pretrain.txt) / 32)) && for e in $(2); do \
+# $(1): model arguments, $(2): the epochs to stop at and keep the checkpoint of (n iterations per epoch)
+STAGES = mkdir -p $(@D) && echo "== $(@D)" && n=$$(($$(wc -l < $(DATA)/pretrain.txt) / $(BATCH))) && for e in $(2); do \
     [ -f $(@D)/ckpt_epoch$$e.pt ] && continue; \
-    $(PRETRAIN) $(1) --epochs=$(lastword $(EPOCHS)) --max_iters=$$((e * n)) --seed=$* --out_dir=$(@D) \
+    $(PRETRAIN) $(1) --batch_size=$(BATCH) --epochs=$(lastword $(EPOCHS)) --max_iters=$$((e * n)) --seed=$* --out_dir=$(@D) \
       --init_from=$$([ -f $(@D)/ckpt.pt ] && echo resume || echo scratch) >> $(@D).log 2>&1 \
       || { tail -n 5 $(@D).log; echo "failed: $(@D), log $(@D).log"; exit 1; }; \
     cp $(@D)/ckpt.pt $(@D)/tmp.pt && mv $(@D)/tmp.pt $(@D)/ckpt_epoch$$e.pt; done

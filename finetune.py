@@ -39,7 +39,6 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -339,14 +338,12 @@ def num_model_outputs(c):
 def build_classifier(c, master):
     """SVFAPClassifier as init_from says (scratch and resume start from the config's preset)."""
     ckpt = {} if c.init_from in ("scratch", "resume") else load_checkpoint(c.init_from)
-    # a pretrain.py (or finetune.py) checkpoint decides the encoder's shape; a release checkpoint: its tensors
+    # a pretrain.py (or finetune.py) checkpoint decides the encoder's shape; a release checkpoint: its tensors' shapes
     mc = build_model_config(c.model, c.model_args, base=ckpt.get("model_config"))
     state = next((ckpt[k] for k in ("model", "module") if isinstance(ckpt.get(k), dict)), ckpt)
-    try:
-        model = SVFAPClassifier(release_config(state, mc) if ckpt and "model_config" not in ckpt else mc,
-                                num_model_outputs(c))
-    except ValueError as e:
-        raise ConfigError(f"init_from={c.init_from}: {e}") from None
+    if ckpt and "model_config" not in ckpt:
+        mc = build_model_config(c.model, {**c.model_args, **release_shape(state, mc)})
+    model = SVFAPClassifier(mc, num_model_outputs(c))
     if not ckpt:
         return model
     target = model.encoder.state_dict()
@@ -364,9 +361,8 @@ def build_classifier(c, master):
         except ValueError as e:
             raise ConfigError(f"init_from={c.init_from}: {e}") from None
         not_loaded = [k.removeprefix("encoder.") for k in missing if k.startswith("encoder.")]
-        cfg = model.cfg
-        layout = (f"the authors' release layout; built {cfg.embed_dim} wide, {cfg.num_heads} heads, depths "
-                  f"{cfg.stage_depths}")
+        layout = (f"the authors' release layout; built {mc.embed_dim} wide, {mc.num_heads} heads, depths "
+                  f"{mc.stage_depths}")
         model.has_fc_norm = "fc_norm.weight" not in missing
     if master:
         print(f"init_from={c.init_from} ({layout}): loaded {len(target) - len(not_loaded)}/{len(target)} encoder "
@@ -375,11 +371,10 @@ def build_classifier(c, master):
     return model
 
 
-def release_config(state, mc):
-    """`mc` with the encoder shape of a release state dict: the width of its patch embedding, the depths of its block
-    keys, the heads of the preset of that width (else 64 channels per head, as base, small and the release's 768 /
-    12). Its keys number blocks over all stages: the config's stage depths when their counts agree, else each SBT
-    stage half as deep as the one before, as in base and small."""
+def release_shape(state, mc):
+    """A release state dict's encoder shape as SVFAPConfig fields: the width of its patch embedding, the depths of its
+    block keys, the heads of the preset of that width (else 64 channels a head, as base, small and the release's 768 /
+    12). Its keys number blocks over all stages: the stage depths of `mc` if they add up, else 2:1 as in base, small."""
     keys = [k.removeprefix("module.").removeprefix("encoder.") for k in state]  # decoder keys keep "decoder."
     count = lambda pattern: len({m[1] for k in keys if (m := re.match(pattern, k))})  # distinct indices
     blocks, sbt = count(r"blocks\.(\d+)\."), count(r"blocks\.(\d+)\.cross_norm1\.")  # sbt: SBT and reverse blocks
@@ -388,10 +383,10 @@ def release_config(state, mc):
     if (len(depths), depths[0], sum(depths[1:])) != (1 + len(weights), blocks - sbt, sbt):
         later = [max(1, round(sbt * w / sum(weights))) for w in weights[:-1]]  # 9 SBT blocks: (6, 3)
         depths = (blocks - sbt, *later, sbt - sum(later))[:1 + len(weights)]
-    width = next(v.shape[0] for k, v in state.items() if k.endswith("patch_embed.proj.weight"))
+    width = next((v.shape[0] for k, v in state.items() if k.endswith("patch_embed.proj.weight")), mc.embed_dim)
     heads = mc.num_heads if width == mc.embed_dim else next(
         (p.num_heads for p in CONFIGS.values() if p.embed_dim == width), max(1, width // 64))
-    return replace(mc, embed_dim=width, num_heads=heads, stage_depths=depths)
+    return dict(embed_dim=width, num_heads=heads, stage_depths=depths)
 
 
 def checkpoint_model(c, encoder_ok=False):

@@ -300,25 +300,29 @@ def paper_results(out, svg_path):
     logs = [log(d) for d in runs("pretrain_tpsbt_seed*")]
     loss = [[np.mean([r["loss"] for r in rs if r.get("epoch") == e and "loss" in r]) for rs in logs] for e in epochs]
     pre, scratch = [test(f"few_tpsbt_e{e}_seed*") for e in epochs], test("few_scratch_seed*")
-    fig5 = [["pre-training epochs", "pre-training loss (its epoch's mean)", "test UAR % mean ± sd (min..max)"]]
-    fig5 += [["---:"] * 3] + [[str(e), f"{np.mean(ls):.4f} ± {np.std(ls, ddof=1) if len(ls) > 1 else 0:.4f}",
-                               _spread(u)] for e, ls, u in zip(epochs, loss, pre)] + [["none: from scratch", "-",
-                                                                                       _spread(scratch)]]
-    table5 = [["encoder", "test UAR %", "test WAR %", "fine-tuning ms/step", "fine-tuning GMACs"], ["---"] + ["---:"] * 4]
-    for name, pattern in (("TPSBT-tiny", f"few_tpsbt_e{vit_epoch}_seed*"), ("ViT baseline", f"few_vit_e{vit_epoch}_seed*")):
+    fig5 = [["pre-training epochs", "pre-training loss (the epoch's mean)", "test UAR % mean ± sd (min..max)"],
+            ["---:"] * 3, *([str(e), f"{np.mean(ls):.4f} ± {np.std(ls, ddof=1) if len(ls) > 1 else 0:.4f}",
+                             _spread(u)] for e, ls, u in zip(epochs, loss, pre)), ["none (from scratch)", "-",
+                                                                                  _spread(scratch)]]
+    table5 = [["encoder", "test UAR %", "test WAR %", "fine-tuning ms/step", "fine-tuning GMACs"],
+              ["---"] + ["---:"] * 4]
+    for name, model in (("TPSBT-tiny", "tpsbt"), ("ViT baseline", "vit")):
+        pattern = f"few_{model}_e{vit_epoch}_seed*"
         ckpt = torch.load(os.path.join(runs(pattern)[0], "ckpt.pt"), weights_only=True)
         ms = [1000 * ckpt["config"]["batch_size"] / r["clips_per_s"] for d in runs(pattern) for r in log(d)
               if "clips_per_s" in r]  # the median over the logged intervals of all seeds
         table5.append([name, _spread(test(pattern)), _spread(test(pattern, "war")), f"{np.median(ms):.1f}",
                        f"{sizes(SVFAPConfig.from_dict(ckpt['model_config']), 6)[1]:.3f}"])
     vit = [test(f"few_vit_e{e}_seed*") if e == vit_epoch else [] for e in epochs]
-    write_svg_plot(svg_path, epochs, [("test UAR % (2 labels per class)", [
-        ("TPSBT-tiny pre-trained", "#1f77b4", pre), ("ViT baseline pre-trained", "#d62728", vit),
-        ("TPSBT-tiny from scratch", "#7f7f7f", np.mean(scratch))]), ("pre-training loss", [("TPSBT-tiny", "#1f77b4", loss)])])
+    write_svg_plot(svg_path, epochs, [
+        ("test UAR % (2 labels per class)", [("TPSBT-tiny pre-trained", "#1f77b4", pre),
+                                             ("ViT baseline pre-trained", "#d62728", vit),
+                                             ("TPSBT-tiny from scratch", "#7f7f7f", np.mean(scratch))]),
+        ("pre-training loss", [("TPSBT-tiny", "#1f77b4", loss)])])
     md = lambda rows: "\n".join("| " + " | ".join(r) + " |" for r in rows)
-    return (f"Fig. 5: {len(logs)} seeds; each kept checkpoint fine-tuned on 2 labelled clips per class\n\n{md(fig5)}\n\n"
-            f"Table V: both encoders pre-trained for {vit_epoch} epochs of the same schedule, fine-tuned alike\n\n"
-            f"{md(table5)}")
+    return (f"Fig. 5: {len(logs)} seeds; each kept checkpoint fine-tuned on 2 labelled clips per class\n\n"
+            f"{md(fig5)}\n\nTable V: both encoders pre-trained {vit_epoch} epochs of the same schedule, fine-tuned "
+            f"alike\n\n{md(table5)}")
 
 
 def write_svg_plot(path, epochs, panels, w=300, h=220):
@@ -333,15 +337,17 @@ def write_svg_plot(path, epochs, panels, w=300, h=220):
         lo, hi = np.floor(lo / step) * step, np.ceil(hi / step) * step
         X = lambda x: x0 + w * (x - xs[0]) / ((xs[-1] - xs[0]) or 1)
         Y = lambda y: top + h * (hi - y) / ((hi - lo) or 1)
-        svg.append(f'<rect x="{x0}" y="{top}" width="{w}" height="{h}" fill="none" stroke="black"/>'
-                   f'<text x="{x0 + w / 2}" y="{top + h + 38}" text-anchor="middle">pre-training epochs</text>'
-                   f'<text transform="translate({x0 - 50},{top + h / 2}) rotate(-90)" text-anchor="middle">{ylabel}</text>')
+        svg += [f'<rect x="{x0}" y="{top}" width="{w}" height="{h}" fill="none" stroke="black"/>',
+                f'<text x="{x0 + w / 2}" y="{top + h + 38}" text-anchor="middle">pre-training epochs</text>',
+                f'<text transform="translate({x0 - 50},{top + h / 2}) rotate(-90)" text-anchor="middle">'
+                f'{ylabel}</text>']
         svg += [f'<text x="{X(x)}" y="{top + h + 18}" text-anchor="middle">{e}</text>' for e, x in zip(epochs, xs)]
         svg += [f'<text x="{x0 - 6}" y="{Y(t) + 4}" text-anchor="end">{t:g}</text>'
                 f'<line x1="{x0 - 4}" x2="{x0}" y1="{Y(t)}" y2="{Y(t)}" stroke="black"/>'
                 for t in np.arange(lo, hi + step / 2, step).round(10)]
         for k, (legend, colour, s) in enumerate(series):
-            style = f'stroke="{colour}" fill="none" stroke-width="2"' + (' stroke-dasharray="6 4"' if np.isscalar(s) else "")
+            dash = ' stroke-dasharray="6 4"' if np.isscalar(s) else ""
+            style = f'stroke="{colour}" fill="none" stroke-width="2"{dash}'
             svg.append(f'<line x1="{x0}" x2="{x0 + 24}" y1="{12 + 16 * k}" y2="{12 + 16 * k}" {style}/>'
                        f'<text x="{x0 + 30}" y="{16 + 16 * k}">{legend}</text>')
             if np.isscalar(s):  # a level across the panel
@@ -351,10 +357,11 @@ def write_svg_plot(path, epochs, panels, w=300, h=220):
             svg.append(f'<polyline points="{" ".join(f"{x},{Y(m)}" for x, m, _ in pts)}" {style}/>')
             svg += [f'<line x1="{x}" x2="{x}" y1="{Y(m - sd)}" y2="{Y(m + sd)}" {style}/>'
                     f'<circle cx="{x}" cy="{Y(m)}" r="3" fill="{colour}"/>' for x, m, sd in pts]
+    width, height = (w + 90) * len(panels) + 20, top + h + 50
     with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(f'<svg xmlns="http://www.w3.org/2000/svg" width="{(w + 90) * len(panels) + 20}" height="{top + h + 50}" '
-                f'font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>{"".join(svg)}'
-                f'</svg>\n')
+        f.write(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+                f'font-size="12"><rect width="100%" height="100%" fill="white"/>{"".join(svg)}</svg>\n')
+
 
 def report(files, video_group=""):
     """The CLI's report of prediction files (e.g. cross-validation folds): pooled, then averaged per video."""
