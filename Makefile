@@ -61,23 +61,24 @@ $(DATA)/pretrain.txt:
 # keep finished runs when a later one fails
 .PRECIOUS: $(OUT)/%/results.json
 
-# The paper's other two claims in miniature: Fig. 5 (longer pre-training, lower loss, better fine-tuning) and
+# The paper's other two claims in miniature: Fig. 5 (longer pre-training: lower loss, better fine-tuning) and
 # Table V (TPSBT against the plain ViT of the same width), with few labels so that the demo does not saturate.
 #
-#   make -j2 paper       for every seed: pre-train TPSBT-tiny on one schedule of 20 epochs, keeping its
-#                        checkpoint at the epochs of EPOCHS; pre-train the ViT baseline (temporal_pyramid and
-#                        spatial_bottleneck off, as `python model.py` sizes it) on the same schedule up to VIT_EPOCH;
-#                        fine-tune each kept checkpoint, and TPSBT from scratch, on 2 labelled clips per class;
-#                        writes out/paper/results.md and docs/paper.svg. About 95 minutes on 2 cores.
+#   make -j2 paper       for every seed: pre-train TPSBT-tiny on one 20-epoch schedule, keeping its checkpoint at
+#                        each epoch of EPOCHS; pre-train the ViT baseline (temporal_pyramid and spatial_bottleneck
+#                        off: the baseline `python model.py --bench` times for tiny) on the same schedule up to
+#                        VIT_EPOCH; fine-tune each kept checkpoint, and TPSBT from scratch, on 2 labelled clips per
+#                        class; writes out/paper/results.md and docs/paper.svg. About 100 minutes on 2 free cores.
 #
-# 2 labels per class (12 clips, the first two of each class in train_10pct.txt): with 5 per class pre-trained runs
-# are at 97 UAR whatever the pre-training; with 1 the result hangs on which clip was drawn. No val list: picking the
-# best epoch on its 120 labelled clips would use 10x the training labels; the last epoch's model is tested.
-# A stage stops the one schedule at epoch E (max_iters) and the next resumes it, so a kept checkpoint is the
-# uninterrupted run's (the lr there has not decayed yet). A stage is done when <run>/ckpt_epoch<E>.pt exists.
+# 2 labels per class (train_2per_class.txt: the first two of each class in train_10pct.txt): with 5 per class a
+# 10-epoch pre-training already gives 97 UAR, no room to show a trend; with 1 the result hangs on which clip was
+# drawn. No val list: picking the best epoch on its 120 labelled clips would use 10x the training labels; the
+# last epoch's model is tested. A stage stops the one schedule at epoch E (max_iters) and the next resumes it,
+# so a kept checkpoint is the uninterrupted run's (its lr not yet decayed); a stage is done when
+# <run>/ckpt_epoch<E>.pt exists. Changing the last of EPOCHS changes the schedule: start over (delete PAPER).
 PAPER ?= out/paper
 EPOCHS ?= 1 2 5 10 20
-VIT_EPOCH ?= 10
+VIT_EPOCH ?= 5
 BATCH ?= 32
 PAPER_SVG ?= docs/paper.svg
 VIT = --model_args.temporal_pyramid=False --model_args.spatial_bottleneck=False
