@@ -86,10 +86,11 @@ FEW2 = --train_list=$(DATA)/train_2per_class.txt --val_list= --test_list=$(DATA)
        --epochs=40 --warmup_epochs=2
 
 # $(1): model arguments, $(2): the epochs to stop at and keep the checkpoint of (n iterations per epoch)
-STAGES = mkdir -p $(@D) && echo "== $(@D)" && n=$$(($$(wc -l < $(DATA)/pretrain.txt) / $(BATCH))) && for e in $(2); do \
+STAGES = mkdir -p $(@D) && echo "== $(@D)" && n=$$(($$(wc -l < $(DATA)/pretrain.txt) / $(BATCH))) && \
+  for e in $(2); do \
     [ -f $(@D)/ckpt_epoch$$e.pt ] && continue; \
-    $(PRETRAIN) $(1) --batch_size=$(BATCH) --epochs=$(lastword $(EPOCHS)) --max_iters=$$((e * n)) --seed=$* --out_dir=$(@D) \
-      --init_from=$$([ -f $(@D)/ckpt.pt ] && echo resume || echo scratch) >> $(@D).log 2>&1 \
+    $(PRETRAIN) $(1) --batch_size=$(BATCH) --epochs=$(lastword $(EPOCHS)) --max_iters=$$((e * n)) --seed=$* \
+      --out_dir=$(@D) --init_from=$$([ -f $(@D)/ckpt.pt ] && echo resume || echo scratch) >> $(@D).log 2>&1 \
       || { tail -n 5 $(@D).log; echo "failed: $(@D), log $(@D).log"; exit 1; }; \
     cp $(@D)/ckpt.pt $(@D)/tmp.pt && mv $(@D)/tmp.pt $(@D)/ckpt_epoch$$e.pt; done
 LAST = $(PAPER)/pretrain_tpsbt_seed%/ckpt_epoch$(lastword $(EPOCHS)).pt
