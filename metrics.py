@@ -5,6 +5,7 @@ prediction files finetune.py writes. Folds are pooled, then measured once (not t
   python metrics.py --video_group='(.*)/[^/]+$' out/finetune_avcaffe_arousal/test_predictions.csv
   python metrics.py --summary "from scratch=out/compare/scratch_seed*" "pre-trained=out/compare/pre_seed*"
       a Markdown table of repeated runs: test UAR and WAR as mean +- sample sd (min..max), wall time
+  python metrics.py --paper=out/paper --svg=docs/paper.svg     # `make paper`'s tables and picture
 """
 
 import argparse
@@ -286,6 +287,10 @@ def summarize_runs(specs):
 
 
 # --- make paper: the paper's Fig. 5 and Table V in miniature, as tables and a picture --------------------------
+def _sd(values):  # sample standard deviation, 0 for one value
+    return np.std(values, ddof=1) if len(values) > 1 else 0.0
+
+
 def paper_results(out, svg_path):
     """Markdown tables of `make paper`'s runs in `out` (Fig. 5: pre-training loss and few-label test UAR at each kept
     checkpoint, over seeds; Table V: TPSBT against the ViT baseline, pre-trained alike); the picture to svg_path."""
@@ -300,10 +305,9 @@ def paper_results(out, svg_path):
     logs = [log(d) for d in runs("pretrain_tpsbt_seed*")]
     loss = [[np.mean([r["loss"] for r in rs if r.get("epoch") == e and "loss" in r]) for rs in logs] for e in epochs]
     pre, scratch = [test(f"few_tpsbt_e{e}_seed*") for e in epochs], test("few_scratch_seed*")
-    fig5 = [["pre-training epochs", "pre-training loss (the epoch's mean)", "test UAR % mean ± sd (min..max)"],
-            ["---:"] * 3, *([str(e), f"{np.mean(ls):.4f} ± {np.std(ls, ddof=1) if len(ls) > 1 else 0:.4f}",
-                             _spread(u)] for e, ls, u in zip(epochs, loss, pre)), ["none (from scratch)", "-",
-                                                                                  _spread(scratch)]]
+    fig5 = [["pre-training epochs", "pre-training loss (the epoch's mean)", "test UAR % mean ± sd (min..max)"]]
+    fig5 += [["---:"] * 3] + [[str(e), f"{np.mean(ls):.4f} ± {_sd(ls):.4f}", _spread(u)]
+                              for e, ls, u in zip(epochs, loss, pre)] + [["none (from scratch)", "-", _spread(scratch)]]
     table5 = [["encoder", "test UAR %", "test WAR %", "fine-tuning ms/step", "fine-tuning GMACs"],
               ["---"] + ["---:"] * 4]
     for name, model in (("TPSBT-tiny", "tpsbt"), ("ViT baseline", "vit")):
@@ -353,7 +357,7 @@ def write_svg_plot(path, epochs, panels, w=300, h=220):
             if np.isscalar(s):  # a level across the panel
                 svg.append(f'<line x1="{x0}" x2="{x0 + w}" y1="{Y(s)}" y2="{Y(s)}" {style}/>')
                 continue
-            pts = [(X(x), np.mean(v), np.std(v, ddof=1) if len(v) > 1 else 0) for x, v in zip(xs, s) if len(v)]
+            pts = [(X(x), np.mean(v), _sd(v)) for x, v in zip(xs, s) if len(v)]
             svg.append(f'<polyline points="{" ".join(f"{x},{Y(m)}" for x, m, _ in pts)}" {style}/>')
             svg += [f'<line x1="{x}" x2="{x}" y1="{Y(m - sd)}" y2="{Y(m + sd)}" {style}/>'
                     f'<circle cx="{x}" cy="{Y(m)}" r="3" fill="{colour}"/>' for x, m, sd in pts]
