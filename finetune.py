@@ -18,7 +18,8 @@ MAFW, ...) or regression (dimensional emotion, personality), as section 5 and 7 
 
 Configuration works as in pretrain.py (see its docstring); paths containing "{fold}" take the value of --fold.
 init_from: "scratch", "resume" (out_dir/ckpt.pt), a pretrain.py checkpoint (its encoder and the encoder's shape,
-this config's model_args such as drop_path on top) or one of the authors' release (shape: `model`, `model_args`).
+this config's model_args such as drop_path on top) or one of the authors' release (its width, depths and heads
+from the file, printed; the rest of the shape from `model` and `model_args`).
 
 Evaluation averages the softmax probabilities (or regression outputs) of num_clips x num_crops views per video
 and never skips one (val_list and test_list are checked at start-up). val is evaluated after every epoch: best.pt
