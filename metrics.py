@@ -296,7 +296,7 @@ def paper_results(out, svg_path):
     checkpoint, over seeds; Table V: TPSBT against the ViT baseline, pre-trained alike); the picture to svg_path."""
     import torch  # here only: prediction files need no torch
 
-    from model import SVFAPConfig, sizes
+    from model import SVFAPConfig, bench_steps
     runs = lambda pattern: sorted(d for d in glob.glob(os.path.join(out, pattern)) if os.path.isdir(d))
     log = lambda d: [json.loads(line) for line in open(os.path.join(d, "log.jsonl"))]
     test = lambda pattern, key="uar": [100 * json.load(open(f"{d}/results.json"))["test"][key] for d in runs(pattern)]
@@ -308,15 +308,16 @@ def paper_results(out, svg_path):
     fig5 = [["pre-training epochs", "pre-training loss (the epoch's mean)", "test UAR % mean ± sd (min..max)"]]
     fig5 += [["---:"] * 3] + [[str(e), f"{np.mean(ls):.4f} ± {_sd(ls):.4f}", _spread(u)]
                               for e, ls, u in zip(epochs, loss, pre)] + [["none (from scratch)", "-", _spread(scratch)]]
-    table5 = [["encoder", "test UAR %", "test WAR %", "fine-tuning ms/step", "fine-tuning GMACs"],
+    table5 = [["encoder", "test UAR %", "test WAR %", "fine-tuning ms/step (CPU)", "fine-tuning GMACs"],
               ["---"] + ["---:"] * 4]
     for name, model in (("TPSBT-tiny", "tpsbt"), ("ViT baseline", "vit")):
         pattern = f"few_{model}_e{vit_epoch}_seed*"
         ckpt = torch.load(os.path.join(runs(pattern)[0], "ckpt.pt"), weights_only=True)
-        ms = [1000 * ckpt["config"]["batch_size"] / r["clips_per_s"] for d in runs(pattern) for r in log(d)
-              if "clips_per_s" in r]  # the median over the logged intervals of all seeds
-        table5.append([name, _spread(test(pattern)), _spread(test(pattern, "war")), f"{np.median(ms):.1f}",
-                       f"{sizes(SVFAPConfig.from_dict(ckpt['model_config']), 6)[1]:.3f}"])
+        # timed here, one model after the other: the runs shared the cores with other runs
+        bench = bench_steps(SVFAPConfig.from_dict(ckpt["model_config"]), "cpu", ckpt["config"]["batch_size"],
+                            "finetune", dtype=torch.float32)
+        table5.append([name, _spread(test(pattern)), _spread(test(pattern, "war")), f"{bench['ms']:.1f}",
+                       f"{bench['gmacs']:.3f}"])
     vit = [test(f"few_vit_e{e}_seed*") if e == vit_epoch else [] for e in epochs]
     write_svg_plot(svg_path, epochs, [
         ("test UAR % (2 labels per class)", [("TPSBT-tiny pre-trained", "#1f77b4", pre),
