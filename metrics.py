@@ -301,6 +301,8 @@ def paper_results(out, svg_path):
     log = lambda d: [json.loads(line) for line in open(os.path.join(d, "log.jsonl"))]
     test = lambda pattern, key="uar": [100 * json.load(open(f"{d}/results.json"))["test"][key] for d in runs(pattern)]
     epoch = lambda d: int(re.search(r"_e(\d+)_seed", d)[1])
+    if not runs("few_vit_e*_seed*") or not runs("few_tpsbt_e*_seed*"):
+        raise ValueError(f"--paper={out}: no runs of `make paper` there (few_tpsbt_e*_seed*, few_vit_e*_seed*)")
     epochs, vit_epoch = sorted({epoch(d) for d in runs("few_tpsbt_e*_seed*")}), epoch(runs("few_vit_e*_seed*")[0])
     logs = [log(d) for d in runs("pretrain_tpsbt_seed*")]
     loss = [[np.mean([r["loss"] for r in rs if r.get("epoch") == e and "loss" in r]) for rs in logs] for e in epochs]
