@@ -41,7 +41,7 @@ $(OUT)/results.md: $(foreach r,$(RUNS),$(OUT)/$(r)/results.json)
 	  "train_10pct.txt (10% of the labels), from scratch=$(OUT)/10pct_scratch_seed*" > $@
 
 # each rule: run, output to OUT/<run>.log; on failure show the end of the log
-RUN = mkdir -p $(OUT) && echo "== $(@D)" && ($(1) --seed=$* --out_dir=$(@D) > $(@D).log 2>&1 \
+RUN = mkdir -p $(dir $(@D)) && echo "== $(@D)" && ($(1) --seed=$* --out_dir=$(@D) > $(@D).log 2>&1 \
       || { tail -n 5 $(@D).log; echo "failed: $(@D), log $(@D).log"; exit 1; })
 
 $(OUT)/pretrain_seed%/results.json: | $(DATA)/pretrain.txt
@@ -60,3 +60,66 @@ $(DATA)/pretrain.txt:
 
 # keep finished runs when a later one fails
 .PRECIOUS: $(OUT)/%/results.json
+
+# The paper's other two claims in miniature: Fig. 5 (longer pre-training: lower loss, better fine-tuning) and
+# Table V (TPSBT against the plain ViT of the same width), with few labels so that the demo does not saturate.
+#
+#   make -j2 paper       for every seed: pre-train TPSBT-tiny on one 20-epoch schedule, keeping its checkpoint at
+#                        each epoch of EPOCHS; pre-train the ViT baseline (temporal_pyramid and spatial_bottleneck
+#                        off: the baseline `python model.py --bench` times for tiny) on the same schedule up to
+#                        VIT_EPOCH; fine-tune each kept checkpoint, and TPSBT from scratch, on 2 labelled clips per
+#                        class; writes out/paper/results.md and docs/paper.svg. About 100 minutes on 2 free cores.
+#
+# 2 labels per class (train_2per_class.txt: the first two of each class in train_10pct.txt): with 5 per class a
+# 10-epoch pre-training already gives 97 UAR, no room to show a trend; with 1 the result hangs on which clip was
+# drawn. No val list: picking the best epoch on its 120 labelled clips would use 10x the training labels; the
+# last epoch's model is tested. A stage stops the one schedule at epoch E (max_iters) and the next resumes it,
+# so a kept checkpoint is the uninterrupted run's (its lr not yet decayed); a stage is done when
+# <run>/ckpt_epoch<E>.pt exists. Changing the last of EPOCHS changes the schedule: start over (delete PAPER).
+PAPER ?= out/paper
+EPOCHS ?= 1 2 5 10 20
+VIT_EPOCH ?= 5
+BATCH ?= 32
+PAPER_SVG ?= docs/paper.svg
+VIT = --model_args.temporal_pyramid=False --model_args.spatial_bottleneck=False
+FEW2 = --train_list=$(DATA)/train_2per_class.txt --val_list= --test_list=$(DATA)/test.txt --batch_size=4 \
+       --epochs=40 --warmup_epochs=2
+
+# $(1): model arguments, $(2): the epochs to stop at and keep the checkpoint of (n iterations per epoch)
+STAGES = mkdir -p $(@D) && echo "== $(@D)" && n=$$(($$(wc -l < $(DATA)/pretrain.txt) / $(BATCH))) && \
+  for e in $(2); do \
+    [ -f $(@D)/ckpt_epoch$$e.pt ] && continue; \
+    $(PRETRAIN) $(1) --batch_size=$(BATCH) --epochs=$(lastword $(EPOCHS)) --max_iters=$$((e * n)) --seed=$* \
+      --out_dir=$(@D) --init_from=$$([ -f $(@D)/ckpt.pt ] && echo resume || echo scratch) >> $(@D).log 2>&1 \
+      || { tail -n 5 $(@D).log; echo "failed: $(@D), log $(@D).log"; exit 1; }; \
+    cp $(@D)/ckpt.pt $(@D)/tmp.pt && mv $(@D)/tmp.pt $(@D)/ckpt_epoch$$e.pt; done
+LAST = $(PAPER)/pretrain_tpsbt_seed%/ckpt_epoch$(lastword $(EPOCHS)).pt
+VIT_LAST = $(PAPER)/pretrain_vit_seed%/ckpt_epoch$(VIT_EPOCH).pt
+
+.PHONY: paper
+paper: $(PAPER)/results.md
+	@cat $<
+
+$(PAPER)/results.md: $(foreach s,$(SEEDS),$(foreach e,$(EPOCHS),$(PAPER)/few_tpsbt_e$(e)_seed$(s)/results.json) \
+                       $(PAPER)/few_scratch_seed$(s)/results.json $(PAPER)/few_vit_e$(VIT_EPOCH)_seed$(s)/results.json)
+	$(PYTHON) metrics.py --paper=$(PAPER) --svg=$(PAPER_SVG) > $@
+
+$(LAST): | $(DATA)/pretrain.txt
+	@$(call STAGES,,$(EPOCHS))
+$(VIT_LAST): | $(DATA)/pretrain.txt
+	@$(call STAGES,$(VIT),$(VIT_EPOCH))
+# fine-tune the checkpoint of epoch $(1)
+define FEW_TPSBT
+$(PAPER)/few_tpsbt_e$(1)_seed%/results.json: $(LAST) $(DATA)/train_2per_class.txt
+	@$$(call RUN,$$(FINETUNE) $$(FEW2) --init_from=$(PAPER)/pretrain_tpsbt_seed$$*/ckpt_epoch$(1).pt)
+endef
+$(foreach e,$(EPOCHS),$(eval $(call FEW_TPSBT,$(e))))
+$(PAPER)/few_vit_e$(VIT_EPOCH)_seed%/results.json: $(VIT_LAST) $(DATA)/train_2per_class.txt
+	@$(call RUN,$(FINETUNE) $(FEW2) --init_from=$<)
+$(PAPER)/few_scratch_seed%/results.json: $(DATA)/train_2per_class.txt
+	@$(call RUN,$(FINETUNE) $(FEW2) --init_from=scratch)
+
+$(DATA)/train_2per_class.txt: | $(DATA)/pretrain.txt
+	awk '++n[$$2] <= 2' $(DATA)/train_10pct.txt > $@
+
+.PRECIOUS: $(PAPER)/%/results.json $(LAST) $(VIT_LAST)

@@ -18,7 +18,8 @@ MAFW, ...) or regression (dimensional emotion, personality), as section 5 and 7 
 
 Configuration works as in pretrain.py (see its docstring); paths containing "{fold}" take the value of --fold.
 init_from: "scratch", "resume" (out_dir/ckpt.pt), a pretrain.py checkpoint (its encoder and the encoder's shape,
-this config's model_args such as drop_path on top) or one of the authors' release (shape: `model`, `model_args`).
+this config's model_args such as drop_path on top) or one of the authors' release (its width, depths and heads
+from the file, printed; the rest of the shape from `model` and `model_args`).
 
 Evaluation averages the softmax probabilities (or regression outputs) of num_clips x num_crops views per video
 and never skips one (val_list and test_list are checked at start-up). val is evaluated after every epoch: best.pt
@@ -35,6 +36,7 @@ take them from the run that wrote the checkpoint.
 """
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -49,7 +51,7 @@ from tqdm import tqdm
 
 import metrics
 from data import atomic_path, device_transform, write_png
-from model import TPSBT, SVFAPClassifier, SVFAPConfig, load_official_state_dict
+from model import CONFIGS, TPSBT, SVFAPClassifier, SVFAPConfig, load_official_state_dict
 from pretrain import (ConfigError, autocast, build_model_config, check_lists, fit, load_checkpoint, load_config,
                       log_json, make_dataset, param_groups, resume_checkpoint, run, setup, write_json)
 
@@ -337,9 +339,12 @@ def num_model_outputs(c):
 def build_classifier(c, master):
     """SVFAPClassifier as init_from says (scratch and resume start from the config's preset)."""
     ckpt = {} if c.init_from in ("scratch", "resume") else load_checkpoint(c.init_from)
-    # a pretrain.py (or finetune.py) checkpoint decides the encoder's shape; a release checkpoint: `model`
-    model = SVFAPClassifier(build_model_config(c.model, c.model_args, base=ckpt.get("model_config")),
-                            num_model_outputs(c))
+    # a pretrain.py (or finetune.py) checkpoint decides the encoder's shape; a release checkpoint: its tensors' shapes
+    mc = build_model_config(c.model, c.model_args, base=ckpt.get("model_config"))
+    state = next((ckpt[k] for k in ("model", "module") if isinstance(ckpt.get(k), dict)), ckpt)
+    if ckpt and "model_config" not in ckpt:
+        mc = build_model_config(c.model, {**c.model_args, **release_shape(state, mc)})
+    model = SVFAPClassifier(mc, num_model_outputs(c))
     if not ckpt:
         return model
     target = model.encoder.state_dict()
@@ -350,7 +355,6 @@ def build_classifier(c, master):
         not_loaded, unused = sorted(set(target) - set(loaded)), sorted(set(source) - set(loaded))
         layout = f"pretrain.py checkpoint, preset {ckpt['config'].get('model')!r}"
     else:  # the authors' release
-        state = next((ckpt[k] for k in ("model", "module") if isinstance(ckpt.get(k), dict)), ckpt)
         own = model.state_dict()  # a fine-tuned release head with another class count stays out
         state = {k: v for k, v in state.items() if not (k in ("head.weight", "head.bias") and v.shape != own[k].shape)}
         try:
@@ -358,13 +362,32 @@ def build_classifier(c, master):
         except ValueError as e:
             raise ConfigError(f"init_from={c.init_from}: {e}") from None
         not_loaded = [k.removeprefix("encoder.") for k in missing if k.startswith("encoder.")]
-        layout = "the authors' release layout"
+        layout = (f"the authors' release layout; built {mc.embed_dim} wide, {mc.num_heads} heads, depths "
+                  f"{mc.stage_depths}")
         model.has_fc_norm = "fc_norm.weight" not in missing
     if master:
         print(f"init_from={c.init_from} ({layout}): loaded {len(target) - len(not_loaded)}/{len(target)} encoder "
               f"tensors" + (f"; NOT loaded: {', '.join(not_loaded)}" if not_loaded else "")
               + (f"; unused in the checkpoint: {', '.join(unused)}" if unused else ""))
     return model
+
+
+def release_shape(state, mc):
+    """A release state dict's encoder shape as SVFAPConfig fields: the width of its patch embedding, the depths of its
+    block keys, the heads of the preset of that width (else 64 channels a head, as base, small and the release's 768 /
+    12). Its keys number blocks over all stages: the stage depths of `mc` if they add up, else 2:1 as in base, small."""
+    keys = [k.removeprefix("module.").removeprefix("encoder.") for k in state]  # decoder keys keep "decoder."
+    count = lambda pattern: len({m[1] for k in keys if (m := re.match(pattern, k))})  # distinct indices
+    blocks, sbt = count(r"blocks\.(\d+)\."), count(r"blocks\.(\d+)\.cross_norm1\.")  # sbt: SBT and reverse blocks
+    weights = [2 ** s for s in range(count(r"spatial_downsamples\.(\d+)\."))][::-1]  # (2, 1) for 3 stages
+    depths = mc.stage_depths
+    if (len(depths), depths[0], sum(depths[1:])) != (1 + len(weights), blocks - sbt, sbt):
+        later = [max(1, round(sbt * w / sum(weights))) for w in weights[:-1]]  # 9 SBT blocks: (6, 3)
+        depths = (blocks - sbt, *later, sbt - sum(later))[:1 + len(weights)]
+    width = next((v.shape[0] for k, v in state.items() if k.endswith("patch_embed.proj.weight")), mc.embed_dim)
+    heads = mc.num_heads if width == mc.embed_dim else next(
+        (p.num_heads for p in CONFIGS.values() if p.embed_dim == width), max(1, width // 64))
+    return dict(embed_dim=width, num_heads=heads, stage_depths=depths)
 
 
 def checkpoint_model(c, encoder_ok=False):

@@ -5,6 +5,7 @@ prediction files finetune.py writes. Folds are pooled, then measured once (not t
   python metrics.py --video_group='(.*)/[^/]+$' out/finetune_avcaffe_arousal/test_predictions.csv
   python metrics.py --summary "from scratch=out/compare/scratch_seed*" "pre-trained=out/compare/pre_seed*"
       a Markdown table of repeated runs: test UAR and WAR as mean +- sample sd (min..max), wall time
+  python metrics.py --paper=out/paper --svg=docs/paper.svg     # `make paper`'s tables and picture
 """
 
 import argparse
@@ -285,6 +286,90 @@ def summarize_runs(specs):
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
+# --- make paper: the paper's Fig. 5 and Table V in miniature, as tables and a picture --------------------------
+def _sd(values):  # sample standard deviation, 0 for one value
+    return np.std(values, ddof=1) if len(values) > 1 else 0.0
+
+
+def paper_results(out, svg_path):
+    """Markdown tables of `make paper`'s runs in `out` (Fig. 5: pre-training loss and few-label test UAR at each kept
+    checkpoint, over seeds; Table V: TPSBT against the ViT baseline, pre-trained alike); the picture to svg_path."""
+    import torch  # here only: prediction files need no torch
+
+    from model import SVFAPConfig, bench_steps
+    runs = lambda pattern: sorted(d for d in glob.glob(os.path.join(out, pattern)) if os.path.isdir(d))
+    log = lambda d: [json.loads(line) for line in open(os.path.join(d, "log.jsonl"))]
+    test = lambda pattern, key="uar": [100 * json.load(open(f"{d}/results.json"))["test"][key] for d in runs(pattern)]
+    epoch = lambda d: int(re.search(r"_e(\d+)_seed", d)[1])
+    if not runs("few_vit_e*_seed*") or not runs("few_tpsbt_e*_seed*"):
+        raise ValueError(f"--paper={out}: no runs of `make paper` there (few_tpsbt_e*_seed*, few_vit_e*_seed*)")
+    epochs, vit_epoch = sorted({epoch(d) for d in runs("few_tpsbt_e*_seed*")}), epoch(runs("few_vit_e*_seed*")[0])
+    logs = [log(d) for d in runs("pretrain_tpsbt_seed*")]
+    loss = [[np.mean([r["loss"] for r in rs if r.get("epoch") == e and "loss" in r]) for rs in logs] for e in epochs]
+    pre, scratch = [test(f"few_tpsbt_e{e}_seed*") for e in epochs], test("few_scratch_seed*")
+    fig5 = [["pre-training epochs", "pre-training loss (the epoch's mean)", "test UAR % mean ± sd (min..max)"]]
+    fig5 += [["---:"] * 3] + [[str(e), f"{np.mean(ls):.4f} ± {_sd(ls):.4f}", _spread(u)]
+                              for e, ls, u in zip(epochs, loss, pre)] + [["none (from scratch)", "-", _spread(scratch)]]
+    table5 = [["encoder", "test UAR %", "test WAR %", "fine-tuning ms/step (CPU)", "fine-tuning GMACs"],
+              ["---"] + ["---:"] * 4]
+    for name, model in (("TPSBT-tiny", "tpsbt"), ("ViT baseline", "vit")):
+        pattern = f"few_{model}_e{vit_epoch}_seed*"
+        ckpt = torch.load(os.path.join(runs(pattern)[0], "ckpt.pt"), weights_only=True)
+        # timed here, one model after the other: the runs shared the cores with other runs
+        bench = bench_steps(SVFAPConfig.from_dict(ckpt["model_config"]), "cpu", ckpt["config"]["batch_size"],
+                            "finetune", dtype=torch.float32)
+        table5.append([name, _spread(test(pattern)), _spread(test(pattern, "war")), f"{bench['ms']:.1f}",
+                       f"{bench['gmacs']:.3f}"])
+    vit = [test(f"few_vit_e{e}_seed*") if e == vit_epoch else [] for e in epochs]
+    write_svg_plot(svg_path, epochs, [
+        ("test UAR % (2 labels per class)", [("TPSBT-tiny pre-trained", "#1f77b4", pre),
+                                             ("ViT baseline pre-trained", "#d62728", vit),
+                                             ("TPSBT-tiny from scratch", "#7f7f7f", np.mean(scratch))]),
+        ("pre-training loss", [("TPSBT-tiny", "#1f77b4", loss)])])
+    md = lambda rows: "\n".join("| " + " | ".join(r) + " |" for r in rows)
+    return (f"Fig. 5: {len(logs)} seeds; each kept checkpoint fine-tuned on 2 labelled clips per class\n\n"
+            f"{md(fig5)}\n\nTable V: both encoders pre-trained {vit_epoch} epochs of the same schedule, fine-tuned "
+            f"alike\n\n{md(table5)}")
+
+
+def write_svg_plot(path, epochs, panels, w=300, h=220):
+    """An SVG of panels side by side over pre-training epochs (log scale). A panel is (y label, series); a series is
+    (legend, colour, values): per epoch a list of the seeds' values (drawn as mean ± sd), or one number (a level)."""
+    xs, svg, top = np.log(epochs), [], 20 + 16 * max(len(series) for _, series in panels)  # legends above the plots
+    for i, (ylabel, series) in enumerate(panels):
+        x0, values = 70 + (w + 90) * i, [x for _, _, s in series for v in ([[s]] if np.isscalar(s) else s) for x in v]
+        lo, hi = min(values), max(values)
+        step = 10 ** np.floor(np.log10((hi - lo) / 2 or 1))  # ticks 1, 2 or 5 x a power of ten apart, 3 to 7 of them
+        step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= 6)
+        lo, hi = np.floor(lo / step) * step, np.ceil(hi / step) * step
+        X = lambda x: x0 + w * (x - xs[0]) / ((xs[-1] - xs[0]) or 1)
+        Y = lambda y: top + h * (hi - y) / ((hi - lo) or 1)
+        svg += [f'<rect x="{x0}" y="{top}" width="{w}" height="{h}" fill="none" stroke="black"/>',
+                f'<text x="{x0 + w / 2}" y="{top + h + 38}" text-anchor="middle">pre-training epochs</text>',
+                f'<text transform="translate({x0 - 50},{top + h / 2}) rotate(-90)" text-anchor="middle">'
+                f'{ylabel}</text>']
+        svg += [f'<text x="{X(x)}" y="{top + h + 18}" text-anchor="middle">{e}</text>' for e, x in zip(epochs, xs)]
+        svg += [f'<text x="{x0 - 6}" y="{Y(t) + 4}" text-anchor="end">{t:g}</text>'
+                f'<line x1="{x0 - 4}" x2="{x0}" y1="{Y(t)}" y2="{Y(t)}" stroke="black"/>'
+                for t in np.arange(lo, hi + step / 2, step).round(10)]
+        for k, (legend, colour, s) in enumerate(series):
+            dash = ' stroke-dasharray="6 4"' if np.isscalar(s) else ""
+            style = f'stroke="{colour}" fill="none" stroke-width="2"{dash}'
+            svg.append(f'<line x1="{x0}" x2="{x0 + 24}" y1="{12 + 16 * k}" y2="{12 + 16 * k}" {style}/>'
+                       f'<text x="{x0 + 30}" y="{16 + 16 * k}">{legend}</text>')
+            if np.isscalar(s):  # a level across the panel
+                svg.append(f'<line x1="{x0}" x2="{x0 + w}" y1="{Y(s)}" y2="{Y(s)}" {style}/>')
+                continue
+            pts = [(X(x), np.mean(v), _sd(v)) for x, v in zip(xs, s) if len(v)]
+            svg.append(f'<polyline points="{" ".join(f"{x},{Y(m)}" for x, m, _ in pts)}" {style}/>')
+            svg += [f'<line x1="{x}" x2="{x}" y1="{Y(m - sd)}" y2="{Y(m + sd)}" {style}/>'
+                    f'<circle cx="{x}" cy="{Y(m)}" r="3" fill="{colour}"/>' for x, m, sd in pts]
+    width, height = (w + 90) * len(panels) + 20, top + h + 50
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+                f'font-size="12"><rect width="100%" height="100%" fill="white"/>{"".join(svg)}</svg>\n')
+
+
 def report(files, video_group=""):
     """The CLI's report of prediction files (e.g. cross-validation folds): pooled, then averaged per video."""
     ref, *rest = preds = [read_predictions(f) for f in files]
@@ -313,12 +398,15 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="*", metavar="FILE", help="prediction CSV files")
     parser.add_argument("--summary", nargs="+", metavar="NAME=GLOB", help="a table row per group of runs (out_dirs)")
+    parser.add_argument("--paper", metavar="DIR", help="make paper's tables of its runs in DIR, its picture to --svg")
+    parser.add_argument("--svg", default="docs/paper.svg", help="where --paper writes its picture")
     parser.add_argument("--video_group", metavar="REGEX", default="", help="average each video's clip scores first "
                         "(AVCAffe): REGEX's first group (or match) in a clip's id names its video, e.g. '(.*)/[^/]+$'")
     args = parser.parse_args()
-    if bool(args.files) == bool(args.summary):
-        parser.error("give prediction files, or --summary NAME=GLOB ..., not both")
+    if bool(args.files) + bool(args.summary) + bool(args.paper) != 1:
+        parser.error("give prediction files, --summary NAME=GLOB ... or --paper DIR, one of them")
     try:
-        print(summarize_runs(args.summary) if args.summary else report(args.files, args.video_group))
+        print(paper_results(args.paper, args.svg) if args.paper else summarize_runs(args.summary) if args.summary
+              else report(args.files, args.video_group))
     except (OSError, ValueError) as e:
         sys.exit(f"metrics.py: error: {e}")  # exit status 1

@@ -2271,6 +2271,20 @@ def test_release_checkpoint_with_its_argparse_namespace_loads_safely(tmp_path, c
         assert torch.equal(value, ours["encoder." + key])
 
 
+def test_a_release_checkpoint_of_another_width_builds_its_own_shape(train_data, tmp_path):
+    """--init_from=<release file>, the README's one command line, builds the encoder the file holds (768 wide, 12
+    heads, depths (1, 2, 1)) whatever the config says (32 wide, 2 heads, depths (1, 1, 1)), and loads all of it."""
+    wide = replace(build_train_cfg(), embed_dim=768, num_heads=12, stage_depths=(1, 2, 1))
+    path = tmp_path / "release.pth"
+    torch.save({"model": release_layout(model_seeded(SVFAP, wide, seed=0), pretraining=True)}, path)
+    done = train_run("finetune.py", *train_finetune_args(train_data, tmp_path / "out", f"--init_from={path}",
+                                                         "--max_iters=1"))
+    n = len(M.TPSBT(wide).state_dict())
+    assert (f"(the authors' release layout; built 768 wide, 12 heads, depths (1, 2, 1)): loaded {n}/{n} encoder "
+            f"tensors;") in done.stdout
+    built = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["model_config"]
+    assert (built["embed_dim"], built["num_heads"], tuple(built["stage_depths"])) == (768, 12, (1, 2, 1))
+
 def test_make_compare_runs_every_seed_and_setting_and_skips_finished_runs(train_data, tmp_path):
     """`make compare` (the README's demo comparison) on tiny data and a seconds-long budget: every
     (seed, setting) run happens, the table has one row per group with n = 2, and a second `make` redoes
@@ -2302,6 +2316,51 @@ def test_make_compare_runs_every_seed_and_setting_and_skips_finished_runs(train_
     assert "loaded" in (out / "10pct_pretrained_seed1.log").read_text()  # from pretrain_seed1's checkpoint
     again = subprocess.run(make, cwd=TRAIN_REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "==" not in again.stdout and again.stdout == table
+
+
+def test_make_paper_keeps_checkpoints_of_one_schedule_and_reports_them_in_tables_and_a_picture(train_data, tmp_path):
+    """`make paper` on tiny data: each seed's one pre-training schedule is stopped and resumed at every epoch of
+    EPOCHS, its checkpoint kept there; the tables hold each epoch's mean logged loss, the test UAR of every
+    fine-tuning and the models' MACs; the SVG has both panels, their legends and the from-scratch level; a second
+    `make` redoes nothing."""
+    import xml.etree.ElementTree as ET
+    data = tmp_path / "data"
+    data.mkdir()
+    os.symlink(train_data / "videos", data / "videos")
+    for name in ("pretrain", "train", "test"):
+        (data / f"{name}.txt").write_text((train_data / f"{name}.txt").read_text())
+    (data / "train_10pct.txt").write_text("".join((train_data / "train.txt").read_text().splitlines(True)[:6]))
+    py, out, svg = sys.executable, tmp_path / "paper", tmp_path / "paper.svg"
+    common = shlex.join([*TRAIN_MODEL_ARGS, *TRAIN_COMMON])  # make hands the commands to sh
+    make = ["make", "-s", "-j2", "paper", f"PAPER={out}", f"PAPER_SVG={svg}", f"DATA={data}", "SEEDS=0",
+            "EPOCHS=1 2", "VIT_EPOCH=1", "BATCH=4", f"PYTHON={py}",
+            f"PRETRAIN={py} pretrain.py {common} --base_lr=0.3 --vis_clips=0 --train_list={data}/pretrain.txt",
+            f"FINETUNE={py} finetune.py {common} --num_classes=3 --eval_batch_size=2 --num_clips=1 --num_crops=1"]
+    done = subprocess.run(make, cwd=TRAIN_REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = (out / "results.md").read_text()
+    assert done.stdout.endswith(text)
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in text.splitlines() if "|" in r}
+    kept = [torch.load(out / "pretrain_tpsbt_seed0" / f"ckpt_epoch{e}.pt", weights_only=True) for e in (1, 2)]
+    assert [k["iter_num"] for k in kept] == [3, 6] and {k["config"]["epochs"] for k in kept} == {2}
+    vit = torch.load(out / "pretrain_vit_seed0" / "ckpt_epoch1.pt", weights_only=True)
+    assert (vit["iter_num"], vit["config"]["epochs"], vit["model_config"]["temporal_pyramid"]) == (3, 2, False)
+    log = train_log(out / "pretrain_tpsbt_seed0")
+    for epoch in (1, 2):
+        loss = np.mean([r["loss"] for r in log if r.get("epoch") == epoch and "loss" in r])
+        p = metrics.read_predictions(out / f"few_tpsbt_e{epoch}_seed0" / "test_predictions.csv")
+        uar = 100 * metrics.uar(p.targets, p.scores)
+        assert rows[str(epoch)][:2] == [f"{loss:.4f} ± 0.0000", f"{uar:.2f} ± 0.00 ({uar:.2f}..{uar:.2f})"]
+    assert rows["none (from scratch)"][0] == "-"
+    vit_cfg = replace(build_train_cfg(), temporal_pyramid=False, spatial_bottleneck=False)
+    assert [rows[name][3] for name in ("TPSBT-tiny", "ViT baseline")] == [f"{M.sizes(c, 6)[1]:.3f}"
+                                                                          for c in (build_train_cfg(), vit_cfg)]
+    words = [t.text for t in ET.parse(svg).getroot().iter("{http://www.w3.org/2000/svg}text")]
+    assert words.count("pre-training epochs") == 2 and {"TPSBT-tiny pre-trained", "ViT baseline pre-trained",
+                                                         "TPSBT-tiny from scratch", "pre-training loss"} <= set(words)
+    assert svg.read_text().count('stroke-dasharray="6 4"') == 2  # the from-scratch level and its legend
+    again = subprocess.run(make, cwd=TRAIN_REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "==" not in again.stdout and again.stdout == text
 
 
 # =====================================================================================================
