@@ -244,12 +244,8 @@ class _Video:
 class _Folder:
     """A folder of frame images in natural name order (frame_2 before frame_10), each decoded with PyAV."""
 
-    def __init__(self, path):
+    def __init__(self, path, names):
         natural = lambda name: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
-        try:
-            names = os.listdir(path)
-        except OSError as e:
-            raise VideoReadError(f"{path}: cannot list the folder ({e.strerror})") from None
         self.path, self.names = path, sorted((n for n in names if not n.startswith(".")
                                               and n.lower().endswith(IMAGE_EXTENSIONS)), key=natural)
         if not self.names:
@@ -279,11 +275,12 @@ def open_video(path):
     path = os.fspath(path)
     try:
         mode = os.stat(path).st_mode
+        names = os.listdir(path) if stat.S_ISDIR(mode) else None  # a folder that cannot be listed is unreadable
     except OSError as e:
         reason = "no such file or folder" if isinstance(e, FileNotFoundError) else f"cannot access it ({e.strerror})"
         raise VideoReadError(f"{path}: {reason}") from None
     if stat.S_ISDIR(mode):
-        yield _Folder(path)
+        yield _Folder(path, names)
         return
     if not stat.S_ISREG(mode):
         raise VideoReadError(f"{path}: not a regular file or a folder (a pipe or device could block forever)")
@@ -490,8 +487,7 @@ class VideoDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def unreadable(self, first=None):
-        """[(line_number, path, reason)] of the (first `first`) entries that do not open, or whose first frame the crop
-        box does not fit (a quick frame count, or one decoded frame with a crop box; evaluation never skips)."""
+        """[(line_number, path, reason)] of the (first) entries that do not open or whose frame 0 misfits crop_box."""
         bad = []
         listed = tqdm(self.samples[:first], desc=f"checking {os.path.basename(self.annotation_file)}", leave=False)
         for number, (path, _) in zip(self.line_numbers, listed):
