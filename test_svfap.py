@@ -881,6 +881,20 @@ def test_summary_of_seeds_gives_mean_sample_sd_and_range_of_each_group(tmp_path)
     assert unfinished.returncode != 0 and "pre_seed0: no results.json" in unfinished.stderr
 
 
+def test_summary_splits_at_the_first_equals_sign_and_names_the_run_of_a_bad_results_file(tmp_path):
+    """Folder names like lr=1e-3_seed0 are common: NAME=GLOB splits at the first "=", so the glob keeps them."""
+    for name, wall in (("lr=1e-3_seed0", 60.0), ("lr=1e-3_seed1", 180.0), ("lr=1e-4_seed0", 6000.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"wall_time_s": wall}))
+    out = metrics_run_cli("--summary", f"scratch={tmp_path}/lr=1e-3_seed*")
+    assert out.returncode == 0 and out.stdout.splitlines()[2] == "| scratch | 2 | - | - | - | 2.0 min (1.0..3.0) |"
+    (tmp_path / "lr=1e-3_seed1" / "results.json").write_text(json.dumps({"epochs": 3}))
+    out = metrics_run_cli("--summary", f"scratch={tmp_path}/lr=1e-3_seed*")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1 and "Traceback" not in out.stderr
+    assert f"{tmp_path}/lr=1e-3_seed1: no results.json with wall_time_s" in lines[0] and "KeyError" in lines[0]
+
+
 
 # -----------------------------------------------------------------------------
 # video level (AVCAffe) and the dataset configs
@@ -923,6 +937,25 @@ def test_video_grouping_names_the_clip_that_breaks_it():
         metrics.group_average(ids, scores, targets, r"(.*)/[^/]+$")
     with pytest.raises(ValueError, match="7 clips but 6 scores and 7 targets; they must match"):
         metrics.group_average(ids, scores[:6], targets, r"(.*)/[^/]+$")
+    # an optional group that takes no part in a match, or matches nothing: no video, not one named "None" or ""
+    for regex in (r"clips/(B)?", r"clips/([B-D]*)"):
+        with pytest.raises(ValueError, match=rf"video_group={re.escape(repr(regex))} does not match the clip "
+                                             r"'clips/A/0.mp4', or its group is empty"):
+            metrics.group_average(ids, scores, targets, regex)
+
+
+def test_bad_video_group_regex_and_non_finite_scores_end_in_one_line_naming_them(tmp_path):
+    ids, targets, scores = metrics_avcaffe_clips()
+    path = tmp_path / "test_predictions.csv"
+    metrics.write_predictions(path, ids, targets, scores)
+    out = metrics_run_cli("--video_group=(.*/[^/]+$", path)
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        "metrics.py: error: video_group='(.*/[^/]+$' is not a regular expression: missing ), unterminated subpattern "
+        "at position 0"]
+    path.write_text(path.read_text().replace("0.6", "nan", 1))  # the second row: clip B
+    out = metrics_run_cli(path)
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        f"metrics.py: error: {path}:3: column 'score_1' must be a finite number, got 'nan'"]
 
 
 @pytest.mark.parametrize("name", ["cremad", "ravdess", "enterface05", "werewolfxl", "avcaffe", "firstimpressions"])
@@ -1510,6 +1543,97 @@ def test_prepare_interrupted_and_rerun_finishes_without_redoing_a_file(tmp_path,
     D.prepare(listing, tmp_path / "out", keep_every=4)
     assert len(first) == 2 and not set(first) & set(done) and len(first) + len(done) == 5  # the broken one retried
     assert len((tmp_path / "out" / "train.txt").read_text().splitlines()) == 4
+
+
+def data_faces(tmp_path, seed, n, size=32):
+    """n frames of a demo face, decoded from a yuv420p video as DFEW's frames are: x264 keeps them within 40 dB."""
+    face = render_demo_clip(demo_identity(seed, seed), demo_clip_plan(seed, seed, seed, seed % 6, n), size, n)
+    return list(data_reference(data_write_video(tmp_path / f"face{seed}.mp4", list(face))))
+
+
+def data_prepare_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "prepare", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def data_tree(folder):
+    """{relative path: bytes} of every file under folder."""
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def test_prepare_refuses_a_folder_made_with_other_settings_and_continues_one_made_with_the_same(tmp_path, data_broken):
+    listing, _ = data_prepare_inputs(tmp_path, data_broken)
+    out = tmp_path / "out"
+    D.prepare(listing, out, keep_every=1)
+    assert json.loads((out / "prepare.json").read_text()) == {
+        "list": str(listing), "root": None, "replace_prefix": None, "crop_box": None, "keep_every": 1, "size": None,
+        "min_psnr": 40}
+    before = data_tree(out)
+    done = data_prepare_cli(f"--list={listing}", f"--out={out}", "--keep_every=2", "--crop_box=(0, 32, 0, 32)")
+    assert done.returncode == 1 and done.stderr.splitlines() == [
+        f"data.py prepare: prepare: {out} holds clips made with other settings ({out}/prepare.json): crop_box=None "
+        f"there, [0, 32, 0, 32] now, keep_every=1 there, 2 now; give another --out, or the same settings to continue"]
+    assert data_tree(out) == before  # not a byte changed
+    os.remove(out / "clips" / "b.mp4")
+    done = data_prepare_cli(f"--list={listing}", f"--out={out}", "--keep_every=1")
+    assert done.returncode == 0 and "4 of 5 entries ready" in done.stdout and "(2 written now)" in done.stdout  # b, broken
+    assert data_tree(out) == before
+    (out / "prepare.json").unlink()  # a folder of an older prepare: its settings are unknown
+    assert "root='unknown' there, None now" in data_prepare_cli(f"--list={listing}", f"--out={out}", "--keep_every=1").stderr
+
+
+def test_release_style_absolute_lists_prepare_with_replace_prefix_and_relative_ones_with_root(tmp_path):
+    """DFEW's split files name frame folders on the authors' machine: /data/ycs/AC/Dataset/DFEW/Clip/jpg_256/NNNNN."""
+    clips = {n: data_write_folder(tmp_path / "DFEW" / "Clip" / "jpg_256" / n, data_faces(tmp_path, i, 6), ext="png")
+             for i, n in enumerate(("00001", "00002"))}
+    release = tmp_path / "split01" / "test.csv"
+    release.parent.mkdir()
+    release.write_text("/data/ycs/AC/Dataset/DFEW/Clip/jpg_256/00001 3\n/data/ycs/AC/Dataset/DFEW/Clip/jpg_256/00002 0\n")
+    done = data_prepare_cli(f"--list={release}", f"--out={tmp_path / 'prepared'}", "--keep_every=1",
+                            f"--replace_prefix=('/data/ycs/AC/Dataset/DFEW', '{tmp_path / 'DFEW'}')")
+    assert done.returncode == 0 and "2 of 2 entries ready" in done.stdout, done.stderr
+    rows = (tmp_path / "prepared" / "test.csv").read_text().splitlines()
+    assert rows == ["clips/Clip/jpg_256/00001.mp4 3", "clips/Clip/jpg_256/00002.mp4 0"]  # named below the prefix
+    for n, source in clips.items():
+        prepared = data_reference(str(tmp_path / "prepared" / "clips" / "Clip" / "jpg_256" / f"{n}.mp4"))
+        assert D.psnr(prepared, data_reference(source)).min() >= 40
+    relative = tmp_path / "lists" / "train.txt"
+    relative.parent.mkdir()
+    relative.write_text("Clip/jpg_256/00002 5\n")
+    done = data_prepare_cli(f"--list={relative}", f"--out={tmp_path / 'rooted'}", f"--root={tmp_path / 'DFEW'}")
+    assert done.returncode == 0 and (tmp_path / "rooted" / "train.txt").read_text() == "clips/Clip/jpg_256/00002.mp4 5\n"
+
+
+@pytest.mark.parametrize("names", [("a/x.avi", "a/x.mp4"), ("x", "./x.mp4"), ("../x.mp4", "x.webm")])
+def test_two_entries_that_map_to_one_target_stop_prepare_before_any_file_is_written(tmp_path, names):
+    listing = tmp_path / "src" / "list.txt"
+    listing.parent.mkdir()
+    listing.write_text(f"b.mp4 0\n{names[0]} 1\n\n{names[1]} 2\n")  # a blank line 3: numbers are the file's lines
+    with pytest.raises(ValueError, match=rf"^prepare: {re.escape(str(listing))}, lines 2 and 4 both map to "
+                                         rf"{re.escape(str(tmp_path / 'out' / 'clips'))}/(a/)?x\.mp4 "):
+        D.prepare(listing, tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_source_that_cannot_reach_40_db_is_kept_and_listed_with_its_psnr(tmp_path, capsys):
+    """Full-resolution colour noise loses to yuv420p's halved chroma whatever the CRF: the clip is kept (CRF 0)
+    and its worst frame's PSNR, measured here from the files, is in the summary and in prepare_warnings.txt."""
+    noise = [np.random.default_rng(t).integers(0, 256, (16, 16, 3), dtype=np.uint8) for t in range(4)]
+    source = data_write_folder(tmp_path / "src" / "noise", noise, ext="png")
+    fine = data_write_folder(tmp_path / "src" / "fine", data_faces(tmp_path, 0, 4), ext="png")
+    listing = tmp_path / "src" / "list.txt"
+    listing.write_text("fine 0\nnoise 1\n")
+    D.prepare(listing, tmp_path / "out", keep_every=1)
+    measured = D.psnr(data_reference(str(tmp_path / "out" / "clips" / "noise.mp4")), np.stack(noise)).min()
+    assert measured < 40 and D.psnr(data_reference(str(tmp_path / "out" / "clips" / "fine.mp4")),
+                                    data_reference(fine)).min() >= 40
+    line = f"line 2: {source}: {measured:.1f} dB"
+    assert f"0 unreadable, listed in {tmp_path / 'out' / 'prepare_failed.txt'}; 1 kept below 40 dB PSNR, listed in " \
+           f"prepare_warnings.txt: {line}\n" in capsys.readouterr().out
+    assert (tmp_path / "out" / "prepare_warnings.txt").read_text() == \
+        f"{line} PSNR (its worst frame), kept below the 40 dB target at CRF 0\n"
+    assert (tmp_path / "out" / "list.txt").read_text() == "clips/fine.mp4 0\nclips/noise.mp4 1\n"  # kept
 
 
 # =====================================================================================================
