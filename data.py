@@ -430,7 +430,7 @@ class VideoDataset(torch.utils.data.Dataset):
     files (a misfitting crop box too): pretrain and train skip them with a warning; `broken` (int64 ()) counts those
     skipped for the item, for the training loop to add up over its workers and stop past max_fail_fraction of
     max(files tried, fail_floor) (pretrain.count_broken); eval raises naming the file (check with unreadable())."""
-    fail_floor = 1000  # also bounds one item's tries: a list of broken files cannot loop forever
+    fail_floor = 1000  # also the most files one item tries
 
     def __init__(self, annotation_file, mode, img_size=160, num_frames=16, sampling_rate=4, crop_box=None,
                  root=None, replace_prefix=None, num_clips=2, num_crops=2, repeated_sampling=1, mask_cfg=None,
@@ -532,15 +532,15 @@ class VideoDataset(torch.utils.data.Dataset):
             views = [v for clip in clips for v in eval_crops(clip, self.img_size, self.num_crops)]
             return torch.stack(views), self.targets[index], index  # (V, T, 3, S, S)
         g = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
-        for broken in range(int(self.max_fail_fraction * self.fail_floor) + 1):  # more would pass the limit alone
+        for broken in range(self.fail_floor):  # bounded: a list of broken files cannot loop forever
             try:
                 return *self._training_item(index, g), torch.tensor(broken)
             except VideoReadError as e:
                 warnings.warn(f"skipping unreadable sample: {e}", RuntimeWarning, stacklevel=2)
                 if len(self.samples) > 1:  # another sample, never the one that just failed
                     index = (index + 1 + int(torch.randint(len(self.samples) - 1, (), generator=g))) % len(self.samples)
-        raise RuntimeError(f"{broken + 1} unreadable files in a row from {self.annotation_file}, more than max_fail_"
-                           f"fraction={self.max_fail_fraction} of {self.fail_floor}: check the paths and the crop box")
+        raise RuntimeError(f"{self.fail_floor} unreadable files in a row from {self.annotation_file}: check the paths "
+                           f"(root, replace_prefix) and the crop box")
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -293,14 +293,16 @@ def make_dataset(c, key, mode, mc, **kw):
     return ds
 
 
-def count_broken(batches, c, seen):
-    """The batches less their last field, each item's skipped broken files, added up here in seen = [broken, tried]
+def count_broken(loader, seen):
+    """The loader's batches less their last field, each item's skipped broken files, added up in seen = [broken, tried]
     over all workers: the run stops past max_fail_fraction of max(tried, fail_floor), whatever the worker count."""
-    for *batch, broken in batches:
+    ds = loader.dataset
+    for *batch, broken in loader:
         seen[0], seen[1] = seen[0] + int(broken.sum()), seen[1] + len(broken) + int(broken.sum())
-        if seen[0] > c.max_fail_fraction * max(seen[1], VideoDataset.fail_floor):
-            raise ConfigError(f"{seen[0]} of the {seen[1]} files tried from {c.train_list} were unreadable, more than "
-                              f"max_fail_fraction={c.max_fail_fraction}; check data_root, replace_prefix and crop_box")
+        if seen[0] > ds.max_fail_fraction * max(seen[1], ds.fail_floor):
+            raise ConfigError(f"{seen[0]} of the {seen[1]} files tried from {ds.annotation_file} were unreadable, "
+                              f"more than max_fail_fraction={ds.max_fail_fraction}; check data_root, replace_prefix "
+                              f"and crop_box")
         yield batch
 
 
@@ -418,7 +420,7 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
         loader = DataLoader(dataset, micro_batch, sampler=list(sampler)[start * c.grad_accum * micro_batch:],
                             num_workers=c.num_workers, pin_memory=d.device.type == "cuda", drop_last=True,
                             generator=torch.Generator())  # without it, the loader draws from torch's seed
-        batches = count_broken(loader, c, seen)
+        batches = count_broken(loader, seen)
         batch = log.fetch(batches)
         for _ in range(start, min(n_iter_epoch, start + stop_iter - iter_num)):
             it_lr = lr_at(iter_num, lr, c.min_lr, round(c.warmup_epochs * n_iter_epoch), total_iters)

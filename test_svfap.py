@@ -1463,8 +1463,8 @@ def test_training_skips_and_counts_broken_files_eval_names_them(data_inputs, dat
     ds = D.VideoDataset(all_bad, "train", img_size=32, num_frames=8, sampling_rate=2, num_outputs=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(RuntimeError, match=r"51 unreadable files in a row .* max_fail_fraction=0\.05 of 1000"):
-            ds[0]  # bounded: 0.05 x 1000 = 50 broken files would stop the run already
+        with pytest.raises(RuntimeError, match=r"1000 unreadable files in a row from .*bad\.txt: check the paths"):
+            ds[0]  # bounded
 
 
 def test_dataset_in_dataloader_workers(data_inputs, data_broken, tmp_path):
@@ -2076,6 +2076,67 @@ def test_a_broken_first_training_video_does_not_stop_pretraining(train_data, tmp
                                                          "--vis_list=", "--epochs=1", "--max_fail_fraction=0.5"))
     assert "reconstruction video: skipping an unreadable clip" in done.stdout and "broken.mp4" in done.stdout
     assert os.path.isfile(tmp_path / "out" / "recon_iter0000003_denorm-with-true-patch-stats.mp4")
+
+
+def test_a_video_the_crop_box_does_not_fit_is_skipped_and_counted_and_one_that_fits_no_file_stops_at_once(train_data,
+                                                                                                             tmp_path):
+    small = tmp_path / "small.mp4"  # 16x16 among the 32x32 videos
+    train_write_video(str(small), 0, seed=99, size=16)
+    rows = open(train_data / "train.txt").read().replace("videos/", f"{train_data}/videos/").splitlines()
+    listing = tmp_path / "train.txt"
+    listing.write_text("".join(f"{r}\n" for r in rows[:5] + [f"{small} 1"] + rows[6:]))  # 12: every one is drawn
+    warning = f"skipping unreadable sample: {small}: crop_box (top, bottom, left, right)=(0, 32, 0, 32) does not fit its 16x16"
+    common = [f"--train_list={listing}", "--epochs=1", "--crop_box=(0, 32, 0, 32)"]
+    for script, args in (("pretrain.py", train_pretrain_args(train_data, tmp_path / "pre", *common, "--vis_clips=0")),
+                         ("finetune.py", train_finetune_args(train_data, tmp_path / "ft", *common))):
+        assert warning in train_run(script, *args).stderr  # and the run goes on to its end
+        done = train_run(script, *args, "--max_fail_fraction=0.0", "--out_dir=" + str(tmp_path / "strict"), check=False)
+        lines = [line for line in done.stderr.splitlines() if "error" in line]
+        assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+        assert re.search(rf"1 of the \d+ files tried from {listing} were unreadable, more than max_fail_fraction=0.0",
+                         lines[0])
+    done = train_run("finetune.py", *train_finetune_args(train_data, tmp_path / "none", *common, "--crop_box=(0, 64, 0, 64)"),
+                     check=False)
+    lines = [line for line in done.stderr.splitlines() if "error" in line]
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"train_list={listing}: none of its first 10 entries can be read, so training would only skip files; " \
+           f"line 1: {train_data}/videos/v00.mp4: crop_box (top, bottom, left, right)=(0, 64, 0, 64) does not fit its " \
+           f"32x32 frames" in lines[0]
+    assert not os.path.exists(tmp_path / "none" / "log.jsonl")  # no step was taken
+
+
+class BrokenEveryKth(D.VideoDataset):
+    """Reads nothing: the entries whose path ends in "broken" raise as an unreadable file does, the rest give a tiny item."""
+
+    def _training_item(self, index, g):
+        if self.samples[index][0].endswith("broken"):
+            raise D.VideoReadError(f"{self.samples[index][0]}: broken")
+        return torch.zeros(1), torch.zeros(5), self.targets[index]
+
+
+@pytest.mark.parametrize("every, stops", [(50, False), (5, True)])
+def test_the_broken_file_rule_counts_in_the_main_process_whatever_the_worker_count(tmp_path, every, stops):
+    """2% broken files never stop a run at the default max_fail_fraction 5%, 20% stop it within a few hundred items;
+    1, 2 and 4 workers count the same files, as the items (and the stand-ins of broken files) depend on no worker."""
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"clip{i}{'broken' if i % every == 0 else ''} 0\n" for i in range(2000)))
+    counts = []
+    for workers in (1, 2, 4):
+        ds, seen = BrokenEveryKth(listing, "train", num_outputs=1), [0, 0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the skips, and torch's advice against 4 workers on 2 cores
+            loader = torch.utils.data.DataLoader(ds, batch_size=10, num_workers=workers)
+            try:
+                batches = list(pretrain.count_broken(loader, seen))
+                assert not stops and len(batches) == 200 and [len(b) for b in batches[:1]] == [3]
+            except pretrain.ConfigError as e:
+                assert stops and str(e) == f"{seen[0]} of the {seen[1]} files tried from {listing} were unreadable, " \
+                                           f"more than max_fail_fraction=0.05; check data_root, replace_prefix and crop_box"
+        counts.append(seen)
+    assert counts[0] == counts[1] == counts[2], counts
+    broken, tried = counts[0]
+    # 20%: past 0.05 x 1000 = 50 broken files (the batch that crosses it) at about 250 tried; 2%: all 2000 items made
+    assert (50 < broken and tried < 300) if stops else (0.01 < broken / tried < 0.03 and tried == 2000 + broken)
 
 
 @pytest.mark.parametrize("task, labels, words", [
