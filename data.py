@@ -427,9 +427,8 @@ class VideoDataset(torch.utils.data.Dataset):
     (windows, crops, flips, mask, a broken file's stand-in) draws from a generator seeded with item_seed(seed, epoch,
     index): the same clips for any worker count or fetch order, and after a resume. Labels are checked against
     num_outputs (classes, or D regression values); None (reconstructions, --extract): unused, the target empty. Broken
-    files (a misfitting crop box too): pretrain and train skip them with a warning; `broken` (int64 ()) counts those
-    skipped for the item, for the training loop to add up over its workers and stop past max_fail_fraction of
-    max(files tried, fail_floor) (pretrain.count_broken); eval raises naming the file (check with unreadable())."""
+    files (a misfitting crop box too): pretrain and train skip them with a warning, and `broken` (int64 ()) counts them
+    for the training loop to add up (pretrain.count_broken); eval raises naming the file (check with unreadable())."""
     fail_floor = 1000  # also the most files one item tries
 
     def __init__(self, annotation_file, mode, img_size=160, num_frames=16, sampling_rate=4, crop_box=None,
@@ -629,8 +628,7 @@ def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1, r
     entries, jobs, line_of = {}, [], {}
     for number, source, _ in _parse_annotation_lines(list_file, root, replace_prefix):
         name, *labels = lines[number - 1].split(maxsplit=1)  # a path alone (pretraining lists) has no labels
-        if replace_prefix and name.startswith(replace_prefix[0]):  # the part below the prefix names the target
-            name = name[len(replace_prefix[0]):]
+        name = name.removeprefix(replace_prefix[0]) if replace_prefix else name  # the part below it names the target
         parts = [p for p in os.path.normpath(name).split(os.sep) if p not in ("", ".", "..")]  # stays under out
         target = os.path.join(out, "clips", *parts[:-1], os.path.splitext(parts[-1])[0] + ".mp4")
         if (first := line_of.setdefault(target, number)) != number:
@@ -644,10 +642,10 @@ def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1, r
     old = {} if os.path.isdir(os.path.join(out, "clips")) else settings  # {}: an older prepare's clips, unknown
     with contextlib.suppress(FileNotFoundError), open(path := os.path.join(out, "prepare.json")) as f:
         old = json.load(f)
-    if differ := [k for k in settings if old.get(k, "unknown") != settings[k]]:
-        raise ValueError(f"prepare: {out} holds clips made with other settings ({path}): " + ", ".join(
-            f"{k}={old.get(k, 'unknown')!r} there, {settings[k]!r} now" for k in differ) + "; give another --out, or "
-            "the same settings to continue")
+    differ = [f"{k}={old.get(k, 'unknown')!r} there, {v!r} now" for k, v in settings.items() if old.get(k, ...) != v]
+    if differ:
+        raise ValueError(f"prepare: {out} holds clips made with other settings ({path}): {', '.join(differ)}; give "
+                         f"another --out, or the same settings to continue")
     os.makedirs(out, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(settings, f, indent=1)
@@ -662,15 +660,14 @@ def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1, r
         f.writelines(" ".join([os.path.relpath(t, out), *labels]) + "\n" for n, (_, t, labels) in entries.items()
                      if n not in failed)
     with atomic_path(failed_list) as tmp, open(tmp, "w") as f:
-        f.writelines(f"line {n}: {entries[n][0]}: {error}\n" for n, error in sorted(failed.items()))
+        f.writelines(f"line {n}: {entries[n][0]}: {error}\n" for n, error in failed.items())  # in list order
     with open(os.path.join(out, "prepare_warnings.txt"), "a") as f:  # appended: clips kept earlier are not redone
         f.writelines(f"{w} PSNR (its worst frame), kept below the {PREPARE_PSNR} dB target at CRF 0\n" for w in low)
     print(f"prepare: {len(entries) - len(failed)} of {len(entries)} entries ready in {out} ({len(jobs)} written now); "
           f"{len(failed)} unreadable, listed in {failed_list}" + (f"; {len(low)} kept below {PREPARE_PSNR} dB PSNR, "
-          f"listed in prepare_warnings.txt: " + "; ".join(low[:5]) if low else "") + f"\nread them with these config "
-          f"lines (train_list, or the key {os.path.basename(list_file)} was for):\n"
-          f"train_list = {os.path.abspath(new_list)!r}\n"
-          f"data_root = ''\nreplace_prefix = ()\ncrop_box = ()\nsampling_rate = {4 // keep_every}")
+          f"listed in prepare_warnings.txt: " + "; ".join(low[:5]) if low else "") + f"\nread them with these lines "
+          f"(train_list, or the key {os.path.basename(list_file)} was for):\ntrain_list = {os.path.abspath(new_list)!r}"
+          f"\ndata_root = ''\nreplace_prefix = ()\ncrop_box = ()\nsampling_rate = {4 // keep_every}")
     return new_list
 
 

@@ -206,13 +206,12 @@ def group_average(ids, scores, targets, groups):
     regex whose first capture group (or whole match) in a clip's id names its video."""
     if isinstance(groups, str):
         try:
-            names = [(m := re.search(groups, str(i))) and m.group(1 if m.re.groups else 0) for i in ids]
+            regex, groups = groups, [(m := re.search(groups, str(i))) and m.group(1 if m.re.groups else 0) for i in ids]
         except re.error as e:
             raise ValueError(f"video_group={groups!r} is not a regular expression: {e}") from None
-        if bad := [str(i) for i, name in zip(ids, names) if not name]:  # None: no match or an unused group
-            raise ValueError(f"video_group={groups!r} does not match the clip {bad[0]!r}, or its group is empty; it "
+        if bad := [str(i) for i, name in zip(ids, groups) if not name]:  # None: no match or an unused group
+            raise ValueError(f"video_group={regex!r} does not match the clip {bad[0]!r}, or its group is empty; it "
                              f"must name every clip's video, e.g. '(.*)/[^/]+$' takes a clip's folder as its video")
-        groups = names
     keys = [str(k) for k in groups]
     scores, targets = _as_array(scores, "scores").astype(np.float64), _as_array(targets, "targets")
     if not len(keys) == len(scores) == len(targets):

@@ -278,8 +278,7 @@ def resume_checkpoint(c, init_paths=""):
 
 
 def make_dataset(c, key, mode, mc, **kw):
-    """data.VideoDataset of the list in config key `key`; load and label errors become one ConfigError line, and so
-    does a training list whose first 10 entries all fail (a crop box that fits no file, a wrong data_root)."""
+    """data.VideoDataset of config key `key`'s list; bad lists, and training lists whose first 10 files fail: ConfigError."""
     try:
         ds = VideoDataset(getattr(c, key), mode, img_size=mc.img_size, num_frames=mc.num_frames,
                           sampling_rate=c.sampling_rate, crop_box=tuple(c.crop_box) or None, seed=c.seed,
@@ -294,15 +293,13 @@ def make_dataset(c, key, mode, mc, **kw):
 
 
 def count_broken(loader, seen):
-    """The loader's batches less their last field, each item's skipped broken files, added up in seen = [broken, tried]
-    over all workers: the run stops past max_fail_fraction of max(tried, fail_floor), whatever the worker count."""
-    ds = loader.dataset
+    """The loader's batches less their last field, each item's broken files, added up in seen = [broken, tried]: over
+    all workers, so that the run stops past max_fail_fraction of max(tried, fail_floor) whatever the worker count."""
     for *batch, broken in loader:
-        seen[0], seen[1] = seen[0] + int(broken.sum()), seen[1] + len(broken) + int(broken.sum())
+        seen[0], seen[1], ds = seen[0] + int(broken.sum()), seen[1] + len(broken) + int(broken.sum()), loader.dataset
         if seen[0] > ds.max_fail_fraction * max(seen[1], ds.fail_floor):
             raise ConfigError(f"{seen[0]} of the {seen[1]} files tried from {ds.annotation_file} were unreadable, "
-                              f"more than max_fail_fraction={ds.max_fail_fraction}; check data_root, replace_prefix "
-                              f"and crop_box")
+                              f"more than max_fail_fraction={ds.max_fail_fraction}; check data_root and crop_box")
         yield batch
 
 
