@@ -278,7 +278,7 @@ def resume_checkpoint(c, init_paths=""):
 
 
 def make_dataset(c, key, mode, mc, **kw):
-    """data.VideoDataset of config key `key`'s list; bad lists, and training lists whose first 10 files fail: ConfigError."""
+    """data.VideoDataset of config key `key`'s list; a bad list, or training files failing from the first: one line."""
     try:
         ds = VideoDataset(getattr(c, key), mode, img_size=mc.img_size, num_frames=mc.num_frames,
                           sampling_rate=c.sampling_rate, crop_box=tuple(c.crop_box) or None, seed=c.seed,
