@@ -278,7 +278,7 @@ def resume_checkpoint(c, init_paths=""):
 
 
 def make_dataset(c, key, mode, mc, **kw):
-    """data.VideoDataset of config key `key`'s list; a bad list, or training files failing from the first: one line."""
+    """data.VideoDataset of config key `key`'s list; a bad list, or 10 unreadable first training files: ConfigError."""
     try:
         ds = VideoDataset(getattr(c, key), mode, img_size=mc.img_size, num_frames=mc.num_frames,
                           sampling_rate=c.sampling_rate, crop_box=tuple(c.crop_box) or None, seed=c.seed,
@@ -295,8 +295,10 @@ def make_dataset(c, key, mode, mc, **kw):
 def count_broken(loader, seen):
     """The loader's batches less their last field, each item's broken files, added up in seen = [broken, tried]: over
     all workers, so that the run stops past max_fail_fraction of max(tried, fail_floor) whatever the worker count."""
+    ds = loader.dataset
     for *batch, broken in loader:
-        seen[0], seen[1], ds = seen[0] + int(broken.sum()), seen[1] + len(broken) + int(broken.sum()), loader.dataset
+        broken = int(broken.numpy().sum())  # a CPU tensor from the workers: no device read, no torch op
+        seen[0], seen[1] = seen[0] + broken, seen[1] + len(batch[0]) + broken
         if seen[0] > ds.max_fail_fraction * max(seen[1], ds.fail_floor):
             raise ConfigError(f"{seen[0]} of the {seen[1]} files tried from {ds.annotation_file} were unreadable, "
                               f"more than max_fail_fraction={ds.max_fail_fraction}; check data_root and crop_box")

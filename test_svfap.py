@@ -2131,7 +2131,7 @@ def test_the_broken_file_rule_counts_in_the_main_process_whatever_the_worker_cou
                 assert not stops and len(batches) == 200 and [len(b) for b in batches[:1]] == [3]
             except pretrain.ConfigError as e:
                 assert stops and str(e) == f"{seen[0]} of the {seen[1]} files tried from {listing} were unreadable, " \
-                                           f"more than max_fail_fraction=0.05; check data_root, replace_prefix and crop_box"
+                                           f"more than max_fail_fraction=0.05; check data_root and crop_box"
         counts.append(seen)
     assert counts[0] == counts[1] == counts[2], counts
     broken, tried = counts[0]
