@@ -1101,7 +1101,7 @@ def main(argv):
             raise SystemExit(f"prepare: --list and --out are needed\n{main.__doc__}")
         return prepare(args.pop("list"), args.pop("out"), **{"workers": os.cpu_count() or 1, **args})
     except (OSError, ValueError, TypeError, SyntaxError) as e:
-        raise SystemExit(f"data.py {command}: {e}") from None
+        raise SystemExit(f"data.py: {e}") from None
 
 
 if __name__ == "__main__":

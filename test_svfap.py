@@ -1572,7 +1572,7 @@ def test_prepare_refuses_a_folder_made_with_other_settings_and_continues_one_mad
     before = data_tree(out)
     done = data_prepare_cli(f"--list={listing}", f"--out={out}", "--keep_every=2", "--crop_box=(0, 32, 0, 32)")
     assert done.returncode == 1 and done.stderr.splitlines() == [
-        f"data.py prepare: prepare: {out} holds clips made with other settings ({out}/prepare.json): crop_box=None "
+        f"data.py: prepare: {out} holds clips made with other settings ({out}/prepare.json): crop_box=None "
         f"there, [0, 32, 0, 32] now, keep_every=1 there, 2 now; give another --out, or the same settings to continue"]
     assert data_tree(out) == before  # not a byte changed
     os.remove(out / "clips" / "b.mp4")
