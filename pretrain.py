@@ -293,13 +293,12 @@ def make_dataset(c, key, mode, mc, **kw):
 
 
 def count_broken(loader, seen):
-    """The loader's batches less their last field, each item's broken files, added up in seen = [broken, tried]: over
-    all workers, so that the run stops past max_fail_fraction of max(tried, fail_floor) whatever the worker count."""
+    """The loader's batches less their last field, each item's broken files, added up in seen = [broken, tried]."""
     ds = loader.dataset
     for *batch, broken in loader:
         broken = int(broken.numpy().sum())  # a CPU tensor from the workers: no device read, no torch op
         seen[0], seen[1] = seen[0] + broken, seen[1] + len(batch[0]) + broken
-        if seen[0] > ds.max_fail_fraction * max(seen[1], ds.fail_floor):
+        if seen[0] > ds.max_fail_fraction * max(seen[1], ds.fail_floor):  # over all workers: the same for any count
             raise ConfigError(f"{seen[0]} of the {seen[1]} files tried from {ds.annotation_file} were unreadable, "
                               f"more than max_fail_fraction={ds.max_fail_fraction}; check data_root and crop_box")
         yield batch
