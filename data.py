@@ -14,6 +14,7 @@ take that as the truth. Left open: a packet that decodes to nothing where no rea
 import ast
 import contextlib
 import hashlib
+import json
 import math
 import multiprocessing
 import os
@@ -117,9 +118,9 @@ class _Clip:
     def _rgb(self, frame, source):
         top, bottom, left, right = self.crop_box or (0, frame.height, 0, frame.width)
         if not (0 <= top < bottom <= frame.height and 0 <= left < right <= frame.width):
-            raise ValueError(f"{source}: crop_box (top, bottom, left, right)={tuple(self.crop_box)} does not fit its "
-                             f"{frame.width}x{frame.height} frames (needs 0 <= top < bottom <= {frame.height}, "
-                             f"0 <= left < right <= {frame.width})")
+            raise VideoReadError(f"{source}: crop_box (top, bottom, left, right)={tuple(self.crop_box)} does not "
+                                 f"fit its {frame.width}x{frame.height} frames (needs 0 <= top < bottom <= "
+                                 f"{frame.height}, 0 <= left < right <= {frame.width})")
         h, w = _scaled_size(bottom - top, right - left, self.size)
         if self.crop_box is None:  # scaled while converting
             return _swscale("convert", frame, width=w, height=h, format="rgb24")
@@ -243,9 +244,9 @@ class _Video:
 class _Folder:
     """A folder of frame images in natural name order (frame_2 before frame_10), each decoded with PyAV."""
 
-    def __init__(self, path):
+    def __init__(self, path, names):
         natural = lambda name: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
-        self.path, self.names = path, sorted((n for n in os.listdir(path) if not n.startswith(".")
+        self.path, self.names = path, sorted((n for n in names if not n.startswith(".")
                                               and n.lower().endswith(IMAGE_EXTENSIONS)), key=natural)
         if not self.names:
             raise VideoReadError(f"{path}: folder holds no frame images ({', '.join(IMAGE_EXTENSIONS)})")
@@ -274,11 +275,12 @@ def open_video(path):
     path = os.fspath(path)
     try:
         mode = os.stat(path).st_mode
+        names = os.listdir(path) if stat.S_ISDIR(mode) else None  # a folder that cannot be listed is unreadable
     except OSError as e:
         reason = "no such file or folder" if isinstance(e, FileNotFoundError) else f"cannot access it ({e.strerror})"
         raise VideoReadError(f"{path}: {reason}") from None
     if stat.S_ISDIR(mode):
-        yield _Folder(path)
+        yield _Folder(path, names)
         return
     if not stat.S_ISREG(mode):
         raise VideoReadError(f"{path}: not a regular file or a folder (a pipe or device could block forever)")
@@ -414,10 +416,10 @@ def item_seed(seed, epoch, index):
 class VideoDataset(torch.utils.data.Dataset):
     """Clips of the videos listed in an annotation file, as uint8 frames plus what device_transform needs.
 
-    mode "pretrain": (frames uint8 (k, T, 3, S, S), boxes int64 (k, 5), mask bool (k, N)), S = img_size;
+    mode "pretrain": (frames uint8 (k, T, 3, S, S), boxes int64 (k, 5), mask bool (k, N), broken), S = img_size;
         k = repeated_sampling clips from one decoded range of at most two windows, each with its own window,
         crop and flip; mask = model.tube_mask for mask_cfg (default SVFAPConfig(img_size, num_frames)).
-    mode "train": (frames uint8 (T, 3, S, S), boxes int64 (5,), target int64 () or float32 (D,)).
+    mode "train": (frames uint8 (T, 3, S, S), boxes int64 (5,), target int64 () or float32 (D,), broken).
     mode "eval": (views uint8 (V, T, 3, S, S), target, index), V = num_clips * num_crops (clip-major): the
         short side scaled to S, num_crops crops along the long side; index = the sample's place in the list.
     Frames: crop_box (top, bottom, left, right) is cut out, then scaled to S x S (non-square frames are squashed: give
@@ -425,8 +427,9 @@ class VideoDataset(torch.utils.data.Dataset):
     (windows, crops, flips, mask, a broken file's stand-in) draws from a generator seeded with item_seed(seed, epoch,
     index): the same clips for any worker count or fetch order, and after a resume. Labels are checked against
     num_outputs (classes, or D regression values); None (reconstructions, --extract): unused, the target empty. Broken
-    files: pretrain and train skip them with a warning (`skipped` of `tried`, per worker), raising past
-    max_fail_fraction (of at least 100); eval raises naming the file (check eval lists with unreadable())."""
+    files (a misfitting crop box too): pretrain and train skip them with a warning, and `broken` (int64 ()) counts them
+    for the training loop to add up (pretrain.count_broken); eval raises naming the file (check with unreadable())."""
+    fail_floor = 1000  # also the most files one item tries
 
     def __init__(self, annotation_file, mode, img_size=160, num_frames=16, sampling_rate=4, crop_box=None,
                  root=None, replace_prefix=None, num_clips=2, num_crops=2, repeated_sampling=1, mask_cfg=None,
@@ -453,7 +456,6 @@ class VideoDataset(torch.utils.data.Dataset):
         self.line_numbers, self.samples = [n for n, _, _ in rows], [(p, v) for _, p, v in rows]
         unchecked = mode == "pretrain" or num_outputs is None  # labels unused: an empty target
         self.targets = [torch.zeros(0)] * len(rows) if unchecked else self._targets(rows, num_outputs)
-        self.skipped = self.tried = 0  # broken files skipped and items attempted so far (in this process)
 
     def _targets(self, rows, n):
         """Checked once at start-up, so a bad label fails before training instead of in a worker."""
@@ -483,13 +485,14 @@ class VideoDataset(torch.utils.data.Dataset):
         """Items draw from streams seeded with (seed, epoch, index): call before each epoch's loader starts."""
         self.epoch = epoch
 
-    def unreadable(self):
-        """[(line_number, path, reason)] of the entries whose quick frame count fails (evaluation never skips)."""
+    def unreadable(self, first=None):
+        """[(line_number, path, reason)] of the (first) entries that do not open or whose frame 0 misfits crop_box."""
         bad = []
-        listed = tqdm(self.samples, desc=f"checking {os.path.basename(self.annotation_file)}", unit="file", leave=False)
+        listed = tqdm(self.samples[:first], desc=f"checking {os.path.basename(self.annotation_file)}", leave=False)
         for number, (path, _) in zip(self.line_numbers, listed):
             try:
-                count_frames(path, exact=False)
+                with open_video(path) as video:
+                    video.read([0], self.crop_box) if self.crop_box else video.frame_count(exact=False)
             except VideoReadError as e:
                 bad.append((number, path, str(e)))
         return bad
@@ -528,21 +531,15 @@ class VideoDataset(torch.utils.data.Dataset):
             views = [v for clip in clips for v in eval_crops(clip, self.img_size, self.num_crops)]
             return torch.stack(views), self.targets[index], index  # (V, T, 3, S, S)
         g = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
-        while True:
-            self.tried += 1
+        for broken in range(self.fail_floor):  # bounded: a list of broken files cannot loop forever
             try:
-                return self._training_item(index, g)
+                return *self._training_item(index, g), torch.tensor(broken)
             except VideoReadError as e:
-                self.skipped += 1
-                if self.skipped > self.max_fail_fraction * max(self.tried, 100):
-                    raise RuntimeError(
-                        f"{self.skipped} of {self.tried} samples tried from {self.annotation_file} were unreadable, "
-                        f"more than max_fail_fraction={self.max_fail_fraction}; last: {e}. Check the paths (root, "
-                        f"replace_prefix) or raise max_fail_fraction") from e
-                warnings.warn(f"skipping unreadable sample: {e} [{self.skipped} of {self.tried} tried so far "
-                              f"in this process]", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"skipping unreadable sample: {e}", RuntimeWarning, stacklevel=2)
                 if len(self.samples) > 1:  # another sample, never the one that just failed
                     index = (index + 1 + int(torch.randint(len(self.samples) - 1, (), generator=g))) % len(self.samples)
+        raise RuntimeError(f"{self.fail_floor} unreadable files in a row from {self.annotation_file}: check the paths "
+                           f"(root, replace_prefix) and the crop box")
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -588,6 +585,7 @@ def write_png(path, image):
 
 
 PREPARE_CRFS = (16, 12, 8, 4, 0)  # x264 quality, tried in turn until every kept frame is within 40 dB of its source
+PREPARE_PSNR = 40  # dB, the target; a clip that misses it at CRF 0 is kept and listed in prepare_warnings.txt
 # tune=fastdecode: CAVLC instead of CABAC, no deblocking; measured 1.7x faster to decode for 10% more bytes.
 # g=16: a keyframe at least every 16 kept frames, so a clip decodes at most 15 frames it does not use.
 PREPARE_X264 = {"preset": "veryfast", "tune": "fastdecode", "threads": "1", "g": "16"}
@@ -600,7 +598,7 @@ def psnr(a, b):
 
 
 def _prepare_one(job):
-    """One entry of prepare: (line number, source, target, crop_box, keep_every, size) -> (line number, error)."""
+    """One entry of prepare: (number, source, target, crop_box, keep_every, size) -> (number, error, PSNR if low)."""
     number, source, target, crop_box, keep_every, size = job
     try:
         frames = _read_chosen(source, lambda total: range(0, total, keep_every), crop_box, size)
@@ -608,17 +606,18 @@ def _prepare_one(job):
         with atomic_path(target) as tmp:  # the target appears only once its quality is checked
             for crf in PREPARE_CRFS:  # (sources with full-resolution colour noise cannot reach 40 dB in yuv420p)
                 write_mp4(tmp, frames, options={**PREPARE_X264, "crf": str(crf)})
-                if psnr(read_video_clip(tmp, range(len(frames))), frames).min() >= 40:
+                if (quality := float(psnr(read_video_clip(tmp, range(len(frames))), frames).min())) >= PREPARE_PSNR:
                     break
-        return number, None
+        return number, None, quality if quality < PREPARE_PSNR else None
     except (VideoReadError, ValueError, av.error.FFmpegError) as e:  # the entry goes to prepare_failed.txt
-        return number, str(e)
+        return number, str(e), None
 
 
-def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1):
-    """Training-ready copies of list_file's videos or frame folders: an H.264 mp4 per entry under out/clips, crop
-    box applied, every keep_every-th frame kept, scaled to size x size if given; out/<name of list_file> (returned)
-    with the new paths and labels; out/prepare_failed.txt with each unreadable input and why. Reruns skip done files."""
+def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1, root=None, replace_prefix=None):
+    """Training-ready copies of list_file's videos or frame folders (root and replace_prefix as in VideoDataset): an
+    H.264 mp4 per entry under out/clips, crop box applied, every keep_every-th frame kept, scaled to size x size if
+    given; out/<name of list_file> (returned) with the new paths and labels; out/prepare_failed.txt with each
+    unreadable input and why. out/prepare.json holds the settings: reruns with the same ones skip done files."""
     if keep_every not in (1, 2, 4):
         raise ValueError(f"prepare: keep_every={keep_every} must be 1, 2 or 4 (it divides the sampling rate 4)")
     if os.path.abspath(out) == os.path.dirname(os.path.abspath(list_file)):
@@ -626,29 +625,49 @@ def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1):
     if (size and size % 2) or (crop_box and ((crop_box[1] - crop_box[0]) % 2 or (crop_box[3] - crop_box[2]) % 2)):
         raise ValueError(f"prepare: H.264 needs even frame sizes; crop_box={crop_box} and size={size} give odd ones")
     lines = open(list_file, encoding="utf-8").read().splitlines()
-    entries, jobs = {}, []
-    for number, source, _ in _parse_annotation_lines(list_file):
+    entries, jobs, line_of = {}, [], {}
+    for number, source, _ in _parse_annotation_lines(list_file, root, replace_prefix):
         name, *labels = lines[number - 1].split(maxsplit=1)  # a path alone (pretraining lists) has no labels
+        name = name.removeprefix(replace_prefix[0]) if replace_prefix else name  # the part below it names the target
         parts = [p for p in os.path.normpath(name).split(os.sep) if p not in ("", ".", "..")]  # stays under out
         target = os.path.join(out, "clips", *parts[:-1], os.path.splitext(parts[-1])[0] + ".mp4")
+        if (first := line_of.setdefault(target, number)) != number:
+            raise ValueError(f"prepare: {list_file}, lines {first} and {number} both map to {target} (the extension "
+                             f"and . / .. parts are dropped); rename one of them")
         entries[number] = (source, target, labels)
         if not os.path.exists(target):
             jobs.append((number, source, target, crop_box, keep_every, (size, size) if size else None))
+    settings = json.loads(json.dumps(dict(list=os.path.abspath(list_file), root=root, replace_prefix=replace_prefix,
+                      crop_box=crop_box, keep_every=keep_every, size=size, min_psnr=PREPARE_PSNR)))  # tuples as lists
+    old = {} if os.path.isdir(os.path.join(out, "clips")) else settings  # {}: an older prepare's clips, unknown
+    with contextlib.suppress(FileNotFoundError), open(path := os.path.join(out, "prepare.json")) as f:
+        old = json.load(f)
+    differ = [f"{k}={old.get(k, 'unknown')!r} there, {v!r} now" for k, v in settings.items() if old.get(k, ...) != v]
+    if differ:
+        raise ValueError(f"prepare: {out} holds clips made with other settings ({path}): {', '.join(differ)}; give "
+                         f"another --out, or the same settings to continue")
+    os.makedirs(out, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(settings, f, indent=1)
     context = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
     with context.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
         results = pool.imap_unordered(_prepare_one, jobs) if pool else map(_prepare_one, jobs)
-        results = tqdm(results, total=len(jobs), desc=f"prepare {os.path.basename(list_file)}", unit="file")
-        failed = {number: error for number, error in results if error is not None}
+        results = sorted(tqdm(results, total=len(jobs), desc=f"prepare {os.path.basename(list_file)}", unit="file"))
+    failed = {number: error for number, error, _ in results if error is not None}
+    low = [f"line {number}: {entries[number][0]}: {quality:.1f} dB" for number, _, quality in results if quality]
     new_list, failed_list = os.path.join(out, os.path.basename(list_file)), os.path.join(out, "prepare_failed.txt")
     with atomic_path(new_list) as tmp, open(tmp, "w") as f:
         f.writelines(" ".join([os.path.relpath(t, out), *labels]) + "\n" for n, (_, t, labels) in entries.items()
                      if n not in failed)
     with atomic_path(failed_list) as tmp, open(tmp, "w") as f:
-        f.writelines(f"line {n}: {entries[n][0]}: {error}\n" for n, error in sorted(failed.items()))
+        f.writelines(f"line {n}: {entries[n][0]}: {error}\n" for n, error in failed.items())  # in list order
+    with open(os.path.join(out, "prepare_warnings.txt"), "a") as f:  # appended: clips kept earlier are not redone
+        f.writelines(f"{w} PSNR (its worst frame), kept below the {PREPARE_PSNR} dB target at CRF 0\n" for w in low)
     print(f"prepare: {len(entries) - len(failed)} of {len(entries)} entries ready in {out} ({len(jobs)} written now); "
-          f"{len(failed)} unreadable, listed in {failed_list}\nread them with these config lines (train_list, or "
-          f"the key {os.path.basename(list_file)} was for):\ntrain_list = {os.path.abspath(new_list)!r}\n"
-          f"data_root = ''\nreplace_prefix = ()\ncrop_box = ()\nsampling_rate = {4 // keep_every}")
+          f"{len(failed)} unreadable, listed in {failed_list}" + (f"; {len(low)} kept below {PREPARE_PSNR} dB PSNR, "
+          f"listed in prepare_warnings.txt: " + "; ".join(low[:5]) if low else "") + f"\nread them with these lines "
+          f"(train_list, or the key {os.path.basename(list_file)} was for):\ntrain_list = {os.path.abspath(new_list)!r}"
+          f"\ndata_root = ''\nreplace_prefix = ()\ncrop_box = ()\nsampling_rate = {4 // keep_every}")
     return new_list
 
 
@@ -1055,19 +1074,20 @@ def make_demo_dataset(out="data/demo", seed=0, train_per_class=50, eval_per_clas
 
 def main(argv):
     """usage: python data.py prepare --list=IN.txt --out=DIR [--crop_box="(0, 160, 32, 192)"] [--keep_every=4]
-               [--size=S] [--workers=N]
+               [--size=S] [--workers=N] [--root=DIR] [--replace_prefix="('/their/dir', '/my/dir')"]
        python data.py demo [--out=data/demo] [--seed=0] [--train_per_class=50] [--eval_per_class=20]
                [--pretrain_factor=10] [--size=64] [--num_frames=16] [--workers=2]
        python data.py --bench"""
     command, *argv = argv or [""]
     if [command, *argv] == ["--bench"]:
         return bench()
-    valid = {"prepare": ("list", "out", "crop_box", "keep_every", "size", "workers"),
+    valid = {"prepare": ("list", "out", "crop_box", "keep_every", "size", "workers", "root", "replace_prefix"),
              "demo": ("out", "seed", "train_per_class", "eval_per_class", "pretrain_factor", "size", "num_frames",
                       "workers")}.get(command, ())
     if not valid:
         raise SystemExit(main.__doc__)
-    convert = {"list": str, "out": str, "crop_box": ast.literal_eval, "size": ast.literal_eval}  # others: int
+    convert = dict(list=str, out=str, root=str, crop_box=ast.literal_eval, size=ast.literal_eval,
+                   replace_prefix=ast.literal_eval)  # others: int
     try:
         args = {}
         for arg in argv:
@@ -1081,7 +1101,7 @@ def main(argv):
             raise SystemExit(f"prepare: --list and --out are needed\n{main.__doc__}")
         return prepare(args.pop("list"), args.pop("out"), **{"workers": os.cpu_count() or 1, **args})
     except (OSError, ValueError, TypeError, SyntaxError) as e:
-        raise SystemExit(f"{command}: {e}\n{main.__doc__}") from None
+        raise SystemExit(f"data.py: {e}") from None
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from data import atomic_path
+from data import NUMBER, atomic_path
 
 
 def _as_array(x, name, labels=False):
@@ -165,14 +165,17 @@ def write_predictions(path, ids, targets, scores, class_names=None, task=None):
 def read_predictions(path):
     """Predictions (task, ids (N,), targets int64 (N,) | float64 (N, D), scores float64 (N, C) | (N, D),
     class_names (None: indices)) of a file written by write_predictions; errors name the file, line, column."""
-    with open(path, newline="") as f:
-        lines = list(csv.reader(f))
+    with open(path, newline="", encoding="utf-8") as f:
+        try:
+            lines = list(reader := csv.reader(f))
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}:{max(reader.line_num, 1)}: not a CSV file of predictions ({e})") from None
     numbered = [(k + 2, row) for k, row in enumerate(lines[1:]) if row]  # csv gives [] for a blank line
     if not numbered:
         raise ValueError(f"{path}: no prediction rows (an empty file, or a header alone)")
     header, d = lines[0], (len(lines[0]) - 1) // 2  # d: the target columns (of a regression file)
-    if header[0] != "id":
-        raise ValueError(f"{path}:1: first column must be 'id', got {header[0]!r}")
+    if header[:1] != ["id"]:
+        raise ValueError(f"{path}:1: the header's first column must be 'id', got {','.join(header)!r}")
     dims = [h[len("target_"):] for h in header[1:1 + d]]
     if len(header) >= 3 and header[1] == "target" and all(h.startswith("score_") for h in header[2:]):
         task, names, d = "classification", [h[len("score_"):] for h in header[2:]], 1
@@ -186,10 +189,9 @@ def read_predictions(path):
         if len(row) != len(header):
             raise ValueError(f"{path}:{line}: {len(row)} fields but the header has {len(header)}")
         for c, field in enumerate(row[1:]):
-            try:
-                values[r, c] = float(field)
-            except ValueError:
-                raise ValueError(f"{path}:{line}: column {header[c + 1]!r} must be a number, got {field!r}") from None
+            if not re.fullmatch(NUMBER, field):  # float() would take nan and inf too
+                raise ValueError(f"{path}:{line}: column {header[c + 1]!r} must be a finite number, got {field!r}")
+            values[r, c] = float(field)
         if task == "classification" and not (0 <= values[r, 0] < len(names) and values[r, 0] % 1 == 0):
             raise ValueError(f"{path}:{line}: target {row[1]!r} is not a class index in 0..{len(names) - 1}")
     targets = values[:, 0].astype(np.int64) if task == "classification" else values[:, :d]
@@ -204,11 +206,13 @@ def group_average(ids, scores, targets, groups):
     """(video ids, mean clip scores, targets) of the videos, sorted by id. groups: the video of each clip, or a
     regex whose first capture group (or whole match) in a clip's id names its video."""
     if isinstance(groups, str):
-        matches = [re.search(groups, str(i)) for i in ids]
-        if None in matches:
-            raise ValueError(f"video_group={groups!r} does not match the clip {str(ids[matches.index(None)])!r}; "
-                             f"it must match every path, e.g. '(.*)/[^/]+$' takes a clip's folder as its video")
-        groups = [m.group(1 if m.re.groups else 0) for m in matches]
+        try:
+            regex, groups = groups, [(m := re.search(groups, str(i))) and m.group(1 if m.re.groups else 0) for i in ids]
+        except re.error as e:
+            raise ValueError(f"video_group={groups!r} is not a regular expression: {e}") from None
+        if bad := [str(i) for i, name in zip(ids, groups) if not name]:  # None: no match or an unused group
+            raise ValueError(f"video_group={regex!r} does not match the clip {bad[0]!r}, or its group is empty; it "
+                             f"must name every clip's video, e.g. '(.*)/[^/]+$' takes a clip's folder as its video")
     keys = [str(k) for k in groups]
     scores, targets = _as_array(scores, "scores").astype(np.float64), _as_array(targets, "targets")
     if not len(keys) == len(scores) == len(targets):
@@ -260,7 +264,7 @@ def summarize_runs(specs):
     rows = [["runs", "n", "test UAR % mean ± sd (min..max)", "test WAR % mean ± sd (min..max)",
              "UAR % of each run", "wall time per run"], ["---"] + ["---:"] * 5]
     for spec in specs:
-        name, _, pattern = spec.rpartition("=")
+        name, _, pattern = spec.partition("=")  # a glob may hold "=" (out/lr=1e-3_seed*), a name may not
         if not (name and pattern):
             raise ValueError(f"--summary {spec!r}: expected NAME=GLOB, e.g. \"scratch=out/compare/scratch_seed*\"")
         dirs = sorted(d for d in glob.glob(pattern) if os.path.isdir(d))
@@ -274,10 +278,11 @@ def summarize_runs(specs):
                     raise ValueError(f"{pred_path}: --summary reports UAR and WAR, but this file holds regression")
                 uars.append(100 * uar(p.targets, p.scores))
                 wars.append(100 * war(p.targets, p.scores))
-            if not os.path.exists(os.path.join(d, "results.json")):
-                raise ValueError(f"{d}: no results.json; did the run finish?")
-            with open(os.path.join(d, "results.json")) as f:
-                minutes.append(json.load(f)["wall_time_s"] / 60)
+            try:
+                with open(os.path.join(d, "results.json")) as f:
+                    minutes.append(float(json.load(f)["wall_time_s"]) / 60)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{d}: no results.json with wall_time_s, did the run finish? ({e!r})") from None
         if uars and len(uars) != len(dirs):
             raise ValueError(f"{name}: {len(dirs) - len(uars)} of {len(dirs)} runs have no test_predictions.csv")
         rows.append([name, str(len(dirs)), _spread(uars) if uars else "-", _spread(wars) if wars else "-",

@@ -278,14 +278,30 @@ def resume_checkpoint(c, init_paths=""):
 
 
 def make_dataset(c, key, mode, mc, **kw):
-    """data.VideoDataset of the list in config key `key`; load and label errors become one ConfigError line."""
+    """data.VideoDataset of config key `key`'s list; a bad list, or 10 unreadable first training files: ConfigError."""
     try:
-        return VideoDataset(getattr(c, key), mode, img_size=mc.img_size, num_frames=mc.num_frames,
-                            sampling_rate=c.sampling_rate, crop_box=tuple(c.crop_box) or None, seed=c.seed,
-                            root=c.data_root or None, replace_prefix=tuple(c.replace_prefix) or None,
-                            max_fail_fraction=c.max_fail_fraction, crop_scales=tuple(c.crop_scales), **kw)
+        ds = VideoDataset(getattr(c, key), mode, img_size=mc.img_size, num_frames=mc.num_frames,
+                          sampling_rate=c.sampling_rate, crop_box=tuple(c.crop_box) or None, seed=c.seed,
+                          root=c.data_root or None, replace_prefix=tuple(c.replace_prefix) or None,
+                          max_fail_fraction=c.max_fail_fraction, crop_scales=tuple(c.crop_scales), **kw)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}: {e}") from None
+    if mode != "eval" and len(bad := ds.unreadable(first=10)) == min(10, len(ds)):
+        raise ConfigError(f"{key}={getattr(c, key)}: none of its first {len(bad)} entries can be read, so training "
+                          f"would only skip files; line {bad[0][0]}: {bad[0][2]}")
+    return ds
+
+
+def count_broken(loader, seen):
+    """The loader's batches less their last field, each item's broken files, added up in seen = [broken, tried]."""
+    ds = loader.dataset
+    for *batch, broken in loader:
+        broken = int(broken.numpy().sum())  # a CPU tensor from the workers: no device read, no torch op
+        seen[0], seen[1] = seen[0] + broken, seen[1] + len(batch[0]) + broken
+        if seen[0] > ds.max_fail_fraction * max(seen[1], ds.fail_floor):  # over all workers: the same for any count
+            raise ConfigError(f"{seen[0]} of the {seen[1]} files tried from {ds.annotation_file} were unreadable, "
+                              f"more than max_fail_fraction={ds.max_fail_fraction}; check data_root and crop_box")
+        yield batch
 
 
 # --- processes, devices, precision ----------------------------------------------
@@ -390,6 +406,7 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
                             "rng": rngs, **extra_state()}, tmp)
             after_save(iter_num)
 
+    seen = [0, 0]  # broken training files and files tried, over the run (count_broken)
     bar, saved = tqdm(total=stop_iter, initial=iter_num, disable=not d.master, desc="train", dynamic_ncols=True), iter_num
     # MFU = 6 x MACs per clip (training ~ 3 forwards, 2 FLOPs per MAC) x clips/s per device / peak FLOP/s
     log = Interval(d, clips_per_iter, 6 * macs_per_clip / d.world_size / (peak * 1e12) if peak else 0)
@@ -398,9 +415,10 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
         sampler = DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=c.seed, drop_last=True)
         sampler.set_epoch(epoch)  # the order depends only on (seed, epoch); a resumed epoch skips what was done
         dataset.set_epoch(epoch)  # each item's random stream is seeded from (seed, epoch, index)
-        batches = iter(DataLoader(dataset, micro_batch, sampler=list(sampler)[start * c.grad_accum * micro_batch:],
-                                  num_workers=c.num_workers, pin_memory=d.device.type == "cuda", drop_last=True,
-                                  generator=torch.Generator()))  # without it, the loader draws from torch's seed
+        loader = DataLoader(dataset, micro_batch, sampler=list(sampler)[start * c.grad_accum * micro_batch:],
+                            num_workers=c.num_workers, pin_memory=d.device.type == "cuda", drop_last=True,
+                            generator=torch.Generator())  # without it, the loader draws from torch's seed
+        batches = count_broken(loader, seen)
         batch = log.fetch(batches)
         for _ in range(start, min(n_iter_epoch, start + stop_iter - iter_num)):
             it_lr = lr_at(iter_num, lr, c.min_lr, round(c.warmup_epochs * n_iter_epoch), total_iters)

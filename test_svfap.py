@@ -742,12 +742,17 @@ def test_failed_write_keeps_the_previous_file_and_leaves_no_temp_file(tmp_path):
     ("id,label,prob\na,0,1.0\n", "unrecognised header"),
     ("id,target_a,pred_b\na,0,1.0\n", "unrecognised header"),
     ("id,target,score_0,score_1\na,0,0.1,0.9\nb,1,0.5\n", r"p.csv:3: 3 fields but the header has 4"),
-    ("id,target,score_0,score_1\na,0,0.1,high\n", r"p.csv:2: column 'score_1' must be a number"),
+    ("id,target,score_0,score_1\na,0,0.1,high\n", r"p.csv:2: column 'score_1' must be a finite number, got 'high'"),
+    ("id,target,score_0,score_1\na,0,0.1,0.9\nb,1,nan,0.5\n", r"p.csv:3: column 'score_0' must be a finite number, got 'nan'"),
+    ("id,target,score_0,score_1\na,0,0.1,-inf\n", r"p.csv:2: column 'score_1' must be a finite number, got '-inf'"),
+    ("\nid,target,score_0\na,0,1.0\n", r"p.csv:1: the header's first column must be 'id', got ''"),
+    ("id,target,score_0\na,0,1.0\nb,0," + "9" * 200000 + "\n", r"p.csv:3: not a CSV file of predictions \(field larger"),
+    (b"id,target,score_0\na,0,1.0\n\xff\n", r"p.csv:\d+: not a CSV file of predictions \('utf-8' codec can't decode"),
     ("id,target,score_0,score_1\na,2,0.1,0.9\n", r"p.csv:2: target '2' is not a class index in 0..1"),
 ])
 def test_read_predictions_names_file_and_line_of_a_bad_file(tmp_path, text, reason):
     path = tmp_path / "p.csv"
-    path.write_text(text)
+    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
     with pytest.raises(ValueError, match=reason):
         metrics.read_predictions(path)
 
@@ -876,6 +881,20 @@ def test_summary_of_seeds_gives_mean_sample_sd_and_range_of_each_group(tmp_path)
     assert unfinished.returncode != 0 and "pre_seed0: no results.json" in unfinished.stderr
 
 
+def test_summary_splits_at_the_first_equals_sign_and_names_the_run_of_a_bad_results_file(tmp_path):
+    """Folder names like lr=1e-3_seed0 are common: NAME=GLOB splits at the first "=", so the glob keeps them."""
+    for name, wall in (("lr=1e-3_seed0", 60.0), ("lr=1e-3_seed1", 180.0), ("lr=1e-4_seed0", 6000.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"wall_time_s": wall}))
+    out = metrics_run_cli("--summary", f"scratch={tmp_path}/lr=1e-3_seed*")
+    assert out.returncode == 0 and out.stdout.splitlines()[2] == "| scratch | 2 | - | - | - | 2.0 min (1.0..3.0) |"
+    (tmp_path / "lr=1e-3_seed1" / "results.json").write_text(json.dumps({"epochs": 3}))
+    out = metrics_run_cli("--summary", f"scratch={tmp_path}/lr=1e-3_seed*")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1 and "Traceback" not in out.stderr
+    assert f"{tmp_path}/lr=1e-3_seed1: no results.json with wall_time_s" in lines[0] and "KeyError" in lines[0]
+
+
 
 # -----------------------------------------------------------------------------
 # video level (AVCAffe) and the dataset configs
@@ -918,6 +937,25 @@ def test_video_grouping_names_the_clip_that_breaks_it():
         metrics.group_average(ids, scores, targets, r"(.*)/[^/]+$")
     with pytest.raises(ValueError, match="7 clips but 6 scores and 7 targets; they must match"):
         metrics.group_average(ids, scores[:6], targets, r"(.*)/[^/]+$")
+    # an optional group that takes no part in a match, or matches nothing: no video, not one named "None" or ""
+    for regex in (r"clips/(B)?", r"clips/([B-D]*)"):
+        with pytest.raises(ValueError, match=rf"video_group={re.escape(repr(regex))} does not match the clip "
+                                             r"'clips/A/0.mp4', or its group is empty"):
+            metrics.group_average(ids, scores, targets, regex)
+
+
+def test_bad_video_group_regex_and_non_finite_scores_end_in_one_line_naming_them(tmp_path):
+    ids, targets, scores = metrics_avcaffe_clips()
+    path = tmp_path / "test_predictions.csv"
+    metrics.write_predictions(path, ids, targets, scores)
+    out = metrics_run_cli("--video_group=(.*/[^/]+$", path)
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        "metrics.py: error: video_group='(.*/[^/]+$' is not a regular expression: missing ), unterminated subpattern "
+        "at position 0"]
+    path.write_text(path.read_text().replace("0.6", "nan", 1))  # the second row: clip B
+    out = metrics_run_cli(path)
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        f"metrics.py: error: {path}:3: column 'score_1' must be a finite number, got 'nan'"]
 
 
 @pytest.mark.parametrize("name", ["cremad", "ravdess", "enterface05", "werewolfxl", "avcaffe", "firstimpressions"])
@@ -1291,8 +1329,8 @@ def test_dataset_items_have_the_agreed_shapes(data_inputs, tmp_path):
     listing = data_listing(tmp_path, [(f, i % 3) for i, f in enumerate(files)])
     train = D.VideoDataset(listing, "train", img_size=32, num_frames=8, sampling_rate=2, num_outputs=3)
     for i in range(len(train)):
-        frames, box, target = train[i]
-        assert frames.shape == (8, 3, 32, 32) and frames.dtype == torch.uint8 and box.shape == (5,)
+        frames, box, target, broken = train[i]
+        assert int(broken) == 0 and frames.shape == (8, 3, 32, 32) and frames.dtype == torch.uint8 and box.shape == (5,)
         assert target.dtype == torch.int64 and target.dim() == 0 and int(target) == i % 3
     ev = D.VideoDataset(listing, "eval", img_size=32, num_frames=8, sampling_rate=2, num_clips=3, num_crops=2,
                         num_outputs=3)
@@ -1301,11 +1339,11 @@ def test_dataset_items_have_the_agreed_shapes(data_inputs, tmp_path):
     cfg = data_mask_cfg()
     pre = D.VideoDataset(listing, "pretrain", img_size=32, num_frames=8, sampling_rate=2, repeated_sampling=3,
                          mask_cfg=cfg)
-    frames, boxes, mask = pre[0]
+    frames, boxes, mask, broken = pre[0]
     assert frames.shape == (3, 8, 3, 32, 32) and boxes.shape == (3, 5) and boxes.dtype == torch.int64
     assert mask.shape == (3, cfg.num_patches) and mask.dtype == torch.bool
     assert (mask.sum(1) == cfg.grid[0] * cfg.num_masked_spatial).all()
-    assert sum(t.nbytes for t in pre[0]) / 3 < 1.3e6 * (32 * 32 * 8) / (160 * 160 * 16)  # uint8, not float32
+    assert sum(t.nbytes for t in pre[0][:3]) / 3 < 1.3e6 * (32 * 32 * 8) / (160 * 160 * 16)  # uint8, not float32
     with pytest.raises(ValueError, match="mask_cfg"):
         D.VideoDataset(listing, "pretrain", img_size=64, mask_cfg=cfg)
     reg = D.VideoDataset(data_listing(tmp_path, [(files[0], "0.5 -0.25")], "reg.txt"), "train", img_size=32,
@@ -1382,8 +1420,9 @@ def test_crop_box_is_cut_first_and_eval_views_are_normalised_on_the_device(tmp_p
                             num_outputs=1)
     assert int(no_box[0][0].min()) == 0  # black borders are there without the box
     bad_box = D.VideoDataset(listing, "eval", img_size=32, crop_box=(0, 300, 0, 100), num_outputs=1)
-    with pytest.raises(ValueError, match=r"crop_box .* does not fit its 224x224 frames"):
+    with pytest.raises(D.VideoReadError, match=r"crop_box .* does not fit its 224x224 frames"):
         bad_box[0]
+    assert [(n, p, "does not fit its 224x224 frames" in why) for n, p, why in bad_box.unreadable()] == [(1, folder, True)]
 
 
 def test_eval_clips_spread_in_time_and_short_video_repeats_last_frame(tmp_path):
@@ -1405,14 +1444,12 @@ def test_training_skips_and_counts_broken_files_eval_names_them(data_inputs, dat
     listing = data_listing(tmp_path, lines)
     ds = D.VideoDataset(listing, "train", img_size=32, num_frames=8, sampling_rate=2, max_fail_fraction=0.5,
                         num_outputs=3)
-    with pytest.warns(RuntimeWarning, match=r"skipping unreadable sample: .*truncated\.mp4"):
-        frames, _, target = ds[1]
-    assert frames.shape == (8, 3, 32, 32) and 1 <= ds.skipped <= 3 and ds.tried == ds.skipped + 1
+    with pytest.warns(RuntimeWarning, match=r"skipping unreadable sample: .*truncated\.mp4") as caught:
+        frames, _, target, broken = ds[1]
+    assert frames.shape == (8, 3, 32, 32) and 1 <= int(broken) <= 3 and len(caught) == int(broken)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for i in range(len(ds)):
-            ds[i]
-    assert ds.skipped >= 3 and ds.tried == ds.skipped + len(ds) + 1
+        assert [int(ds[i][3]) > 0 for i in range(len(ds))] == [False, True, False, True, True, False]
 
     ev = D.VideoDataset(listing, "eval", img_size=32, num_frames=8, sampling_rate=2, num_outputs=3)
     assert ev[0][0].shape == (4, 8, 3, 32, 32)
@@ -1426,8 +1463,8 @@ def test_training_skips_and_counts_broken_files_eval_names_them(data_inputs, dat
     ds = D.VideoDataset(all_bad, "train", img_size=32, num_frames=8, sampling_rate=2, num_outputs=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(RuntimeError, match=r"6 of 6 samples tried .* max_fail_fraction=0\.05"):
-            ds[0]
+        with pytest.raises(RuntimeError, match=r"1000 unreadable files in a row from .*bad\.txt: check the paths"):
+            ds[0]  # bounded
 
 
 def test_dataset_in_dataloader_workers(data_inputs, data_broken, tmp_path):
@@ -1506,6 +1543,97 @@ def test_prepare_interrupted_and_rerun_finishes_without_redoing_a_file(tmp_path,
     D.prepare(listing, tmp_path / "out", keep_every=4)
     assert len(first) == 2 and not set(first) & set(done) and len(first) + len(done) == 5  # the broken one retried
     assert len((tmp_path / "out" / "train.txt").read_text().splitlines()) == 4
+
+
+def data_faces(tmp_path, seed, n, size=32):
+    """n frames of a demo face, decoded from a yuv420p video as DFEW's frames are: x264 keeps them within 40 dB."""
+    face = render_demo_clip(demo_identity(seed, seed), demo_clip_plan(seed, seed, seed, seed % 6, n), size, n)
+    return list(data_reference(data_write_video(tmp_path / f"face{seed}.mp4", list(face))))
+
+
+def data_prepare_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "prepare", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def data_tree(folder):
+    """{relative path: bytes} of every file under folder."""
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def test_prepare_refuses_a_folder_made_with_other_settings_and_continues_one_made_with_the_same(tmp_path, data_broken):
+    listing, _ = data_prepare_inputs(tmp_path, data_broken)
+    out = tmp_path / "out"
+    D.prepare(listing, out, keep_every=1)
+    assert json.loads((out / "prepare.json").read_text()) == {
+        "list": str(listing), "root": None, "replace_prefix": None, "crop_box": None, "keep_every": 1, "size": None,
+        "min_psnr": 40}
+    before = data_tree(out)
+    done = data_prepare_cli(f"--list={listing}", f"--out={out}", "--keep_every=2", "--crop_box=(0, 32, 0, 32)")
+    assert done.returncode == 1 and done.stderr.splitlines() == [
+        f"data.py: prepare: {out} holds clips made with other settings ({out}/prepare.json): crop_box=None "
+        f"there, [0, 32, 0, 32] now, keep_every=1 there, 2 now; give another --out, or the same settings to continue"]
+    assert data_tree(out) == before  # not a byte changed
+    os.remove(out / "clips" / "b.mp4")
+    done = data_prepare_cli(f"--list={listing}", f"--out={out}", "--keep_every=1")
+    assert done.returncode == 0 and "4 of 5 entries ready" in done.stdout and "(2 written now)" in done.stdout  # b, broken
+    assert data_tree(out) == before
+    (out / "prepare.json").unlink()  # a folder of an older prepare: its settings are unknown
+    assert "root='unknown' there, None now" in data_prepare_cli(f"--list={listing}", f"--out={out}", "--keep_every=1").stderr
+
+
+def test_release_style_absolute_lists_prepare_with_replace_prefix_and_relative_ones_with_root(tmp_path):
+    """DFEW's split files name frame folders on the authors' machine: /data/ycs/AC/Dataset/DFEW/Clip/jpg_256/NNNNN."""
+    clips = {n: data_write_folder(tmp_path / "DFEW" / "Clip" / "jpg_256" / n, data_faces(tmp_path, i, 6), ext="png")
+             for i, n in enumerate(("00001", "00002"))}
+    release = tmp_path / "split01" / "test.csv"
+    release.parent.mkdir()
+    release.write_text("/data/ycs/AC/Dataset/DFEW/Clip/jpg_256/00001 3\n/data/ycs/AC/Dataset/DFEW/Clip/jpg_256/00002 0\n")
+    done = data_prepare_cli(f"--list={release}", f"--out={tmp_path / 'prepared'}", "--keep_every=1",
+                            f"--replace_prefix=('/data/ycs/AC/Dataset/DFEW', '{tmp_path / 'DFEW'}')")
+    assert done.returncode == 0 and "2 of 2 entries ready" in done.stdout, done.stderr
+    rows = (tmp_path / "prepared" / "test.csv").read_text().splitlines()
+    assert rows == ["clips/Clip/jpg_256/00001.mp4 3", "clips/Clip/jpg_256/00002.mp4 0"]  # named below the prefix
+    for n, source in clips.items():
+        prepared = data_reference(str(tmp_path / "prepared" / "clips" / "Clip" / "jpg_256" / f"{n}.mp4"))
+        assert D.psnr(prepared, data_reference(source)).min() >= 40
+    relative = tmp_path / "lists" / "train.txt"
+    relative.parent.mkdir()
+    relative.write_text("Clip/jpg_256/00002 5\n")
+    done = data_prepare_cli(f"--list={relative}", f"--out={tmp_path / 'rooted'}", f"--root={tmp_path / 'DFEW'}")
+    assert done.returncode == 0 and (tmp_path / "rooted" / "train.txt").read_text() == "clips/Clip/jpg_256/00002.mp4 5\n"
+
+
+@pytest.mark.parametrize("names", [("a/x.avi", "a/x.mp4"), ("x", "./x.mp4"), ("../x.mp4", "x.webm")])
+def test_two_entries_that_map_to_one_target_stop_prepare_before_any_file_is_written(tmp_path, names):
+    listing = tmp_path / "src" / "list.txt"
+    listing.parent.mkdir()
+    listing.write_text(f"b.mp4 0\n{names[0]} 1\n\n{names[1]} 2\n")  # a blank line 3: numbers are the file's lines
+    with pytest.raises(ValueError, match=rf"^prepare: {re.escape(str(listing))}, lines 2 and 4 both map to "
+                                         rf"{re.escape(str(tmp_path / 'out' / 'clips'))}/(a/)?x\.mp4 "):
+        D.prepare(listing, tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_source_that_cannot_reach_40_db_is_kept_and_listed_with_its_psnr(tmp_path, capsys):
+    """Full-resolution colour noise loses to yuv420p's halved chroma whatever the CRF: the clip is kept (CRF 0)
+    and its worst frame's PSNR, measured here from the files, is in the summary and in prepare_warnings.txt."""
+    noise = [np.random.default_rng(t).integers(0, 256, (16, 16, 3), dtype=np.uint8) for t in range(4)]
+    source = data_write_folder(tmp_path / "src" / "noise", noise, ext="png")
+    fine = data_write_folder(tmp_path / "src" / "fine", data_faces(tmp_path, 0, 4), ext="png")
+    listing = tmp_path / "src" / "list.txt"
+    listing.write_text("fine 0\nnoise 1\n")
+    D.prepare(listing, tmp_path / "out", keep_every=1)
+    measured = D.psnr(data_reference(str(tmp_path / "out" / "clips" / "noise.mp4")), np.stack(noise)).min()
+    assert measured < 40 and D.psnr(data_reference(str(tmp_path / "out" / "clips" / "fine.mp4")),
+                                    data_reference(fine)).min() >= 40
+    line = f"line 2: {source}: {measured:.1f} dB"
+    assert f"0 unreadable, listed in {tmp_path / 'out' / 'prepare_failed.txt'}; 1 kept below 40 dB PSNR, listed in " \
+           f"prepare_warnings.txt: {line}\n" in capsys.readouterr().out
+    assert (tmp_path / "out" / "prepare_warnings.txt").read_text() == \
+        f"{line} PSNR (its worst frame), kept below the 40 dB target at CRF 0\n"
+    assert (tmp_path / "out" / "list.txt").read_text() == "clips/fine.mp4 0\nclips/noise.mp4 1\n"  # kept
 
 
 # =====================================================================================================
@@ -1948,6 +2076,67 @@ def test_a_broken_first_training_video_does_not_stop_pretraining(train_data, tmp
                                                          "--vis_list=", "--epochs=1", "--max_fail_fraction=0.5"))
     assert "reconstruction video: skipping an unreadable clip" in done.stdout and "broken.mp4" in done.stdout
     assert os.path.isfile(tmp_path / "out" / "recon_iter0000003_denorm-with-true-patch-stats.mp4")
+
+
+def test_a_video_the_crop_box_does_not_fit_is_skipped_and_counted_and_one_that_fits_no_file_stops_at_once(train_data,
+                                                                                                             tmp_path):
+    small = tmp_path / "small.mp4"  # 16x16 among the 32x32 videos
+    train_write_video(str(small), 0, seed=99, size=16)
+    rows = open(train_data / "train.txt").read().replace("videos/", f"{train_data}/videos/").splitlines()
+    listing = tmp_path / "train.txt"
+    listing.write_text("".join(f"{r}\n" for r in rows[:5] + [f"{small} 1"] + rows[6:]))  # 12: every one is drawn
+    warning = f"skipping unreadable sample: {small}: crop_box (top, bottom, left, right)=(0, 32, 0, 32) does not fit its 16x16"
+    common = [f"--train_list={listing}", "--epochs=1", "--crop_box=(0, 32, 0, 32)"]
+    for script, args in (("pretrain.py", train_pretrain_args(train_data, tmp_path / "pre", *common, "--vis_clips=0")),
+                         ("finetune.py", train_finetune_args(train_data, tmp_path / "ft", *common))):
+        assert warning in train_run(script, *args).stderr  # and the run goes on to its end
+        done = train_run(script, *args, "--max_fail_fraction=0.0", "--out_dir=" + str(tmp_path / "strict"), check=False)
+        lines = [line for line in done.stderr.splitlines() if "error" in line]
+        assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+        assert re.search(rf"1 of the \d+ files tried from {listing} were unreadable, more than max_fail_fraction=0.0",
+                         lines[0])
+    done = train_run("finetune.py", *train_finetune_args(train_data, tmp_path / "none", *common, "--crop_box=(0, 64, 0, 64)"),
+                     check=False)
+    lines = [line for line in done.stderr.splitlines() if "error" in line]
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"train_list={listing}: none of its first 10 entries can be read, so training would only skip files; " \
+           f"line 1: {train_data}/videos/v00.mp4: crop_box (top, bottom, left, right)=(0, 64, 0, 64) does not fit its " \
+           f"32x32 frames" in lines[0]
+    assert not os.path.exists(tmp_path / "none" / "log.jsonl")  # no step was taken
+
+
+class BrokenEveryKth(D.VideoDataset):
+    """Reads nothing: the entries whose path ends in "broken" raise as an unreadable file does, the rest give a tiny item."""
+
+    def _training_item(self, index, g):
+        if self.samples[index][0].endswith("broken"):
+            raise D.VideoReadError(f"{self.samples[index][0]}: broken")
+        return torch.zeros(1), torch.zeros(5), self.targets[index]
+
+
+@pytest.mark.parametrize("every, stops", [(50, False), (5, True)])
+def test_the_broken_file_rule_counts_in_the_main_process_whatever_the_worker_count(tmp_path, every, stops):
+    """2% broken files never stop a run at the default max_fail_fraction 5%, 20% stop it within a few hundred items;
+    1, 2 and 4 workers count the same files, as the items (and the stand-ins of broken files) depend on no worker."""
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"clip{i}{'broken' if i % every == 0 else ''} 0\n" for i in range(2000)))
+    counts = []
+    for workers in (1, 2, 4):
+        ds, seen = BrokenEveryKth(listing, "train", num_outputs=1), [0, 0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the skips, and torch's advice against 4 workers on 2 cores
+            loader = torch.utils.data.DataLoader(ds, batch_size=10, num_workers=workers)
+            try:
+                batches = list(pretrain.count_broken(loader, seen))
+                assert not stops and len(batches) == 200 and [len(b) for b in batches[:1]] == [3]
+            except pretrain.ConfigError as e:
+                assert stops and str(e) == f"{seen[0]} of the {seen[1]} files tried from {listing} were unreadable, " \
+                                           f"more than max_fail_fraction=0.05; check data_root and crop_box"
+        counts.append(seen)
+    assert counts[0] == counts[1] == counts[2], counts
+    broken, tried = counts[0]
+    # 20%: past 0.05 x 1000 = 50 broken files (the batch that crosses it) at about 250 tried; 2%: all 2000 items made
+    assert (50 < broken and tried < 300) if stops else (0.01 < broken / tried < 0.03 and tried == 2000 + broken)
 
 
 @pytest.mark.parametrize("task, labels, words", [
