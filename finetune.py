@@ -299,15 +299,9 @@ def evaluate(score_fn, dataset, d, c):
     return idx[order].numpy(), scores[order].double().numpy()
 
 
-def list_targets(dataset, idx, task):
-    """The labels as written in the list (float64 values, which the metrics take as they are)."""
-    labels = [dataset.samples[i][1] for i in idx]
-    return np.array([int(v[0]) for v in labels]) if task == "classification" else np.array(labels)
-
-
 def compute_metrics(dataset, idx, scores, c):
     """The metrics of the evaluated videos; with video_group, of their source videos (clip scores averaged)."""
-    ids, targets = [dataset.samples[i][0] for i in idx], list_targets(dataset, idx, c.task)
+    ids, targets = [dataset.path(i) for i in idx], dataset.targets[idx]  # the labels as written in the list
     if c.video_group:
         try:
             _, scores, targets = metrics.group_average(ids, scores, targets, c.video_group)
@@ -325,7 +319,7 @@ def format_metrics(m):
 
 
 def write_predictions(path, dataset, idx, scores, c):
-    metrics.write_predictions(path, [dataset.samples[i][0] for i in idx], list_targets(dataset, idx, c.task), scores,
+    metrics.write_predictions(path, [dataset.path(i) for i in idx], dataset.targets[idx], scores,
                               class_names=list(c.class_names) or None, task=c.task)
 
 
@@ -434,7 +428,7 @@ def extract_features(c):
         with atomic_path(os.path.join(c.out_dir, "features.npy")) as tmp, open(tmp, "wb") as f:
             np.save(f, features.astype(np.float32))
         with atomic_path(os.path.join(c.out_dir, "features.csv")) as tmp, open(tmp, "w") as f:
-            f.write("row,path\n" + "".join(f"{i},{p}\n" for i, (p, _) in enumerate(ds.samples)))
+            f.write("row,path\n" + "".join(f"{i},{ds.path(i)}\n" for i in range(len(ds))))
         print(f"features of {len(ds)} videos, {features.shape[1]} each: {c.out_dir}/features.npy, features.csv")
 
 
@@ -503,8 +497,8 @@ def check_task(c):
 
 def overlap_warning(val, test):
     """The release's val lists are its test lists: selecting the best epoch on them is selecting on test."""
-    shared = {p for p, _ in val.samples} & {p for p, _ in test.samples}
-    what = "the same videos" if len(shared) == len(val.samples) == len(test.samples) else f"{len(shared)} videos"
+    shared = set(map(val.path, range(len(val)))) & set(map(test.path, range(len(test))))
+    what = "the same videos" if len(shared) == len(val) == len(test) else f"{len(shared)} videos"
     return (f"WARNING: val_list and test_list hold {what}: the best-on-val epoch is chosen on the test set and its "
             f"test metrics are optimistic; the last epoch's test metrics are reported beside them") if shared else ""
 
