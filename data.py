@@ -43,16 +43,11 @@ class AnnotationList:
     """The entries of an annotation file in a few numpy arrays, no Python object per entry (a DataLoader worker
     that touched such objects would copy the pages they live on): the paths as written in one bytes buffer,
     line numbers, and every line's values. path(i) resolves a path against `root` (default: the file's folder);
-    replace_prefix=(old, new) or "old=new" rewrites paths that start with old, so the authors' split files with
-    their absolute paths (/data/ycs/AC/Dataset/DFEW/...) work unchanged. Blank lines are skipped."""
+    replace_prefix=(old, new) rewrites paths that start with old, so the authors' split files with their absolute
+    paths (/data/ycs/AC/Dataset/DFEW/...) work unchanged. Blank lines are skipped."""
 
     def __init__(self, path, root=None, replace_prefix=None):
-        if isinstance(replace_prefix, str):  # "OLD=NEW", the form a command line gives
-            if "=" not in replace_prefix:
-                raise ValueError(f"replace_prefix={replace_prefix!r}: expected (old, new) or the string 'OLD=NEW'")
-            replace_prefix = tuple(replace_prefix.split("=", 1))
-        self.replace_prefix = replace_prefix
-        self.base = root if root is not None else os.path.dirname(os.path.abspath(path))
+        self.replace_prefix, self.base = replace_prefix, os.path.dirname(os.path.abspath(path)) if root is None else root
         gc.disable()  # a million short-lived lists: the collector would scan them over and over (5x the time)
         try:
             with open(path, "rb") as f:  # OSError's message names the file and the reason
@@ -87,14 +82,9 @@ class AnnotationList:
 
 
 def _parse_annotation_lines(path, root=None, replace_prefix=None):
-    """[(line_number, sample_path, values)] of an annotation file, for the tools that want them all at once."""
+    """[(line_number, sample_path, [v1, ...])] of an annotation file (see AnnotationList), for the tools."""
     a = AnnotationList(path, root, replace_prefix)
     return [(int(a.line_numbers[i]), a.path(i), a.line_values(i).tolist()) for i in range(len(a))]
-
-
-def read_annotations(path, root=None, replace_prefix=None):
-    """[(sample_path, [v1, ...])] (see AnnotationList)."""
-    return [(p, v) for _, p, v in _parse_annotation_lines(path, root, replace_prefix)]
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -719,7 +709,7 @@ def bench(num_clips=8, rounds=3):
                 write_mp4(path, np.clip(noisy, 0, 255).astype(np.uint8), options={"crf": "23", "preset": "medium"})
             f.write(f"{path} 0\n")
     prepared_list = prepare(raw_list, prepared, VOXCELEB2_CROP_BOX, keep_every=4)
-    kbit = sum(os.path.getsize(p) for p, _ in read_annotations(raw_list)) * 8e-3 / 8 / num_clips
+    kbit = sum(os.path.getsize(p) for _, p, _ in _parse_annotation_lines(raw_list)) * 8e-3 / 8 / num_clips
     print(f"{num_clips} VoxCeleb2-like clips, {kbit:.0f} kbit/s; one process, torch threads 1, CPU time, best of {rounds}")
     for name, listing, crop_box, rate in (("raw", raw_list, VOXCELEB2_CROP_BOX, 4), ("prepared", prepared_list, None, 1)):
         for rs in (1, 2):

@@ -1179,23 +1179,22 @@ def test_frame_folder_in_natural_order_and_unequal_sizes_rejected(tmp_path):
 def test_annotations_resolve_paths_and_name_bad_lines(tmp_path):
     listing = tmp_path / "split.txt"
     listing.write_text("clips/a.mp4 3\n\n/abs/b.mp4 0.5 -1 2e-1\n/data/ycs/AC/Dataset/DFEW/Clip/jpg_256/02522 4\n")
-    rows = D.read_annotations(listing)
-    assert rows[0] == (str(tmp_path / "clips" / "a.mp4"), [3.0])
-    assert rows[1] == ("/abs/b.mp4", [0.5, -1.0, 0.2])
-    rows = D.read_annotations(listing, root="/videos", replace_prefix=("/data/ycs/AC/Dataset/DFEW", "/mnt/dfew"))
-    assert rows[0][0] == "/videos/clips/a.mp4" and rows[2][0] == "/mnt/dfew/Clip/jpg_256/02522"
-    assert D.read_annotations(listing, replace_prefix="/abs=/x")[1][0] == "/x/b.mp4"
+    rows = D._parse_annotation_lines(listing)
+    assert rows[0] == (1, str(tmp_path / "clips" / "a.mp4"), [3.0])
+    assert rows[1] == (3, "/abs/b.mp4", [0.5, -1.0, 0.2])
+    rows = D._parse_annotation_lines(listing, root="/videos", replace_prefix=("/data/ycs/AC/Dataset/DFEW", "/mnt/dfew"))
+    assert rows[0][1] == "/videos/clips/a.mp4" and rows[2][1] == "/mnt/dfew/Clip/jpg_256/02522"
 
     bad = tmp_path / "bad.txt"
     bad.write_text("a.mp4 1\nb.mp4 2\nmy clip.mp4 3\n")
     with pytest.raises(ValueError, match=r"bad\.txt, line 3: 'clip\.mp4' is not a number"):
-        D.read_annotations(bad)
+        D._parse_annotation_lines(bad)
     bad.write_text("a.mp4 1\nb.mp4\n")  # a path alone: fine where labels are unused, an error where they are
-    assert D.read_annotations(bad)[1][1] == []
+    assert D._parse_annotation_lines(bad)[1][2] == []
     with pytest.raises(ValueError, match=r"bad\.txt, line 2: no label after the path"):
         D.VideoDataset(bad, "train", num_outputs=3)
     with pytest.raises(FileNotFoundError, match="nowhere.txt"):
-        D.read_annotations(tmp_path / "nowhere.txt")
+        D._parse_annotation_lines(tmp_path / "nowhere.txt")
 
 
 def data_voxceleb2_list(path, n):
