@@ -144,8 +144,8 @@ def main(argv):
     mc = model.cfg
     train_set = make_dataset(c, "train_list", "train", mc, task=c.task, num_outputs=n_out)
     eval_sets = {split: eval_dataset(c, f"{split}_list", mc, d) for split in ("val", "test") if getattr(c, f"{split}_list")}
-    check_shared_memory(c, d, mc.num_frames * 3 * mc.img_size ** 2, c.num_clips * c.num_crops * mc.num_frames * 3 *
-                        mc.img_size ** 2)
+    clip_bytes = mc.num_frames * 3 * mc.img_size ** 2  # uint8 (T, 3, S, S)
+    check_shared_memory(c, d, clip_bytes, c.eval_batch_size * c.num_clips * c.num_crops * clip_bytes)
     warning = overlap_warning(eval_sets["val"], eval_sets["test"]) if len(eval_sets) == 2 else ""
     if warning and d.master:
         print("!" * 100 + "\n" + warning + "\n" + "!" * 100)

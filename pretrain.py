@@ -337,14 +337,14 @@ def setup(c, training=True):
     return Dist(ddp, rank, local_rank, world, device, rank == 0, dtype)
 
 
-def check_shared_memory(c, d, train_item_bytes, eval_item_bytes=0):
+def check_shared_memory(c, d, train_item_bytes, eval_batch_bytes=0):
     """Stop before the first step if the batches this node's DataLoader workers hold in /dev/shm (workers x prefetch
     2 x batch bytes, training and evaluation) do not fit there; warn if they fit less than twice."""
-    batch = c.batch_size // (d.world_size * c.grad_accum) * train_item_bytes + c.eval_batch_size * eval_item_bytes
+    batch = c.batch_size // (d.world_size * c.grad_accum) * train_item_bytes + eval_batch_bytes
     need = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * c.num_workers * 2 * batch
     free = shutil.disk_usage("/dev/shm").free if need and os.path.isdir("/dev/shm") else math.inf
     what = (f"{os.environ.get('LOCAL_WORLD_SIZE', 1)} process(es) x {c.num_workers} workers x 2 batches x "
-            f"{batch / 1e6:.1f} MB = {need / 1e6:.0f} MB in /dev/shm, which has {free / 1e6:.0f} MB free")
+            f"{batch / 1e6:.1f} MB = {need / 1e6:.1f} MB in /dev/shm, which has {free / 1e6:.1f} MB free")
     if need > free:
         raise ConfigError(f"the data loaders need {what}: enlarge it (docker run --shm-size={math.ceil(2 * need / 1e9)}g)"
                           f" or lower num_workers")

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -1784,12 +1785,13 @@ def test_shared_val_and_test_lists_are_reported_loudly(train_finetuned):
     assert {"val_predictions.csv", "test_predictions.csv"} <= predictions
 
 
-def test_predict_prints_probabilities_that_sum_to_one(train_data, train_finetuned):
+def test_predict_prints_probabilities_that_sum_to_one_and_three_processes_print_the_same(train_data, train_finetuned):
+    """Two videos on three processes: one rank evaluates nothing, and batch_size (16) is not checked."""
     out, _ = train_finetuned
     videos = [train_data / "videos" / "v00.mp4", train_data / "videos" / "v04.mp4"]
-    done = train_run("finetune.py", f"--ckpt={out / 'best.pt'}", "--device=cpu", *[f"--predict={v}" for v in videos])
-    lines = done.stdout.strip().splitlines()
-    assert len(lines) == 2
+    args = [f"--ckpt={out / 'best.pt'}", "--device=cpu", *[f"--predict={v}" for v in videos]]
+    lines = train_run("finetune.py", *args).stdout.strip().splitlines()
+    assert len(lines) == 2 and train_run("finetune.py", *args, nproc=3).stdout.strip().splitlines() == lines
     for line, video in zip(lines, videos):
         name, rest = line.split(": ", 1)
         assert name == str(video)
@@ -1802,7 +1804,7 @@ def test_predict_prints_probabilities_that_sum_to_one(train_data, train_finetune
 def test_features_of_every_checkpoint_kind_are_the_embedding_averaged_over_views(train_data, train_pretrained,
                                                                                   train_finetuned, tmp_path):
     """--extract: one float32 row per list line, in list order (a path alone is a line), equal to the encoder's
-    embedding averaged over the evaluation views; under 2-process DDP the rows are the same."""
+    embedding averaged over the evaluation views; three processes on two videos give the same rows."""
     paths = [f"{train_data}/videos/v{i:02d}.mp4" for i in (5, 0, 7, 3, 11)]
     (tmp_path / "list.txt").write_text("".join(p + (" 1\n" if i % 2 else "\n") for i, p in enumerate(paths)))
     release = SVFAPClassifier(build_train_cfg(), 3)
@@ -1831,10 +1833,12 @@ def test_features_of_every_checkpoint_kind_are_the_embedding_averaged_over_views
             after_norm, tokens = model.eval().embed(video)
         want = (after_norm if pooled == "fc_norm" else tokens.mean(1)).view(5, 2, -1).mean(1)
         np.testing.assert_allclose(features, want.numpy(), atol=1e-5, err_msg=kind)
-        if kind == "pretrain":
-            train_run("finetune.py", *args, f"--out_dir={tmp_path / 'ddp'}", nproc=2)
-            np.testing.assert_allclose(np.load(tmp_path / "ddp" / "features.npy"), features, atol=1e-6)
-            assert open(tmp_path / "ddp" / "features.csv").read().splitlines() == rows
+        if kind == "pretrain":  # three processes, two videos: one rank has none
+            (tmp_path / "two.txt").write_text("".join(p + "\n" for p in paths[:2]))
+            args[-3] = f"--extract={tmp_path / 'two.txt'}"
+            train_run("finetune.py", *args, f"--out_dir={tmp_path / 'ddp'}", nproc=3)
+            np.testing.assert_allclose(np.load(tmp_path / "ddp" / "features.npy"), features[:2], atol=1e-6)
+            assert open(tmp_path / "ddp" / "features.csv").read().splitlines() == rows[:3]
 
 
 def test_two_processes_train_and_evaluate_like_one(train_data, tmp_path):
@@ -1890,6 +1894,103 @@ def test_bad_inputs_each_give_one_clear_line(train_data, tmp_path, capsys, monke
         lines = [line for line in err.splitlines() if line.strip()]
         assert stop.value.code == 2 and len(lines) == 1, (name, err)
         assert lines[0].startswith("pretrain.py: error: ") and words in lines[0], (name, lines[0])
+
+
+def test_settings_that_would_fail_late_stop_at_start_up_in_one_line(train_data, train_pretrained, tmp_path, capsys,
+                                                                     monkeypatch):
+    """A /dev/shm too small for the loaders' batches, a resume with another batch_size, a video_group that does
+    not compile or match, a --fold that no path uses: each stops before the first step, one line, exit code 2."""
+    os.makedirs(tmp_path / "resumed")
+    shutil.copy(train_pretrained / "ckpt.pt", tmp_path / "resumed" / "ckpt.pt")
+    pre = [*train_pretrain_args(train_data, tmp_path / "pre"), "--vis_clips=0"]
+    fine = train_finetune_args(train_data, tmp_path / "ft")
+    tiny_shm = lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 10**5, 10**5)  # 0.1 MB free
+    cases = {  # name: (script, arguments, shared memory, the one line's words)
+        "shared memory": (pretrain, [*pre, "--num_workers=2"], tiny_shm,
+                          "the data loaders need 1 process(es) x 2 workers x 2 batches x 0.1 MB = 0.4 MB in /dev/shm, "
+                          "which has 0.1 MB free: enlarge it (docker run --shm-size=1g) or lower num_workers"),
+        "resume batch": (pretrain, [*train_pretrain_args(train_data, tmp_path / "resumed"), "--init_from=resume",
+                                    "--batch_size=8"], None,
+                         f"init_from=resume: batch_size=8, but {tmp_path / 'resumed' / 'ckpt.pt'} was trained with "
+                         f"batch_size=4, which fixes its iterations per epoch and lr schedule: resume with "
+                         f"--batch_size=4, or start afresh in another out_dir"),
+        "bad regex": (finetune, [*fine, "--video_group=(v"], None,
+                      f"val_list={train_data / 'val.txt'}: video_group='(v': missing ), unterminated subpattern"),
+        "no match": (finetune, [*fine, "--video_group=clip_(\\d+)"], None,
+                     "video_group='clip_(\\\\d+)' does not match the clip"),
+        "useless fold": (finetune, [*fine, "--fold=2"], None,
+                         "--fold=2, but no path of the config holds {fold} (out_dir, train_list, val_list, test_list)"),
+    }
+    for name, (script, args, disk_usage, words) in cases.items():
+        with monkeypatch.context() as m:
+            if disk_usage:
+                m.setattr(shutil, "disk_usage", disk_usage)
+            with pytest.raises(SystemExit) as stop:
+                script.run(script.main, args, "x.py")
+        lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not progress bars
+        assert stop.value.code == 2 and len(lines) == 1, (name, lines)
+        assert lines[0].startswith("x.py: error: ") and words in lines[0], (name, lines[0])
+    assert not os.path.exists(tmp_path / "pre" / "log.jsonl") and not os.path.exists(tmp_path / "ft" / "log.jsonl")
+
+
+def test_init_from_auto_starts_then_resumes_a_killed_run_with_its_losses(train_data, train_pretrained, tmp_path):
+    """One command for the first start and every restart: killed in iteration 5 (checkpoint at 4) and again in
+    the middle of writing a log line, the run resumes and gives the uninterrupted run's losses."""
+    args = train_pretrain_args(train_data, tmp_path, "--ckpt_every=2", "--init_from=auto")
+    done = train_run_patched("pretrain.py", PATCH_LOSS.format(at=5, fault="__import__('os')._exit(137)"), *args)
+    assert done.returncode == 137 and f"init_from=auto: starting afresh, no {tmp_path / 'ckpt.pt'}" in done.stdout
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"iter": 5, "lo')  # a kill while appending
+    done = train_run("pretrain.py", *args)
+    assert f"init_from=auto: resuming from {tmp_path / 'ckpt.pt'}" in done.stdout
+    full, resumed = train_losses(train_pretrained), train_losses(tmp_path)
+    assert sorted(resumed) == list(range(1, 10))
+    for it in range(5, 10):
+        assert abs(resumed[it] - full[it]) <= 1e-6, (it, resumed[it], full[it])
+
+
+PATCH_OPENS = """import data
+_count = data.count_frames
+def _count_logged(path, exact=True):
+    if not exact:  # the readability check's quick count
+        with open({log!r}, "a") as f:
+            f.write(path + "\\n")
+    return _count(path, exact)
+data.count_frames = _count_logged
+"""
+
+
+def test_two_processes_check_each_evaluation_file_once_and_say_what_is_broken_once(train_data, train_finetuned,
+                                                                                   tmp_path):
+    broken, test_list = tmp_path / "broken.mp4", tmp_path / "test.txt"
+    broken.write_bytes(b"not a video" * 100)
+    test_list.write_text(open(train_data / "test.txt").read().replace("videos/", f"{train_data}/videos/")
+                         + f"{broken} 1\n")
+    args = train_finetune_args(train_data, tmp_path / "eval", "--eval_only=True", f"--test_list={test_list}",
+                               f"--ckpt={train_finetuned[0] / 'best.pt'}")
+    done = train_run_patched("finetune.py", PATCH_OPENS.format(log=str(tmp_path / "opens.txt")), *args, nproc=2)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("finetune.py: error")]
+    assert done.returncode != 0 and len(errors) == 1, done.stderr[-3000:]
+    assert "test_list" in errors[0] and "1 of 6 entries cannot be read" in errors[0] and f"line 6: {broken}" in errors[0]
+    listed = [p for name in ("val", "test") for _, p, _ in D._parse_annotation_lines(train_data / f"{name}.txt")]
+    assert sorted(open(tmp_path / "opens.txt").read().split()) == sorted(listed + [str(broken)])
+
+
+PATCH_RANK_1 = """import data, os
+_init = data.VideoDataset.__init__
+def _init_rank_1(self, *args, **kwargs):
+    if os.environ["RANK"] == "1":
+        raise ValueError("rank 1 cannot read it")
+    _init(self, *args, **kwargs)
+data.VideoDataset.__init__ = _init_rank_1
+"""
+
+
+def test_an_error_on_rank_1_alone_is_printed(train_data, tmp_path):
+    done = train_run_patched("pretrain.py", PATCH_RANK_1, *train_pretrain_args(train_data, tmp_path), nproc=2)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("pretrain.py: error")]
+    assert done.returncode != 0 and errors == ["pretrain.py: error: rank 1: train_list: rank 1 cannot read it"], \
+        done.stderr[-3000:]
 
 
 def test_float16_overflow_is_skipped_by_the_scaler_and_training_goes_on(train_data, tmp_path):
