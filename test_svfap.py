@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -1841,11 +1842,34 @@ def test_features_of_every_checkpoint_kind_are_the_embedding_averaged_over_views
             assert open(tmp_path / "ddp" / "features.csv").read().splitlines() == rows[:3]
 
 
-def test_two_processes_train_and_evaluate_like_one(train_data, tmp_path):
+def train_two_nodes(script, *args, cwds):
+    """The README's two-node command on this machine: two torchrun agents on 127.0.0.1, one process each, each in
+    its own working directory (as two machines would have their own disks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+                                "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                                os.path.join(TRAIN_REPO, script), *map(str, args)], cwd=cwd, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+              for node, cwd in enumerate(cwds)]
+    for agent in agents:
+        out, err = agent.communicate(timeout=300)
+        assert agent.returncode == 0, (out[-3000:], err[-3000:])
+
+
+def test_two_processes_on_one_node_or_two_train_and_evaluate_like_one(train_data, tmp_path):
     """torchrun x 2 (gloo): pre-train, fine-tune; its test scores equal a single-process evaluation of the
-    same checkpoint (5 test videos: shards of 3 and 2, nothing padded, nothing dropped)."""
+    same checkpoint (5 test videos: shards of 3 and 2, nothing padded, nothing dropped). Two nodes of one process
+    each pre-train with the same losses, and only global rank 0 writes files."""
     train_run("pretrain.py", *train_pretrain_args(train_data, tmp_path / "pre", "--epochs=1", "--vis_clips=0"), nproc=2)
     assert len(train_losses(tmp_path / "pre")) == 3
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        os.makedirs(node)
+    train_two_nodes("pretrain.py", *train_pretrain_args(train_data, "out", "--epochs=1", "--vis_clips=0"), cwds=nodes)
+    assert train_losses(nodes[0] / "out") == pytest.approx(train_losses(tmp_path / "pre"), abs=1e-6)
+    assert os.path.isfile(nodes[0] / "out" / "ckpt.pt") and [f for _, _, files in os.walk(nodes[1]) for f in files] == []
     done = train_run("finetune.py", *train_finetune_args(train_data, tmp_path / "ft", "--epochs=1",
                                                          f"--init_from={tmp_path / 'pre' / 'ckpt.pt'}"), nproc=2)
     loaded = re.search(r"loaded (\d+)/(\d+) encoder tensors", done.stdout)
