@@ -47,7 +47,7 @@ class AnnotationList:
     paths (/data/ycs/AC/Dataset/DFEW/...) work unchanged. Blank lines are skipped."""
 
     def __init__(self, path, root=None, replace_prefix=None):
-        self.replace_prefix, self.base = replace_prefix, os.path.dirname(os.path.abspath(path)) if root is None else root
+        self.replace_prefix, self.base = replace_prefix, root if root is not None else os.path.dirname(os.path.abspath(path))
         gc.disable()  # a million short-lived lists: the collector would scan them over and over (5x the time)
         try:
             with open(path, "rb") as f:  # OSError's message names the file and the reason
@@ -61,8 +61,8 @@ class AnnotationList:
         names, texts = [f[0] for f in fields], [v for f in fields for v in f[1:]]
         if bad := {v for v in set(texts) if not re.fullmatch(NUMBER.encode(), v)}:
             number, value = next((n, v) for n, f in zip(self.line_numbers, fields) for v in f[1:] if v in bad)
-            raise ValueError(f"{path}, line {number}: {os.fsdecode(value)!r} is not a number; expected '<path> <label>' "
-                             f"or '<path> <v1> ... <vD>' separated by spaces (paths cannot contain spaces)")
+            raise ValueError(f"{path}, line {number}: {os.fsdecode(value)!r} is not a number; expected '<path> "
+                             f"<label>' or '<path> <v1> ... <vD>' separated by spaces (paths cannot contain spaces)")
         self.values = np.fromiter(map(float, texts), np.float64, len(texts))
         self.value_ends = np.concatenate([[0], np.cumsum(per_line[per_line > 0] - 1)])  # line i: ends[i]:ends[i+1]
         self.text = np.frombuffer(b"".join(names), np.uint8)

@@ -143,7 +143,7 @@ def main(argv):
              else build_classifier(c, d.master)).to(d.device)
     mc = model.cfg
     train_set = make_dataset(c, "train_list", "train", mc, task=c.task, num_outputs=n_out)
-    eval_sets = {split: eval_dataset(c, f"{split}_list", mc, d) for split in ("val", "test") if getattr(c, f"{split}_list")}
+    eval_sets = {s: eval_dataset(c, f"{s}_list", mc, d) for s in ("val", "test") if getattr(c, f"{s}_list")}
     clip_bytes = mc.num_frames * 3 * mc.img_size ** 2  # uint8 (T, 3, S, S)
     check_shared_memory(c, d, clip_bytes, c.eval_batch_size * c.num_clips * c.num_crops * clip_bytes)
     warning = overlap_warning(eval_sets["val"], eval_sets["test"]) if len(eval_sets) == 2 else ""
@@ -151,7 +151,7 @@ def main(argv):
         print("!" * 100 + "\n" + warning + "\n" + "!" * 100)
     lr = c.base_lr * c.batch_size / 256
     groups = param_groups(model, c.weight_decay, c.layer_decay, c.head_lr_scale)
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(c.beta1, c.beta2), fused=True)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(c.beta1, c.beta2), fused=True)  # CPU: torch >= 2.4
     best = checkpoint["best"] if checkpoint else {"value": -math.inf, "epoch": None, "metrics": None}
     if d.master:
         print(f"fine-tuning ({c.task}, {n_out} outputs, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "

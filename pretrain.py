@@ -346,8 +346,8 @@ def check_shared_memory(c, d, train_item_bytes, eval_batch_bytes=0):
     what = (f"{os.environ.get('LOCAL_WORLD_SIZE', 1)} process(es) x {c.num_workers} workers x 2 batches x "
             f"{batch / 1e6:.1f} MB = {need / 1e6:.1f} MB in /dev/shm, which has {free / 1e6:.1f} MB free")
     if need > free:
-        raise ConfigError(f"the data loaders need {what}: enlarge it (docker run --shm-size={math.ceil(2 * need / 1e9)}g)"
-                          f" or lower num_workers")
+        raise ConfigError(f"the data loaders need {what}: enlarge it (docker run --shm-size="
+                          f"{math.ceil(2 * need / 1e9)}g) or lower num_workers")
     if 2 * need > free and d.local_rank == 0:
         print(f"warning: the data loaders need {what}: less than twice that, so a larger /dev/shm is safer", flush=True)
 
@@ -395,7 +395,7 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
                           f"{len(dataset) // (d.world_size * c.grad_accum) * d.world_size * c.grad_accum} here")
     total_iters = c.epochs * n_iter_epoch
     stop_iter = min(total_iters, c.max_iters or total_iters)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=d.dtype == torch.float16)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=d.dtype == torch.float16)  # on the CPU too: torch >= 2.3
     ckpt_path, log_path = os.path.join(c.out_dir, "ckpt.pt"), os.path.join(c.out_dir, "log.jsonl")
     iter_num = restore(checkpoint, model, optimizer, scaler, c, d)
     peak = c.peak_tflops or device_peak_tflops(d.device)
@@ -564,7 +564,8 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint {path} not found")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # the release's arguments, nothing else
+        # the release's arguments, nothing else; safe_globals is torch >= 2.5, the floor in requirements.txt
+        with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated file or pickled objects beyond tensors and plain values
         raise ConfigError(f"checkpoint {path} cannot be loaded safely: {str(e).splitlines()[0]}") from None
@@ -582,7 +583,8 @@ def write_json(path, obj):
 
 def run(main, argv, script, doc="", defaults=None):
     """Run main(argv); a ConfigError, VideoReadError or NonFiniteLoss ends the run with one line (under torchrun:
-    "rank N: ", each different reason once) and exit code 2 or 3. -h / --help prints the script's docstring and its config keys with their defaults."""
+    "rank N: ", each different reason once) and exit code 2 or 3.
+    -h / --help prints the script's docstring and its config keys with their defaults."""
     if "-h" in argv or "--help" in argv:
         print(doc.strip() + "\n\nconfig keys (defaults):\n" + "\n".join(f"  {k} = {v!r}" for k, v in (defaults or {}).items()))
         return
@@ -591,10 +593,10 @@ def run(main, argv, script, doc="", defaults=None):
         if dist.is_initialized():
             dist.barrier()  # every rank is done before any tears its connections down
     except (ConfigError, NonFiniteLoss, VideoReadError) as e:  # a data error from a worker ends in the original's line
-        message, rank, world = str(e).strip().splitlines()[-1], os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE")
+        message, rank = str(e).strip().splitlines()[-1], os.environ.get("RANK", "0")
         if not said_by_rank_0(message, rank):  # under torchrun every rank stops; one line per different reason
-            print(f"{script}: error: " + (f"rank {rank}: " if world not in (None, "1") else "") + message,
-                  file=sys.stderr, flush=True)
+            print(f"{script}: error: " + (f"rank {rank}: " if os.environ.get("WORLD_SIZE", "1") != "1" else "")
+                  + message, file=sys.stderr, flush=True)
         sys.exit(3 if isinstance(e, NonFiniteLoss) else 2)
     finally:
         if dist.is_initialized():

@@ -1851,7 +1851,8 @@ def train_two_nodes(script, *args, cwds):
     agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
                                 "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
                                 os.path.join(TRAIN_REPO, script), *map(str, args)], cwd=cwd, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
               for node, cwd in enumerate(cwds)]
     for agent in agents:
         out, err = agent.communicate(timeout=300)
@@ -1869,7 +1870,8 @@ def test_two_processes_on_one_node_or_two_train_and_evaluate_like_one(train_data
         os.makedirs(node)
     train_two_nodes("pretrain.py", *train_pretrain_args(train_data, "out", "--epochs=1", "--vis_clips=0"), cwds=nodes)
     assert train_losses(nodes[0] / "out") == pytest.approx(train_losses(tmp_path / "pre"), abs=1e-6)
-    assert os.path.isfile(nodes[0] / "out" / "ckpt.pt") and [f for _, _, files in os.walk(nodes[1]) for f in files] == []
+    assert os.path.isfile(nodes[0] / "out" / "ckpt.pt")
+    assert [f for _, _, files in os.walk(nodes[1]) for f in files] == []  # node 1 wrote nothing
     done = train_run("finetune.py", *train_finetune_args(train_data, tmp_path / "ft", "--epochs=1",
                                                          f"--init_from={tmp_path / 'pre' / 'ckpt.pt'}"), nproc=2)
     loaded = re.search(r"loaded (\d+)/(\d+) encoder tensors", done.stdout)
@@ -1995,7 +1997,8 @@ def test_two_processes_check_each_evaluation_file_once_and_say_what_is_broken_on
     done = train_run_patched("finetune.py", PATCH_OPENS.format(log=str(tmp_path / "opens.txt")), *args, nproc=2)
     errors = [line for line in done.stderr.splitlines() if line.startswith("finetune.py: error")]
     assert done.returncode != 0 and len(errors) == 1, done.stderr[-3000:]
-    assert "test_list" in errors[0] and "1 of 6 entries cannot be read" in errors[0] and f"line 6: {broken}" in errors[0]
+    assert "test_list" in errors[0] and "1 of 6 entries cannot be read" in errors[0]
+    assert f"line 6: {broken}" in errors[0]
     listed = [p for name in ("val", "test") for _, p, _ in D._parse_annotation_lines(train_data / f"{name}.txt")]
     assert sorted(open(tmp_path / "opens.txt").read().split()) == sorted(listed + [str(broken)])
 
@@ -2158,6 +2161,11 @@ def test_every_preset_config_loads():
     assert dfew.class_names == ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear")
     recipe = (dfew.base_lr, dfew.min_lr, dfew.layer_decay, dfew.model_args["drop_path"], dfew.mixup)
     assert recipe == (1e-3, 1e-6, 0.75, 0.1, 0.8)
+    for size in ("base", "small"):  # the fast path: data.py prepare's list, its crop and frame rate already applied
+        vox = pretrain.load_config(train_defaults(pretrain), [os.path.join(TRAIN_REPO, "config",
+                                                                           f"pretrain_voxceleb2_{size}.py")])
+        assert (vox.train_list, vox.crop_box, vox.sampling_rate, vox.init_from) == (
+            "data/voxceleb2_prepared/pretrain.txt", (), 1, "auto")
 
 
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine():
