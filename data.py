@@ -40,20 +40,18 @@ NUMBER = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"  # what float() reads, less na
 
 
 class AnnotationList:
-    """The entries of an annotation file in a few numpy arrays, no Python object per entry (a DataLoader worker
-    that touched such objects would copy the pages they live on): the paths as written in one bytes buffer,
-    line numbers, and every line's values. path(i) resolves a path against `root` (default: the file's folder);
-    replace_prefix=(old, new) rewrites paths that start with old, so the authors' split files with their absolute
-    paths (/data/ycs/AC/Dataset/DFEW/...) work unchanged. Blank lines are skipped."""
+    """An annotation file's entries in a few numpy arrays, no Python object per entry (a DataLoader worker touching
+    such objects copies the pages they live on): the paths as written in one bytes buffer, line numbers, values.
+    path(i) resolves against `root` (default: the file's folder) after replace_prefix=(old, new) rewrote a path that
+    starts with old, so the authors' split files (/data/ycs/AC/Dataset/DFEW/...) work unchanged."""
 
     def __init__(self, path, root=None, replace_prefix=None):
         self.replace_prefix, self.base = replace_prefix, root if root is not None else os.path.dirname(os.path.abspath(path))
+        with open(path, "rb") as f:  # OSError's message names the file and the reason; bytes: paths as on disk
+            lines = f.read().splitlines()
         gc.disable()  # a million short-lived lists: the collector would scan them over and over (5x the time)
-        try:
-            with open(path, "rb") as f:  # OSError's message names the file and the reason
-                fields = [line.split() for line in f.read().splitlines()]  # bytes: paths as the file system has them
-        finally:
-            gc.enable()
+        fields = [line.split() for line in lines]
+        gc.enable()
         per_line = np.fromiter(map(len, fields), np.int64, len(fields))
         self.line_numbers, fields = np.flatnonzero(per_line).astype(np.int32) + 1, [f for f in fields if f]
         if not fields:
