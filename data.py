@@ -46,7 +46,8 @@ class AnnotationList:
     starts with old, so the authors' split files (/data/ycs/AC/Dataset/DFEW/...) work unchanged."""
 
     def __init__(self, path, root=None, replace_prefix=None):
-        self.replace_prefix, self.base = replace_prefix, root if root is not None else os.path.dirname(os.path.abspath(path))
+        self.replace_prefix = replace_prefix
+        self.base = root if root is not None else os.path.dirname(os.path.abspath(path))
         with open(path, "rb") as f:  # OSError's message names the file and the reason; bytes: paths as on disk
             lines = f.read().splitlines()
         gc.disable()  # a million short-lived lists: the collector would scan them over and over (5x the time)

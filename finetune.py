@@ -51,8 +51,9 @@ from tqdm import tqdm
 import metrics
 from data import atomic_path, device_transform, write_png
 from model import TPSBT, SVFAPClassifier, SVFAPConfig, load_official_state_dict
-from pretrain import (ConfigError, autocast, build_model_config, check_lists, check_shared_memory, fit, load_checkpoint,
-                      load_config, log_json, make_dataset, param_groups, resume_checkpoint, run, setup, write_json)
+from pretrain import (ConfigError, autocast, build_model_config, check_lists, check_resumed, check_shared_memory, fit,
+                      load_checkpoint, load_config, log_json, make_dataset, param_groups, resume_checkpoint, run, setup,
+                      write_json)
 
 # -----------------------------------------------------------------------------
 # config: defaults are the paper's fine-tuning recipe (section 7); config/finetune_*.py name the data
@@ -144,6 +145,7 @@ def main(argv):
     mc = model.cfg
     train_set = make_dataset(c, "train_list", "train", mc, task=c.task, num_outputs=n_out)
     eval_sets = {s: eval_dataset(c, f"{s}_list", mc, d) for s in ("val", "test") if getattr(c, f"{s}_list")}
+    check_resumed(c, checkpoint, len(train_set))
     clip_bytes = mc.num_frames * 3 * mc.img_size ** 2  # uint8 (T, 3, S, S)
     check_shared_memory(c, d, clip_bytes, c.eval_batch_size * c.num_clips * c.num_crops * clip_bytes)
     warning = overlap_warning(eval_sets["val"], eval_sets["test"]) if len(eval_sets) == 2 else ""
@@ -188,7 +190,8 @@ def main(argv):
 
     example = (torch.zeros(1, mc.in_chans, mc.num_frames, mc.img_size, mc.img_size, device=d.device),)
     epochs_done, _ = fit(c, d, model, optimizer, lr, train_set, loss_fn, checkpoint, c.batch_size, example,
-                         after_epoch=validate if "val" in eval_sets else None, extra_state=lambda: {"best": best})
+                         after_epoch=validate if "val" in eval_sets else None,
+                         extra_state=lambda: {"best": best, "train_videos": len(train_set)})
     results = {"best_metric": c.best_metric, "best_epoch": best["epoch"], "val": best["metrics"],
                "last_epoch": math.ceil(epochs_done), "val_test_overlap": bool(warning)}
     if "test" in eval_sets:
@@ -269,9 +272,8 @@ def random_erasing(video, prob, min_area=0.02, max_area=1 / 3, min_aspect=0.3, g
 
 # --- evaluation ------------------------------------------------------------------------------------
 def eval_dataset(c, key, mc, d):
-    """An "eval" dataset of the list in config key `key`, every entry checked now (evaluation never skips one): each
-    rank checks its share of the files, so each is opened once; all ranks then know the unreadable ones. With
-    video_group, every path must name its source video."""
+    """An "eval" dataset of the list in config key `key`, every entry checked now (evaluation never skips one), each
+    file by one rank; with video_group, every path must name its source video."""
     ds = make_dataset(c, key, "eval", mc, num_clips=c.num_clips, num_crops=c.num_crops, task=c.task,
                       num_outputs=num_model_outputs(c) if "_list" in key else None)  # no labels: --predict, --extract
     parts = [ds.unreadable(range(d.rank, len(ds), d.world_size))] * d.world_size

@@ -103,6 +103,7 @@ def main(argv):
 
     # data: items are (frames uint8 (k, T, 3, S, S), crop boxes (k, 5), tube masks (k, N)), k = repeated_sampling
     dataset = make_dataset(c, "train_list", "pretrain", mc, mask_cfg=mc, repeated_sampling=c.repeated_sampling)
+    check_resumed(c, checkpoint, len(dataset))
     check_shared_memory(c, d, c.repeated_sampling * mc.num_frames * 3 * mc.img_size ** 2)
     vis = reconstruction_clips(c, mc, d) if d.master and c.vis_clips > 0 else None
 
@@ -129,7 +130,7 @@ def main(argv):
     example = (torch.zeros(1, mc.in_chans, mc.num_frames, mc.img_size, mc.img_size, device=d.device),
                tube_mask(1, mc, generator=torch.Generator()).to(d.device))
     epochs_done, loss = fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter, example,
-                            after_save=after_save)
+                            after_save=after_save, extra_state=lambda: {"train_videos": len(dataset)})
     if d.master:  # wall time of this process (start-up and training); metrics.py --summary reads it
         write_json(os.path.join(c.out_dir, "results.json"),
                    {"epochs": epochs_done, "last_loss": loss, "wall_time_s": time.time() - t_start})
@@ -270,8 +271,7 @@ def check_lists(c, required, *optional):
 
 def resume_checkpoint(c, init_paths=""):
     """out_dir/ckpt.pt for init_from=resume (auto: when it exists), else None, after checking init_from: scratch,
-    resume, auto, or with init_paths (what such a file may hold) the path of an existing file. A resumed run keeps
-    the settings that fix its iterations per epoch and its learning-rate schedule."""
+    resume, auto, or with init_paths (what such a file may hold) the path of an existing file."""
     if c.init_from not in ("scratch", "resume", "auto") and not (init_paths and os.path.isfile(c.init_from)):
         raise ConfigError(f"init_from={c.init_from!r}: valid values are scratch, resume, auto" +
                           (f" or the path of {init_paths} (no such file)" if init_paths else ""))
@@ -282,13 +282,17 @@ def resume_checkpoint(c, init_paths=""):
             print(f"init_from=auto: {'resuming from' if c.init_from == 'resume' else 'starting afresh, no'} {path}")
     if c.init_from == "resume" and not os.path.isfile(path):
         raise ConfigError(f"init_from=resume continues from out_dir/ckpt.pt, but {path} does not exist")
-    checkpoint = load_checkpoint(path) if c.init_from == "resume" else None
-    for key in ("batch_size", "epochs", "warmup_epochs") if checkpoint else ():
-        if (was := checkpoint["config"][key]) != getattr(c, key):
-            raise ConfigError(f"init_from=resume: {key}={getattr(c, key)}, but {path} was trained with {key}={was}, "
-                              f"which fixes its iterations per epoch and lr schedule: resume with --{key}={was}, "
-                              f"or start afresh in another out_dir")
-    return checkpoint
+    return load_checkpoint(path) if c.init_from == "resume" else None
+
+
+def check_resumed(c, checkpoint, train_videos):
+    """A resumed run keeps what fixes its iterations per epoch and its lr schedule, or stops with one line."""
+    now = dict(batch_size=c.batch_size, epochs=c.epochs, warmup_epochs=c.warmup_epochs, train_videos=train_videos)
+    for key, value in now.items() if checkpoint else ():
+        if (was := checkpoint.get(key, checkpoint["config"].get(key, value))) != value:  # train_videos: not in config
+            raise ConfigError(f"init_from=resume: {key}={value}, but {c.out_dir}/ckpt.pt was trained with {key}={was}, "
+                              f"which fixes its iterations per epoch and lr schedule: resume with {key}={was}, or "
+                              f"start afresh in another out_dir")
 
 
 def make_dataset(c, key, mode, mc, **kw):
@@ -469,8 +473,7 @@ def restore(checkpoint, model, optimizer, scaler, c, d):
     iter_num, log_path = checkpoint["iter_num"] if checkpoint else 0, os.path.join(c.out_dir, "log.jsonl")
     if d.master and os.path.isfile(log_path):  # a new run empties it unread; a killed run's half-written line goes
         with open(log_path) as f:
-            lines = [line for line in f if checkpoint and line.strip() and line.endswith("\n")
-                     and json.loads(line).get("iter", 0) <= iter_num]
+            lines = [ln for ln in f if checkpoint and ln.endswith("\n") and json.loads(ln).get("iter", 0) <= iter_num]
         with open(log_path, "w") as f:
             f.writelines(lines)
     for part, obj in (("model", model), ("optimizer", optimizer), ("scaler", scaler)) if checkpoint else ():

@@ -1924,8 +1924,8 @@ def test_bad_inputs_each_give_one_clear_line(train_data, tmp_path, capsys, monke
 
 def test_settings_that_would_fail_late_stop_at_start_up_in_one_line(train_data, train_pretrained, tmp_path, capsys,
                                                                      monkeypatch):
-    """A /dev/shm too small for the loaders' batches, a resume with another batch_size, a video_group that does
-    not compile or match, a --fold that no path uses: each stops before the first step, one line, exit code 2."""
+    """A /dev/shm too small for the loaders' batches, a resume with another batch_size or list length, a video_group
+    that does not compile or match, a --fold that no path uses: each stops before the first step, in one line."""
     os.makedirs(tmp_path / "resumed")
     shutil.copy(train_pretrained / "ckpt.pt", tmp_path / "resumed" / "ckpt.pt")
     pre = [*train_pretrain_args(train_data, tmp_path / "pre"), "--vis_clips=0"]
@@ -1937,9 +1937,12 @@ def test_settings_that_would_fail_late_stop_at_start_up_in_one_line(train_data, 
                           "which has 0.1 MB free: enlarge it (docker run --shm-size=1g) or lower num_workers"),
         "resume batch": (pretrain, [*train_pretrain_args(train_data, tmp_path / "resumed"), "--init_from=resume",
                                     "--batch_size=8"], None,
-                         f"init_from=resume: batch_size=8, but {tmp_path / 'resumed' / 'ckpt.pt'} was trained with "
+                         f"init_from=resume: batch_size=8, but {tmp_path / 'resumed'}/ckpt.pt was trained with "
                          f"batch_size=4, which fixes its iterations per epoch and lr schedule: resume with "
-                         f"--batch_size=4, or start afresh in another out_dir"),
+                         f"batch_size=4, or start afresh in another out_dir"),
+        "resume list": (pretrain, [*train_pretrain_args(train_data, tmp_path / "resumed"), "--init_from=resume",
+                                   f"--train_list={train_data / 'val.txt'}"], None,
+                        "init_from=resume: train_videos=6, but"),
         "bad regex": (finetune, [*fine, "--video_group=(v"], None,
                       f"val_list={train_data / 'val.txt'}: video_group='(v': missing ), unterminated subpattern"),
         "no match": (finetune, [*fine, "--video_group=clip_(\\d+)"], None,
