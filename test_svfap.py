@@ -1753,7 +1753,8 @@ def test_a_new_run_starts_an_empty_log_even_after_a_run_killed_mid_line(tmp_path
 
 def test_checkpoint_holds_everything_to_rebuild_and_resume(train_pretrained):
     ckpt = torch.load(train_pretrained / "ckpt.pt", weights_only=True)
-    assert set(ckpt) == {"model", "optimizer", "scaler", "config", "model_config", "iter_num", "rng"}
+    assert set(ckpt) == {"model", "optimizer", "scaler", "config", "model_config", "iter_num", "rng",
+                         "train_videos"}
     assert ckpt["iter_num"] == 9 and ckpt["model_config"]["embed_dim"] == 32
     assert set(ckpt["rng"][0]) == {"torch", "cuda"}  # the training process's generators: drop path
 
