@@ -474,8 +474,7 @@ class VideoDataset(torch.utils.data.Dataset):
 
     def _targets(self, n):
         """Checked once at start-up, so a bad label fails before training instead of in a worker."""
-        a = self.annotations
-        counts = np.diff(a.value_ends)
+        a, counts = self.annotations, np.diff(self.annotations.value_ends)
         where = lambda i: (f"{self.annotation_file}, line {self.line_number(i)}: label "
                            f"{' '.join(f'{v:g}' for v in a.line_values(i))}")
         # a path alone is enough where labels are not used (pretraining, --extract)

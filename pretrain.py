@@ -567,8 +567,7 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint {path} not found")
     try:
-        # the release's arguments, nothing else; safe_globals is torch >= 2.5, the floor in requirements.txt
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]):  # the release's arguments only; torch >= 2.5
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated file or pickled objects beyond tensors and plain values
         raise ConfigError(f"checkpoint {path} cannot be loaded safely: {str(e).splitlines()[0]}") from None
