@@ -13,6 +13,7 @@ take that as the truth. Left open: a packet that decodes to nothing where no rea
 
 import ast
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -39,34 +40,51 @@ from model import IMAGENET_MEAN, IMAGENET_STD, SVFAPConfig, tube_mask
 NUMBER = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"  # what float() reads, less nan and inf
 
 
+class AnnotationList:
+    """An annotation file's entries in a few numpy arrays, no Python object per entry (a DataLoader worker touching
+    such objects copies the pages they live on): the paths as written in one bytes buffer, line numbers, values.
+    path(i) resolves against `root` (default: the file's folder) after replace_prefix=(old, new) rewrote a path that
+    starts with old, so the authors' split files (/data/ycs/AC/Dataset/DFEW/...) work unchanged."""
+
+    def __init__(self, path, root=None, replace_prefix=None):
+        self.replace_prefix = replace_prefix
+        self.base = root if root is not None else os.path.dirname(os.path.abspath(path))
+        with open(path, "rb") as f:  # OSError's message names the file and the reason; bytes: paths as on disk
+            lines = f.read().splitlines()
+        gc.disable()  # a million short-lived lists: the collector would scan them over and over (5x the time)
+        fields = [line.split() for line in lines]
+        gc.enable()
+        per_line = np.fromiter(map(len, fields), np.int64, len(fields))
+        self.line_numbers, fields = np.flatnonzero(per_line).astype(np.int32) + 1, [f for f in fields if f]
+        if not fields:
+            raise ValueError(f"annotation file {path} holds no samples")
+        names, texts = [f[0] for f in fields], [v for f in fields for v in f[1:]]
+        if bad := {v for v in set(texts) if not re.fullmatch(NUMBER.encode(), v)}:
+            number, value = next((n, v) for n, f in zip(self.line_numbers, fields) for v in f[1:] if v in bad)
+            raise ValueError(f"{path}, line {number}: {os.fsdecode(value)!r} is not a number; expected '<path> "
+                             f"<label>' or '<path> <v1> ... <vD>' separated by spaces (paths cannot contain spaces)")
+        self.values = np.fromiter(map(float, texts), np.float64, len(texts))
+        self.value_ends = np.concatenate([[0], np.cumsum(per_line[per_line > 0] - 1)])  # line i: ends[i]:ends[i+1]
+        self.text = np.frombuffer(b"".join(names), np.uint8)
+        self.text_ends = np.concatenate([[0], np.cumsum(np.fromiter(map(len, names), np.int64, len(names)))])
+
+    def __len__(self):
+        return len(self.line_numbers)
+
+    def path(self, i):
+        sample = os.fsdecode(self.text[self.text_ends[i]:self.text_ends[i + 1]].tobytes())
+        if self.replace_prefix is not None and sample.startswith(self.replace_prefix[0]):
+            sample = self.replace_prefix[1] + sample[len(self.replace_prefix[0]):]
+        return os.path.join(self.base, sample)  # absolute paths stay
+
+    def line_values(self, i):
+        return self.values[self.value_ends[i]:self.value_ends[i + 1]]
+
+
 def _parse_annotation_lines(path, root=None, replace_prefix=None):
-    """[(line_number, sample_path, values)] of an annotation file; blank lines are skipped."""
-    if isinstance(replace_prefix, str):  # "OLD=NEW", the form a command line gives
-        if "=" not in replace_prefix:
-            raise ValueError(f"replace_prefix={replace_prefix!r}: expected (old, new) or the string 'OLD=NEW'")
-        replace_prefix = tuple(replace_prefix.split("=", 1))
-    base = root if root is not None else os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:  # OSError's message names the file and the reason
-        lines = [(n, line.split()) for n, line in enumerate(f.read().splitlines(), start=1) if line.strip()]
-    rows = []
-    for number, fields in lines:
-        if bad := next((v for v in fields[1:] if not re.fullmatch(NUMBER, v)), None):
-            raise ValueError(f"{path}, line {number}: {bad!r} is not a number; expected '<path> <label>' or "
-                             f"'<path> <v1> ... <vD>' separated by spaces (paths cannot contain spaces)")
-        sample = fields[0]
-        if replace_prefix is not None and sample.startswith(replace_prefix[0]):
-            sample = replace_prefix[1] + sample[len(replace_prefix[0]):]
-        rows.append((number, os.path.join(base, sample), [float(v) for v in fields[1:]]))  # absolute paths stay
-    if not rows:
-        raise ValueError(f"annotation file {path} holds no samples")
-    return rows
-
-
-def read_annotations(path, root=None, replace_prefix=None):
-    """[(sample_path, [v1, ...])]. Relative paths resolve against `root` (default: the file's folder);
-    replace_prefix=(old, new) or "old=new" rewrites paths that start with old, so the authors' split files with
-    their absolute paths (/data/ycs/AC/Dataset/DFEW/...) work unchanged."""
-    return [(p, v) for _, p, v in _parse_annotation_lines(path, root, replace_prefix)]
+    """[(line_number, sample_path, [v1, ...])] of an annotation file (see AnnotationList), for the tools."""
+    a = AnnotationList(path, root, replace_prefix)
+    return [(int(a.line_numbers[i]), a.path(i), a.line_values(i).tolist()) for i in range(len(a))]
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -452,44 +470,58 @@ class VideoDataset(torch.utils.data.Dataset):
         self.crop_box = tuple(crop_box) if crop_box is not None else None  # (top, bottom, left, right)
         self.num_clips, self.num_crops, self.repeated_sampling = num_clips, num_crops, repeated_sampling
         self.mask_cfg, self.max_fail_fraction, self.crop_scales = mask_cfg, max_fail_fraction, tuple(crop_scales)
-        rows = _parse_annotation_lines(annotation_file, root, replace_prefix)
-        self.line_numbers, self.samples = [n for n, _, _ in rows], [(p, v) for _, p, v in rows]
+        self.annotations = AnnotationList(annotation_file, root, replace_prefix)
         unchecked = mode == "pretrain" or num_outputs is None  # labels unused: an empty target
-        self.targets = [torch.zeros(0)] * len(rows) if unchecked else self._targets(rows, num_outputs)
+        self.targets = None if unchecked else self._targets(num_outputs)  # int64 (N,) or float64 (N, D)
 
-    def _targets(self, rows, n):
+    def _targets(self, n):
         """Checked once at start-up, so a bad label fails before training instead of in a worker."""
-        where = lambda number, values: f"{self.annotation_file}, line {number}: label {' '.join(f'{v:g}' for v in values)}"
+        a, counts = self.annotations, np.diff(self.annotations.value_ends)
+        where = lambda i: (f"{self.annotation_file}, line {self.line_number(i)}: label "
+                           f"{' '.join(f'{v:g}' for v in a.line_values(i))}")
         # a path alone is enough where labels are not used (pretraining, --extract)
-        if (number := next((number for number, _, values in rows if not values), None)) is not None:
-            raise ValueError(f"{self.annotation_file}, line {number}: no label after the path; expected '<path> "
-                             f"<label>' or '<path> <v1> ... <vD>' separated by spaces")
+        if len(empty := np.flatnonzero(counts == 0)):
+            raise ValueError(f"{self.annotation_file}, line {self.line_number(empty[0])}: no label after the path; "
+                             f"expected '<path> <label>' or '<path> <v1> ... <vD>' separated by spaces")
         if self.task == "regression":
-            if wrong := next(((number, values) for number, _, values in rows if len(values) != n), None):
-                raise ValueError(f"{where(*wrong)} has {len(wrong[1])} values; regression needs {n} "
+            if len(wrong := np.flatnonzero(counts != n)):
+                raise ValueError(f"{where(wrong[0])} has {counts[wrong[0]]} values; regression needs {n} "
                                  f"numbers after the path (num_outputs={n})")
-            return [torch.tensor(v, dtype=torch.float32) for _, _, v in rows]
-        labels = [v[0] if len(v) == 1 else math.nan for _, _, v in rows]
-        one_based = all(x.is_integer() and 1 <= x <= n for x in labels) and max(labels) == n
-        for (number, _, values), x in zip(rows, labels):
-            if not (x.is_integer() and 0 <= x < n):
-                raise ValueError(f"{where(number, values)} is not a class index in 0..{n - 1} (num_classes={n})"
-                                 + (f"; every label of the list lies in 1..{n}: they look 1-based, and this code "
-                                    f"counts classes from 0 (subtract 1 from each)" if one_based else ""))
-        return [torch.tensor(int(x)) for x in labels]
+            return a.values.reshape(len(a), n)
+        labels = np.where(counts == 1, a.values[a.value_ends[:-1]], math.nan)
+        one_based = (labels == labels.round()).all() and labels.min() >= 1 and labels.max() == n
+        if len(bad := np.flatnonzero(~((labels == labels.round()) & (labels >= 0) & (labels < n)))):
+            raise ValueError(f"{where(bad[0])} is not a class index in 0..{n - 1} (num_classes={n})"
+                             + (f"; every label of the list lies in 1..{n}: they look 1-based, and this code "
+                                f"counts classes from 0 (subtract 1 from each)" if one_based else ""))
+        return labels.astype(np.int64)
+
+    def path(self, index):
+        return self.annotations.path(index)
+
+    def line_number(self, index):
+        return int(self.annotations.line_numbers[index])
+
+    def target(self, index):
+        """The item's target tensor: int64 () class index, float32 (D,) regression values, or empty (unused)."""
+        if self.targets is None:
+            return torch.zeros(0)
+        return torch.tensor(self.targets[index], dtype=torch.float32 if self.task == "regression" else torch.int64)
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.annotations)
 
     def set_epoch(self, epoch):
         """Items draw from streams seeded with (seed, epoch, index): call before each epoch's loader starts."""
         self.epoch = epoch
 
-    def unreadable(self, first=None):
-        """[(line_number, path, reason)] of the (first) entries that do not open or whose frame 0 misfits crop_box."""
+    def unreadable(self, indices=None):
+        """[(line_number, path, reason)] of the entries (of `indices`, default all) that do not open or whose frame 0
+        misfits crop_box (evaluation never skips)."""
         bad = []
-        listed = tqdm(self.samples[:first], desc=f"checking {os.path.basename(self.annotation_file)}", leave=False)
-        for number, (path, _) in zip(self.line_numbers, listed):
+        listed = tqdm(range(len(self)) if indices is None else indices, unit="file", leave=False,
+                      desc=f"checking {os.path.basename(self.annotation_file)}")
+        for number, path in ((self.line_number(i), self.path(i)) for i in listed):
             try:
                 with open_video(path) as video:
                     video.read([0], self.crop_box) if self.crop_box else video.frame_count(exact=False)
@@ -514,30 +546,30 @@ class VideoDataset(torch.utils.data.Dataset):
 
     def _training_item(self, index, g):
         S = self.img_size
-        frames = self._read_clips(self.samples[index][0], lambda total: self._choose_training(total, g), (S, S))
+        frames = self._read_clips(self.path(index), lambda total: self._choose_training(total, g), (S, S))
         boxes = torch.tensor([multiscale_crop_box(S, S, self.crop_scales, g) + (int(torch.rand((), generator=g) < 0.5),)
                               for _ in range(self.repeated_sampling)])  # (k, 5): top, left, height, width, flip
         if self.mode == "pretrain":
             return frames, boxes, tube_mask(self.repeated_sampling, self.mask_cfg, generator=g)
-        return frames[0], boxes[0], self.targets[index]
+        return frames[0], boxes[0], self.target(index)
 
     def __getitem__(self, index):
         if self.mode == "eval":
             try:
-                clips = self._read_clips(self.samples[index][0], self._choose_eval, self.img_size)
+                clips = self._read_clips(self.path(index), self._choose_eval, self.img_size)
             except VideoReadError as e:
-                raise VideoReadError(f"{e} [line {self.line_numbers[index]} of {self.annotation_file}; evaluation "
+                raise VideoReadError(f"{e} [line {self.line_number(index)} of {self.annotation_file}; evaluation "
                                      f"never skips a sample: fix the file or remove the line]") from e
             views = [v for clip in clips for v in eval_crops(clip, self.img_size, self.num_crops)]
-            return torch.stack(views), self.targets[index], index  # (V, T, 3, S, S)
+            return torch.stack(views), self.target(index), index  # (V, T, 3, S, S)
         g = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
         for broken in range(self.fail_floor):  # bounded: a list of broken files cannot loop forever
             try:
                 return *self._training_item(index, g), torch.tensor(broken)
             except VideoReadError as e:
                 warnings.warn(f"skipping unreadable sample: {e}", RuntimeWarning, stacklevel=2)
-                if len(self.samples) > 1:  # another sample, never the one that just failed
-                    index = (index + 1 + int(torch.randint(len(self.samples) - 1, (), generator=g))) % len(self.samples)
+                if len(self) > 1:  # another sample, never the one that just failed
+                    index = (index + 1 + int(torch.randint(len(self) - 1, (), generator=g))) % len(self)
         raise RuntimeError(f"{self.fail_floor} unreadable files in a row from {self.annotation_file}: check the paths "
                            f"(root, replace_prefix) and the crop box")
 
@@ -694,7 +726,7 @@ def bench(num_clips=8, rounds=3):
                 write_mp4(path, np.clip(noisy, 0, 255).astype(np.uint8), options={"crf": "23", "preset": "medium"})
             f.write(f"{path} 0\n")
     prepared_list = prepare(raw_list, prepared, VOXCELEB2_CROP_BOX, keep_every=4)
-    kbit = sum(os.path.getsize(p) for p, _ in read_annotations(raw_list)) * 8e-3 / 8 / num_clips
+    kbit = sum(os.path.getsize(p) for _, p, _ in _parse_annotation_lines(raw_list)) * 8e-3 / 8 / num_clips
     print(f"{num_clips} VoxCeleb2-like clips, {kbit:.0f} kbit/s; one process, torch threads 1, CPU time, best of {rounds}")
     for name, listing, crop_box, rate in (("raw", raw_list, VOXCELEB2_CROP_BOX, 4), ("prepared", prepared_list, None, 1)):
         for rs in (1, 2):

@@ -52,15 +52,16 @@ from tqdm import tqdm
 import metrics
 from data import atomic_path, device_transform, write_png
 from model import CONFIGS, TPSBT, SVFAPClassifier, SVFAPConfig, load_official_state_dict
-from pretrain import (ConfigError, autocast, build_model_config, check_lists, fit, load_checkpoint, load_config,
-                      log_json, make_dataset, param_groups, resume_checkpoint, run, setup, write_json)
+from pretrain import (ConfigError, autocast, build_model_config, check_lists, check_resumed, check_shared_memory, fit,
+                      load_checkpoint, load_config, log_json, make_dataset, param_groups, resume_checkpoint, run, setup,
+                      write_json)
 
 # -----------------------------------------------------------------------------
 # config: defaults are the paper's fine-tuning recipe (section 7); config/finetune_*.py name the data
 _names_before_config = set(globals())
 # I/O
 out_dir = "out/finetune"
-init_from = "scratch"  # "scratch" | "resume" | path of a pretrain.py checkpoint | path of a release checkpoint
+init_from = "scratch"  # "scratch" | "resume" | "auto" | path of a pretrain.py or of a release checkpoint
 ckpt_every = 0  # also save every N iterations (0: at the end of every epoch and of the run only)
 log_interval = 10  # iterations between lines of out_dir/log.jsonl (the only steps that read values back)
 eval_only = False  # evaluate `ckpt` on val_list and test_list, no training
@@ -144,13 +145,16 @@ def main(argv):
              else build_classifier(c, d.master)).to(d.device)
     mc = model.cfg
     train_set = make_dataset(c, "train_list", "train", mc, task=c.task, num_outputs=n_out)
-    eval_sets = {split: eval_dataset(c, f"{split}_list", mc) for split in ("val", "test") if getattr(c, f"{split}_list")}
+    eval_sets = {s: eval_dataset(c, f"{s}_list", mc, d) for s in ("val", "test") if getattr(c, f"{s}_list")}
+    check_resumed(c, checkpoint, len(train_set))
+    clip_bytes = mc.num_frames * 3 * mc.img_size ** 2  # uint8 (T, 3, S, S)
+    check_shared_memory(c, d, clip_bytes, c.eval_batch_size * c.num_clips * c.num_crops * clip_bytes)
     warning = overlap_warning(eval_sets["val"], eval_sets["test"]) if len(eval_sets) == 2 else ""
     if warning and d.master:
         print("!" * 100 + "\n" + warning + "\n" + "!" * 100)
     lr = c.base_lr * c.batch_size / 256
     groups = param_groups(model, c.weight_decay, c.layer_decay, c.head_lr_scale)
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(c.beta1, c.beta2), fused=True)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(c.beta1, c.beta2), fused=True)  # CPU: torch >= 2.4
     best = checkpoint["best"] if checkpoint else {"value": -math.inf, "epoch": None, "metrics": None}
     if d.master:
         print(f"fine-tuning ({c.task}, {n_out} outputs, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
@@ -187,7 +191,8 @@ def main(argv):
 
     example = (torch.zeros(1, mc.in_chans, mc.num_frames, mc.img_size, mc.img_size, device=d.device),)
     epochs_done, _ = fit(c, d, model, optimizer, lr, train_set, loss_fn, checkpoint, c.batch_size, example,
-                         after_epoch=validate if "val" in eval_sets else None, extra_state=lambda: {"best": best})
+                         after_epoch=validate if "val" in eval_sets else None,
+                         extra_state=lambda: {"best": best, "train_videos": len(train_set)})
     results = {"best_metric": c.best_metric, "best_epoch": best["epoch"], "val": best["metrics"],
                "last_epoch": math.ceil(epochs_done), "val_test_overlap": bool(warning)}
     if "test" in eval_sets:
@@ -267,14 +272,23 @@ def random_erasing(video, prob, min_area=0.02, max_area=1 / 3, min_aspect=0.3, g
 
 
 # --- evaluation ------------------------------------------------------------------------------------
-def eval_dataset(c, key, mc):
-    """An "eval" dataset of the list in config key `key`, every entry checked now (evaluation never skips one)."""
+def eval_dataset(c, key, mc, d):
+    """An "eval" dataset of the list in config key `key`, every entry checked now (evaluation never skips one), each
+    file by one rank; with video_group, every path must name its source video."""
     ds = make_dataset(c, key, "eval", mc, num_clips=c.num_clips, num_crops=c.num_crops, task=c.task,
                       num_outputs=num_model_outputs(c) if "_list" in key else None)  # no labels: --predict, --extract
-    if bad := ds.unreadable():
+    parts = [ds.unreadable(range(d.rank, len(ds), d.world_size))] * d.world_size
+    if d.ddp:
+        dist.all_gather_object(parts, parts[0])
+    if bad := sorted(b for part in parts for b in part):
         shown = "; ".join(f"line {n}: {path} ({reason})" for n, path, reason in bad[:20])
         raise ConfigError(f"{key}={getattr(c, key)}: {len(bad)} of {len(ds)} entries cannot be read (evaluation "
                           f"never skips a video; fix or remove them): {shown}" + ("; ..." if len(bad) > 20 else ""))
+    if c.video_group and "_list" in key:  # found now, not after an epoch
+        try:
+            metrics.group_average(list(map(ds.path, range(len(ds)))), np.zeros((len(ds), 1)), ds.targets, c.video_group)
+        except (ValueError, re.error) as e:  # a regex that does not compile, or leaves a path out
+            raise ConfigError(f"{key}={getattr(c, key)}: video_group={c.video_group!r}: {e}") from None
     return ds
 
 
@@ -293,28 +307,19 @@ def evaluate(score_fn, dataset, d, c):
             out = score_fn(video).float()  # (B*V, C)
             scores.append((out.softmax(-1) if c.task == "classification" else out).view(B, V, -1).mean(1).cpu())
         indices.append(index)
-    parts = [(torch.cat(indices), torch.cat(scores))] * d.world_size  # tensors: a million features fit
+    parts = [(torch.cat(indices), torch.cat(scores)) if indices else None] * d.world_size  # None: an empty shard
     if d.ddp:
-        dist.all_gather_object(parts, parts[0])
-    idx, scores = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        dist.all_gather_object(parts, parts[0])  # tensors: a million features fit
+    idx, scores = (torch.cat(x) for x in zip(*filter(None, parts)))
     order = idx.argsort()
     return idx[order].numpy(), scores[order].double().numpy()
 
 
-def list_targets(dataset, idx, task):
-    """The labels as written in the list (float64 values, which the metrics take as they are)."""
-    labels = [dataset.samples[i][1] for i in idx]
-    return np.array([int(v[0]) for v in labels]) if task == "classification" else np.array(labels)
-
-
 def compute_metrics(dataset, idx, scores, c):
     """The metrics of the evaluated videos; with video_group, of their source videos (clip scores averaged)."""
-    ids, targets = [dataset.samples[i][0] for i in idx], list_targets(dataset, idx, c.task)
-    if c.video_group:
-        try:
-            _, scores, targets = metrics.group_average(ids, scores, targets, c.video_group)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    ids, targets = [dataset.path(i) for i in idx], dataset.targets[idx]  # the labels as written in the list
+    if c.video_group:  # eval_dataset checked it against every path and label
+        _, scores, targets = metrics.group_average(ids, scores, targets, c.video_group)
     if c.task == "classification":
         return {"uar": metrics.uar(targets, scores), "war": metrics.war(targets, scores),
                 "f1": metrics.weighted_f1(targets, scores)}
@@ -327,7 +332,7 @@ def format_metrics(m):
 
 
 def write_predictions(path, dataset, idx, scores, c):
-    metrics.write_predictions(path, [dataset.samples[i][0] for i in idx], list_targets(dataset, idx, c.task), scores,
+    metrics.write_predictions(path, [dataset.path(i) for i in idx], dataset.targets[idx], scores,
                               class_names=list(c.class_names) or None, task=c.task)
 
 
@@ -397,7 +402,7 @@ def checkpoint_model(c, encoder_ok=False):
     finetuned = "model_config" in ckpt and ckpt.get("config", {}).get("task") is not None
     if not finetuned and not encoder_ok:
         raise ConfigError(f"ckpt={c.ckpt} is not a finetune.py checkpoint (e.g. out/finetune_demo/best.pt)")
-    d = setup(c)
+    d = setup(c, training=False)
     if finetuned:
         cc = SimpleNamespace(**ckpt["config"])
         model = SVFAPClassifier(SVFAPConfig.from_dict(ckpt["model_config"]), num_model_outputs(cc))
@@ -421,7 +426,7 @@ def predict_videos(c):
         cc.predict, cc.replace_prefix, cc.num_workers, cc.eval_batch_size = os.path.join(tmp, "predict.txt"), (), 0, 1
         with open(cc.predict, "w") as f:
             f.writelines(os.path.abspath(p) + "\n" for p in c.predict)
-        _, scores = evaluate(model, eval_dataset(cc, "predict", model.cfg), d, cc)
+        _, scores = evaluate(model, eval_dataset(cc, "predict", model.cfg, d), d, cc)
     names = list(cc.class_names) or [str(i) for i in range(num_model_outputs(cc))]
     for path, s in zip(c.predict, scores if d.master else []):
         top = f"  -> {names[int(s.argmax())]}" if cc.task == "classification" else ""
@@ -434,7 +439,7 @@ def evaluate_checkpoint(c):
     c.task, c.num_classes, c.num_outputs, c.class_names = cc.task, cc.num_classes, cc.num_outputs, cc.class_names
     results = {}
     for split in [s for s in ("val", "test") if getattr(c, f"{s}_list")]:
-        ds = eval_dataset(c, f"{split}_list", model.cfg)
+        ds = eval_dataset(c, f"{split}_list", model.cfg, d)
         idx, scores = evaluate(model, ds, d, c)
         results[split] = compute_metrics(ds, idx, scores, c)
         if d.master:
@@ -451,13 +456,13 @@ def extract_features(c):
     model, cc, d = checkpoint_model(c, encoder_ok=True)
     pooled = cc is not None or getattr(model, "has_fc_norm", False)  # fc_norm's output (finetune.py: the head's input)
     c.task = "regression"  # the features as they are (no softmax); labels are optional and unused
-    ds = eval_dataset(c, "extract", model.cfg)
+    ds = eval_dataset(c, "extract", model.cfg, d)
     _, features = evaluate(lambda v: model.embed(v)[0] if pooled else model.embed(v)[1].mean(1), ds, d, c)
     if d.master:
         with atomic_path(os.path.join(c.out_dir, "features.npy")) as tmp, open(tmp, "wb") as f:
             np.save(f, features.astype(np.float32))
         with atomic_path(os.path.join(c.out_dir, "features.csv")) as tmp, open(tmp, "w") as f:
-            f.write("row,path\n" + "".join(f"{i},{p}\n" for i, (p, _) in enumerate(ds.samples)))
+            f.write("row,path\n" + "".join(f"{i},{ds.path(i)}\n" for i in range(len(ds))))
         print(f"features of {len(ds)} videos, {features.shape[1]} each: {c.out_dir}/features.npy, features.csv")
 
 
@@ -508,6 +513,9 @@ def apply_fold(c):
     keys = [k for k in ("out_dir", "train_list", "val_list", "test_list") if "{fold}" in getattr(c, k)]
     if keys and c.fold < 1:
         raise ConfigError(f"{keys[0]}={getattr(c, keys[0])} holds {{fold}}: give --fold=N (DFEW: 1..5)")
+    if c.fold and not keys:  # else every fold would train the same lists into the same out_dir
+        raise ConfigError(f"--fold={c.fold}, but no path of the config holds {{fold}} (out_dir, train_list, val_list, "
+                          f"test_list): write the fold's lists there, or leave fold out")
     for k in keys:
         setattr(c, k, getattr(c, k).replace("{fold}", str(c.fold)))
 
@@ -526,8 +534,8 @@ def check_task(c):
 
 def overlap_warning(val, test):
     """The release's val lists are its test lists: selecting the best epoch on them is selecting on test."""
-    shared = {p for p, _ in val.samples} & {p for p, _ in test.samples}
-    what = "the same videos" if len(shared) == len(val.samples) == len(test.samples) else f"{len(shared)} videos"
+    shared = set(map(val.path, range(len(val)))) & set(map(test.path, range(len(test))))
+    what = "the same videos" if len(shared) == len(val) == len(test) else f"{len(shared)} videos"
     return (f"WARNING: val_list and test_list hold {what}: the best-on-val epoch is chosen on the test set and its "
             f"test metrics are optimistic; the last epoch's test metrics are reported beside them") if shared else ""
 

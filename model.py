@@ -554,7 +554,7 @@ def load_official_state_dict(model, state_dict):
 def count_macs(model, *inputs):
     """Multiply-accumulates of one forward (torch's flop counter total / 2, as fvcore counts). Attention runs on
     the math backend so that the counter sees its matrix products; the fused CPU kernel would count as zero."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # torch >= 2.3
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:

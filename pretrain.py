@@ -24,10 +24,12 @@ import argparse
 import ast
 import builtins
 import contextlib
+import datetime
 import difflib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import types
@@ -48,7 +50,7 @@ from model import (CONFIGS, IMAGENET_MEAN, IMAGENET_STD, SVFAP, SVFAPConfig, cou
 _names_before_config = set(globals())
 # I/O
 out_dir = "out/pretrain"
-init_from = "scratch"  # "scratch" | "resume" (continue from out_dir/ckpt.pt)
+init_from = "scratch"  # "scratch" | "resume" (continue from out_dir/ckpt.pt) | "auto" (resume if it exists)
 ckpt_every = 0  # also save every N iterations (0: at the end of every epoch and of the run only)
 log_interval = 10  # iterations between lines of out_dir/log.jsonl (the only steps that read values back)
 vis_clips = 4  # clips in the reconstruction video written with each checkpoint (0: none)
@@ -101,6 +103,8 @@ def main(argv):
 
     # data: items are (frames uint8 (k, T, 3, S, S), crop boxes (k, 5), tube masks (k, N)), k = repeated_sampling
     dataset = make_dataset(c, "train_list", "pretrain", mc, mask_cfg=mc, repeated_sampling=c.repeated_sampling)
+    check_resumed(c, checkpoint, len(dataset))
+    check_shared_memory(c, d, c.repeated_sampling * mc.num_frames * 3 * mc.img_size ** 2)
     vis = reconstruction_clips(c, mc, d) if d.master and c.vis_clips > 0 else None
 
     model = SVFAP(mc).to(d.device)
@@ -126,7 +130,7 @@ def main(argv):
     example = (torch.zeros(1, mc.in_chans, mc.num_frames, mc.img_size, mc.img_size, device=d.device),
                tube_mask(1, mc, generator=torch.Generator()).to(d.device))
     epochs_done, loss = fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter, example,
-                            after_save=after_save)
+                            after_save=after_save, extra_state=lambda: {"train_videos": len(dataset)})
     if d.master:  # wall time of this process (start-up and training); metrics.py --summary reads it
         write_json(os.path.join(c.out_dir, "results.json"),
                    {"epochs": epochs_done, "last_loss": loss, "wall_time_s": time.time() - t_start})
@@ -266,15 +270,29 @@ def check_lists(c, required, *optional):
 
 
 def resume_checkpoint(c, init_paths=""):
-    """out_dir/ckpt.pt for init_from=resume, else None, after checking init_from: scratch, resume, or with
-    init_paths (what such a file may hold) the path of an existing file."""
-    if c.init_from not in ("scratch", "resume") and not (init_paths and os.path.isfile(c.init_from)):
-        raise ConfigError(f"init_from={c.init_from!r}: valid values are scratch, resume" +
+    """out_dir/ckpt.pt for init_from=resume (auto: when it exists), else None, after checking init_from: scratch,
+    resume, auto, or with init_paths (what such a file may hold) the path of an existing file."""
+    if c.init_from not in ("scratch", "resume", "auto") and not (init_paths and os.path.isfile(c.init_from)):
+        raise ConfigError(f"init_from={c.init_from!r}: valid values are scratch, resume, auto" +
                           (f" or the path of {init_paths} (no such file)" if init_paths else ""))
     path = os.path.join(c.out_dir, "ckpt.pt")
+    if c.init_from == "auto":  # one command for the first start, torchrun --max-restarts and a requeued job
+        c.init_from = "resume" if os.path.isfile(path) else "scratch"
+        if os.environ.get("RANK", "0") == "0":
+            print(f"init_from=auto: {'resuming from' if c.init_from == 'resume' else 'starting afresh, no'} {path}")
     if c.init_from == "resume" and not os.path.isfile(path):
         raise ConfigError(f"init_from=resume continues from out_dir/ckpt.pt, but {path} does not exist")
     return load_checkpoint(path) if c.init_from == "resume" else None
+
+
+def check_resumed(c, checkpoint, train_videos):
+    """A resumed run keeps what fixes its iterations per epoch and its lr schedule, or stops with one line."""
+    now = dict(batch_size=c.batch_size, epochs=c.epochs, warmup_epochs=c.warmup_epochs, train_videos=train_videos)
+    for key, value in now.items() if checkpoint else ():
+        if (was := checkpoint.get(key, checkpoint["config"].get(key, value))) != value:  # train_videos: not in config
+            raise ConfigError(f"init_from=resume: {key}={value}, but {c.out_dir}/ckpt.pt was trained with {key}={was}, "
+                              f"which fixes its iterations per epoch and lr schedule: resume with {key}={was}, or "
+                              f"start afresh in another out_dir")
 
 
 def make_dataset(c, key, mode, mc, **kw):
@@ -286,7 +304,7 @@ def make_dataset(c, key, mode, mc, **kw):
                           max_fail_fraction=c.max_fail_fraction, crop_scales=tuple(c.crop_scales), **kw)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}: {e}") from None
-    if mode != "eval" and len(bad := ds.unreadable(first=10)) == min(10, len(ds)):
+    if mode != "eval" and len(bad := ds.unreadable(range(min(10, len(ds))))) == min(10, len(ds)):
         raise ConfigError(f"{key}={getattr(c, key)}: none of its first {len(bad)} entries can be read, so training "
                           f"would only skip files; line {bad[0][0]}: {bad[0][2]}")
     return ds
@@ -308,8 +326,9 @@ def count_broken(loader, seen):
 Dist = namedtuple("Dist", "ddp rank local_rank world_size device master dtype")
 
 
-def setup(c):
-    """This process's device and dtype, its process group under torchrun (NCCL on CUDA, gloo on the CPU), out_dir."""
+def setup(c, training=True):
+    """This process's device and dtype, its process group under torchrun (NCCL on CUDA, gloo on the CPU), out_dir;
+    training=False (evaluation, --predict, --extract): no training settings checked."""
     name = ("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but CUDA is not available; use device=cpu")
@@ -323,7 +342,7 @@ def setup(c):
     ddp = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ.get(k, 0)) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp \
         else (0, 0, 1)
-    if c.batch_size < 1 or c.grad_accum < 1 or c.batch_size % (world * c.grad_accum):
+    if training and (c.batch_size < 1 or c.grad_accum < 1 or c.batch_size % (world * c.grad_accum)):
         raise ConfigError(f"batch_size={c.batch_size} must be a positive multiple of world_size x grad_accum = "
                           f"{world} x {c.grad_accum} = {world * c.grad_accum}")
     device = torch.device("cuda", local_rank if ddp else torch.device(name).index or 0) if name.startswith("cuda") \
@@ -336,6 +355,21 @@ def setup(c):
     os.makedirs(c.out_dir, exist_ok=True)
     torch.manual_seed(c.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     return Dist(ddp, rank, local_rank, world, device, rank == 0, dtype)
+
+
+def check_shared_memory(c, d, train_item_bytes, eval_batch_bytes=0):
+    """Stop before the first step if the batches this node's DataLoader workers hold in /dev/shm (workers x prefetch
+    2 x batch bytes, training and evaluation) do not fit there; warn if they fit less than twice."""
+    batch = c.batch_size // (d.world_size * c.grad_accum) * train_item_bytes + eval_batch_bytes
+    need = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * c.num_workers * 2 * batch
+    free = shutil.disk_usage("/dev/shm").free if need and os.path.isdir("/dev/shm") else math.inf
+    what = (f"{os.environ.get('LOCAL_WORLD_SIZE', 1)} process(es) x {c.num_workers} workers x 2 batches x "
+            f"{batch / 1e6:.1f} MB = {need / 1e6:.1f} MB in /dev/shm, which has {free / 1e6:.1f} MB free")
+    if need > free:
+        raise ConfigError(f"the data loaders need {what}: enlarge it (docker run --shm-size="
+                          f"{math.ceil(2 * need / 1e9)}g) or lower num_workers")
+    if 2 * need > free and d.local_rank == 0:
+        print(f"warning: the data loaders need {what}: less than twice that, so a larger /dev/shm is safer", flush=True)
 
 
 def autocast(d):
@@ -381,7 +415,7 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
                           f"{len(dataset) // (d.world_size * c.grad_accum) * d.world_size * c.grad_accum} here")
     total_iters = c.epochs * n_iter_epoch
     stop_iter = min(total_iters, c.max_iters or total_iters)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=d.dtype == torch.float16)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=d.dtype == torch.float16)  # on the CPU too: torch >= 2.3
     ckpt_path, log_path = os.path.join(c.out_dir, "ckpt.pt"), os.path.join(c.out_dir, "log.jsonl")
     iter_num = restore(checkpoint, model, optimizer, scaler, c, d)
     peak = c.peak_tflops or device_peak_tflops(d.device)
@@ -455,9 +489,9 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
 def restore(checkpoint, model, optimizer, scaler, c, d):
     """A resumed run's state, each rank's generator included, and its log cut at its iteration; returns that."""
     iter_num, log_path = checkpoint["iter_num"] if checkpoint else 0, os.path.join(c.out_dir, "log.jsonl")
-    if d.master and os.path.isfile(log_path):  # a new run empties it unread (it may end in a half-written line)
+    if d.master and os.path.isfile(log_path):  # a new run empties it unread; a killed run's half-written line goes
         with open(log_path) as f:
-            lines = [line for line in f if checkpoint and line.strip() and json.loads(line).get("iter", 0) <= iter_num]
+            lines = [ln for ln in f if checkpoint and ln.endswith("\n") and json.loads(ln).get("iter", 0) <= iter_num]
         with open(log_path, "w") as f:
             f.writelines(lines)
     for part, obj in (("model", model), ("optimizer", optimizer), ("scaler", scaler)) if checkpoint else ():
@@ -551,7 +585,7 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint {path} not found")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # the release's arguments, nothing else
+        with torch.serialization.safe_globals([argparse.Namespace]):  # the release's arguments only; torch >= 2.5
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated file or pickled objects beyond tensors and plain values
         raise ConfigError(f"checkpoint {path} cannot be loaded safely: {str(e).splitlines()[0]}") from None
@@ -568,7 +602,8 @@ def write_json(path, obj):
 
 
 def run(main, argv, script, doc="", defaults=None):
-    """Run main(argv); a ConfigError or NonFiniteLoss ends the run with one line and exit code 2 or 3.
+    """Run main(argv); a ConfigError, VideoReadError or NonFiniteLoss ends the run with one line (under torchrun:
+    "rank N: ", each different reason once) and exit code 2 or 3.
     -h / --help prints the script's docstring and its config keys with their defaults."""
     if "-h" in argv or "--help" in argv:
         print(doc.strip() + "\n\nconfig keys (defaults):\n" + "\n".join(f"  {k} = {v!r}" for k, v in (defaults or {}).items()))
@@ -577,13 +612,28 @@ def run(main, argv, script, doc="", defaults=None):
         main(argv)
         if dist.is_initialized():
             dist.barrier()  # every rank is done before any tears its connections down
-    except (ConfigError, NonFiniteLoss) as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says why
-            print(f"{script}: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2 if isinstance(e, ConfigError) else 3)
+    except (ConfigError, NonFiniteLoss, VideoReadError) as e:  # a data error from a worker ends in the original's line
+        message, rank = str(e).strip().splitlines()[-1], os.environ.get("RANK", "0")
+        if not said_by_rank_0(message, rank):  # under torchrun every rank stops; one line per different reason
+            print(f"{script}: error: " + (f"rank {rank}: " if os.environ.get("WORLD_SIZE", "1") != "1" else "")
+                  + message, file=sys.stderr, flush=True)
+        sys.exit(3 if isinstance(e, NonFiniteLoss) else 2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def said_by_rank_0(message, rank):
+    """Whether rank 0 of this torchrun job stopped with the same message (then it alone prints it): it leaves the
+    message in torchrun's store, where the other ranks wait up to 5 s for it."""
+    with contextlib.suppress(Exception):  # no store (not torchrun), or rank 0 did not stop: say it here
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              timeout=datetime.timedelta(seconds=5))
+        key = f"svfap_error_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # each restart afresh
+        if rank != "0":
+            return store.get(key).decode() == message  # waits for the key
+        store.set(key, message)
+    return False
 
 
 if __name__ == "__main__":
