@@ -2107,14 +2107,14 @@ def test_init_from_auto_starts_then_resumes_a_killed_run_with_its_losses(train_d
         assert abs(resumed[it] - full[it]) <= 1e-6, (it, resumed[it], full[it])
 
 
-PATCH_OPENS = """import data
-_count = data.count_frames
-def _count_logged(path, exact=True):
-    if not exact:  # the readability check's quick count
+PATCH_OPENS = """import data, sys
+_open = data.open_video
+def _open_logged(path):  # the files the readability check opens (evaluation's reads are not logged)
+    if sys._getframe(1).f_code.co_name == "unreadable":
         with open({log!r}, "a") as f:
             f.write(path + "\\n")
-    return _count(path, exact)
-data.count_frames = _count_logged
+    return _open(path)
+data.open_video = _open_logged
 """
 
 
@@ -2269,9 +2269,9 @@ class BrokenEveryKth(D.VideoDataset):
     """Reads nothing: the entries whose path ends in "broken" raise as an unreadable file does, the rest give a tiny item."""
 
     def _training_item(self, index, g):
-        if self.samples[index][0].endswith("broken"):
-            raise D.VideoReadError(f"{self.samples[index][0]}: broken")
-        return torch.zeros(1), torch.zeros(5), self.targets[index]
+        if self.path(index).endswith("broken"):
+            raise D.VideoReadError(f"{self.path(index)}: broken")
+        return torch.zeros(1), torch.zeros(5), self.target(index)
 
 
 @pytest.mark.parametrize("every, stops", [(50, False), (5, True)])
