@@ -13,6 +13,7 @@ Self-supervised Video Facial Affect Perceiver", IEEE Trans. Affective Computing 
   9. count_macs, sizing table, bench   `python model.py [--bench [--device=cuda]]`
 """
 
+import contextlib
 import math
 import re
 import sys
@@ -23,6 +24,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -155,13 +157,11 @@ def sinusoid_table(num_positions, dim):
     angle = pos / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode="floor") / dim)
     return torch.where(j.long() % 2 == 0, torch.sin(angle), torch.cos(angle)).float()
 
-def check_tube_mask(mask, cfg):
-    """Raise ValueError unless `mask` is a tube mask of cfg, for masks not made by tube_mask: the encoder reshapes
-    visible tokens to (B, T', S_vis, C). The forward pass does not check: reading a mask stalls a GPU."""
+def is_tube_mask(mask, cfg):
+    """Bool (): whether `mask` (B, N) is a tube mask of cfg, computed on its device without reading it back.
+    TPSBT.forward asserts it there (a host read would stall a GPU): it reshapes visible tokens to (B, T', S_vis, C)."""
     spatial = mask.view(mask.shape[0], cfg.grid[0], cfg.num_spatial)  # (B, T', S)
-    if not bool((spatial == spatial[:, :1]).all()) or not bool((spatial[:, 0].sum(1) == cfg.num_masked_spatial).all()):
-        raise ValueError(f"mask must be a tube mask: the same {cfg.num_masked_spatial} of {cfg.num_spatial} "
-                         f"spatial positions masked in every temporal slice (see tube_mask)")
+    return (spatial == spatial[:, :1]).all() & (spatial[:, 0].sum(1) == cfg.num_masked_spatial).all()
 
 # 3. Transformer pieces ---------------------------------------------------------------------------------
 
@@ -179,10 +179,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("k_bias", torch.zeros(dim), persistent=False)  # a constant: no zeros_like per call
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        bias = torch.cat([self.q_bias, self.k_bias, self.v_bias])
         q, k, v = F.linear(x, self.qkv.weight, bias).chunk(3, dim=-1)  # 3 x (B, N, C)
         return self.proj(attend(q, k, v, self.num_heads))
 
@@ -195,11 +196,12 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, context):
         q = F.linear(x, self.q.weight, self.q_bias)  # (B, Nq, C)
-        k, v = F.linear(context, self.kv.weight, torch.cat([torch.zeros_like(self.v_bias), self.v_bias])).chunk(2, -1)
+        k, v = F.linear(context, self.kv.weight, torch.cat([self.k_bias, self.v_bias])).chunk(2, -1)
         return self.proj(attend(q, k, v, self.num_heads))  # keys and values (B, Nk, C)
 
 class MLP(nn.Module):
@@ -211,12 +213,13 @@ class MLP(nn.Module):
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
 
-def drop_path(x, p, training):
-    """Stochastic depth: drop a whole residual branch per sample with probability p, rescale the kept ones."""
+def drop_path(x, branch, p, training):
+    """x + branch, with stochastic depth: the branch dropped per sample with probability p, the kept ones rescaled
+    (in 4 operator calls, the residual sum included)."""
     if p == 0.0 or not training:
-        return x
-    keep = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) >= p
-    return x * keep.to(x.dtype) / (1.0 - p)
+        return x + branch
+    keep = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device).ge_(p).div_(1.0 - p)  # float32
+    return torch.addcmul(x, branch, keep)
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)  # the release's epsilon
 
@@ -231,8 +234,8 @@ class Block(nn.Module):
         self.drop_rate = drop_path
 
     def forward(self, x):
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_rate, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_rate, self.training)
+        x = drop_path(x, self.attn(self.norm1(x)), self.drop_rate, self.training)
+        return drop_path(x, self.mlp(self.norm2(x)), self.drop_rate, self.training)
 
 class SBTBlock(Block):
     """Spatial bottleneck Transformer block: z += MHCA(LN_q(z), LN_c(context)), then a Block. With z = the bottleneck
@@ -245,7 +248,7 @@ class SBTBlock(Block):
 
     def forward(self, x, context):
         attended = self.cross_attn(self.cross_norm1(x), self.cross_norm2(context))
-        return super().forward(x + drop_path(attended, self.drop_rate, self.training))
+        return super().forward(drop_path(x, attended, self.drop_rate, self.training))
 
 # 4. The two ideas of TPSBT -----------------------------------------------------------------------------
 
@@ -357,8 +360,8 @@ class TPSBT(nn.Module):
         return [name for name, m in self.named_modules() if isinstance(m, Block)]
 
     def forward(self, video, mask=None, return_all_stages=False):
-        """video (B, c, T, H, W) normalised; mask (B, N) bool tube mask (values unchecked: no device sync) or
-        None. Returns the last stage's tokens (B, T_last, S or S_vis, C), or the list of every stage's."""
+        """video (B, c, T, H, W) normalised; mask (B, N) bool tube mask (asserted on the device: on a GPU a wrong
+        one fails at the next sync) or None. Returns the last stage's tokens (B, T_last, S or S_vis, C), or the list of every stage's."""
         cfg = self.cfg
         expected = (cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size)
         if video.dim() != 5 or tuple(video.shape[1:]) != expected:
@@ -372,6 +375,8 @@ class TPSBT(nn.Module):
             if mask.dtype != torch.bool or tuple(mask.shape) != (B, cfg.num_patches):
                 raise ValueError(f"mask must be a bool tube mask ({B}, {cfg.num_patches}), got {mask.dtype} "
                                  f"{tuple(mask.shape)}")
+            torch._assert_async(is_tube_mask(mask, cfg), f"mask must be a tube mask: the same {cfg.num_masked_spatial} "
+                                f"of {S} spatial positions masked in every temporal slice (see tube_mask)")
             S = S - cfg.num_masked_spatial
             idx = token_order(mask)[:, :T * S]
             x = self.patch_embed(video, idx) + gather_tokens(pos, idx)
@@ -616,10 +621,21 @@ def peak_tflops(device):
     name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else str(device)
     return next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
 
+class OpCount(TorchDispatchMode):
+    """Counts the aten operator calls made under it: `calls`, and `work`, the calls that are not views."""
+    def __init__(self):
+        super().__init__()
+        self.calls = self.work = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls, self.work = self.calls + 1, self.work + (not func.is_view)
+        return func(*args, **(kwargs or {}))
+
 def bench_steps(cfg, device, batch, stage, steps=10, compile=False, dtype=torch.bfloat16, rounds=3):
     """Time training steps of SVFAP ("pretrain") or SVFAPClassifier ("finetune") on a synthetic batch on `device`:
-    autocast to dtype (none for float32), backward, fused AdamW; torch.compile'd if `compile` (True or a backend).
-    Returns {ms (per step, best of rounds), clips_s, gmacs (forward, per clip), mfu (None: no known peak), peak_mb}."""
+    autocast to dtype (none for float32), backward, fused AdamW; torch.compile'd if `compile` (True, a backend or a
+    mode). Returns {ms (per step, best of rounds), clips_s, gmacs (forward, per clip), mfu (None: no known peak),
+    peak_mb, ops: OpCount of one step (eager only; None compiled)}."""
     device = torch.device(device)
     cuda, pretrain = device.type == "cuda", stage == "pretrain"
     sync = torch.cuda.synchronize if cuda else lambda device: None  # timings wait for the queued GPU work
@@ -628,7 +644,9 @@ def bench_steps(cfg, device, batch, stage, steps=10, compile=False, dtype=torch.
     model = (SVFAP(cfg) if pretrain else SVFAPClassifier(cfg, 7)).to(device)
     macs = count_macs(model, video[:1], mask[:1]) if pretrain else count_macs(model, video[:1])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # CPU and CUDA kernels since torch 2.4
-    run = torch.compile(model, backend=compile if isinstance(compile, str) else "inductor") if compile else model
+    mode = compile if compile in ("default", "reduce-overhead", "max-autotune-no-cudagraphs") else None
+    backend = compile if isinstance(compile, str) and not mode else "inductor"
+    run = torch.compile(model, backend=backend, mode=mode) if compile else model
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = run(video, mask)[0] if pretrain else F.cross_entropy(run(video), labels)
@@ -644,12 +662,26 @@ def bench_steps(cfg, device, batch, stage, steps=10, compile=False, dtype=torch.
     for _ in range(3 if compile else 1):  # warm-up (and compilation)
         step()
     sync(device)
+    ops = None if compile else OpCount()
+    with ops or contextlib.nullcontext():  # width and batch do not change the count
+        step()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     dt, peak = min(seconds_per_step() for _ in range(rounds)), peak_tflops(device)
     return dict(ms=1000 * dt, clips_s=batch / dt, gmacs=macs / 1e9,
                 mfu=6 * macs * batch / dt / (peak * 1e12) if peak else None,  # training = 3 forwards
-                peak_mb=torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None)
+                peak_mb=torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None, ops=ops)
+
+def host_bench(device="cpu", compiles=(False, True), steps=10, rounds=5, dtype=torch.bfloat16):
+    """Print what the host spends per TPSBT-B training step, whatever the GPU: operator calls (eager; each one a
+    dispatch, most of them a kernel launch on a GPU) and ms per step of the same blocks at width 64 on one clip of
+    64 x 64 (tiny tensors, so the time is the host's)."""
+    cfg = replace(CONFIGS["base"], img_size=64, embed_dim=64, bottleneck_hidden=16, decoder_dim=64, decoder_heads=8)
+    for stage, drop in (("pretrain", 0.0), ("finetune", 0.1)):  # the recipes' drop path
+        for compile in compiles:
+            r = bench_steps(replace(cfg, drop_path=drop), device, 1, stage, steps, compile, dtype, rounds)
+            ops = f"{r['ops'].calls:5d} operator calls ({r['ops'].work} not views)" if r["ops"] else f"{'':38s}"
+            print(f"TPSBT-B {stage} step, {'compiled' if compile else 'eager':8s}: {ops} {r['ms']:7.1f} host ms")
 
 def bench(device="cpu", presets=(("tiny", 8, 8), ("small", 2, 2)), compiles=(False,), dtype=torch.float32,
           steps=2, rounds=2):
@@ -680,6 +712,8 @@ if __name__ == "__main__":
     if "bench" not in args:
         print(sizing_table())
     elif args.get("device", "cpu") == "cpu":
+        host_bench()
         bench()
     else:  # TPSBT-B at the per-GPU batches of the 4-GPU recipes (256 / 4 pre-training, 96 / 4 fine-tuning)
+        host_bench(args["device"])
         bench(args["device"], (("base", 64, 24),), compiles=(False, True), dtype=torch.bfloat16, steps=10, rounds=3)

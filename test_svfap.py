@@ -296,17 +296,20 @@ def test_config_round_trips_through_a_plain_dict():
         SVFAPConfig.from_dict({**d, "depth": 3})
 
 
-def test_check_tube_mask_accepts_tube_masks_and_refuses_others():
+def test_the_encoder_asserts_a_tube_mask_on_the_device():
+    """TPSBT.forward asserts is_tube_mask with torch._assert_async (no host read; on the CPU it raises at once)."""
     mask = tube_mask(3, TINY, generator=torch.Generator().manual_seed(0))
-    M.check_tube_mask(mask, TINY)
+    assert bool(M.is_tube_mask(mask, TINY))
+    SVFAP(TINY)(tiny_video(3), mask)
     one_slice = mask.clone()
     one_slice[1, 0] = ~one_slice[1, 0]  # one token of one slice differs from the other slices
     T, S = TINY.grid[0], TINY.num_spatial
     wrong_count = mask.view(3, T, S).clone()
     wrong_count[2, :, wrong_count[2, 0].nonzero()[0]] = False  # the same in every slice, one position short
     for bad in (one_slice, wrong_count.view(3, -1)):
-        with pytest.raises(ValueError, match="tube mask"):
-            M.check_tube_mask(bad, TINY)
+        assert not bool(M.is_tube_mask(bad, TINY))
+        with pytest.raises(RuntimeError, match="mask must be a tube mask: the same 57 of 64 spatial positions"):
+            SVFAP(TINY)(tiny_video(3), bad)
     with pytest.raises(ValueError, match=r"bool tube mask \(3, 512\)"):
         SVFAP(TINY)(tiny_video(3), mask.float())
 
@@ -334,7 +337,7 @@ def test_forward_and_backward_read_nothing_back_from_the_device():
             loss_of(model, tiny_video(cfg=cfg)).backward()
         assert counter.reads == [], type(model).__name__
     with DeviceReads() as counter:  # the counter sees a read: the test can fail
-        M.check_tube_mask(mask, cfg)
+        bool(M.is_tube_mask(mask, cfg))
     assert counter.reads
 
 
