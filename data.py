@@ -480,7 +480,7 @@ class VideoDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def set_epoch(self, epoch):
-        """Items draw from streams seeded with (seed, epoch, index): call before each epoch's loader starts."""
+        """Items draw from streams seeded with (seed, epoch, index): the epoch of plain indices (a pair brings its own)."""
         self.epoch = epoch
 
     def unreadable(self):
@@ -519,6 +519,7 @@ class VideoDataset(torch.utils.data.Dataset):
         return frames[0], boxes[0], self.targets[index]
 
     def __getitem__(self, index):
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)  # pretrain.fit gives (epoch, index)
         if self.mode == "eval":
             try:
                 clips = self._read_clips(self.samples[index][0], self._choose_eval, self.img_size)
@@ -527,7 +528,7 @@ class VideoDataset(torch.utils.data.Dataset):
                                      f"never skips a sample: fix the file or remove the line]") from e
             views = [v for clip in clips for v in eval_crops(clip, self.img_size, self.num_crops)]
             return torch.stack(views), self.targets[index], index  # (V, T, 3, S, S)
-        g = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
+        g = torch.Generator().manual_seed(item_seed(self.seed, epoch, index))
         while True:
             self.tried += 1
             try:
