@@ -2430,6 +2430,29 @@ def test_make_compare_runs_every_seed_and_setting_and_skips_finished_runs(train_
     assert again.returncode == 0 and "==" not in again.stdout and again.stdout == table
 
 
+def test_make_gpu_runs_every_step_on_the_cpu_and_writes_one_report(train_data, tmp_path):
+    """`make gpu DEVICE=cpu`, small: the bench (a stand-in here), pre-training eager, "compiled" (eager here: inductor
+    compiles for minutes on a CPU) and under torchrun, fine-tuning from the first; one report with each step."""
+    data = tmp_path / "data"
+    data.mkdir()
+    os.symlink(train_data / "videos", data / "videos")
+    for name in ("pretrain", "train", "val", "test"):
+        (data / f"{name}.txt").write_text((train_data / f"{name}.txt").read_text())
+    py, out = sys.executable, tmp_path / "gpu"
+    model_args = shlex.join([*TRAIN_MODEL_ARGS, "--batch_size=4", "--sampling_rate=1"])  # labels 0..2 of 6 classes
+    make = ["make", "-s", "gpu", "DEVICE=cpu", "GPU_DTYPE=float32", "GPU_ITERS=2", "GPU_WORKERS=1", f"DATA={data}",
+            f"GPU_OUT={out}", f"PYTHON={py}", f"BENCH={py} -c 'print(\"bench figures\")'", "GPU_COMPILE=",
+            f"GPU_ARGS=--device=cpu --dtype=float32 --max_iters=2 --num_workers=1 {model_args}"]
+    done = subprocess.run(make, cwd=TRAIN_REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == f"report: {out}/report.md"
+    report = (out / "report.md").read_text()
+    steps = ["bench", "pretrain_eager", "pretrain_compiled", "pretrain_torchrun", "finetune_eager", "finetune_compiled"]
+    assert re.findall(r"^## (\w+)$", report, re.M) == steps and report.count("exit 0 after") == 6, report
+    assert "torch " + torch.__version__ in report and "bench figures" in report and '"iter": 2' in report
+    assert "finetune.py config/finetune_demo.py" in report and "test, model of the last epoch" in report
+
+
 # =====================================================================================================
 # the project: README and CI agree
 
