@@ -480,7 +480,7 @@ class VideoDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def set_epoch(self, epoch):
-        """Items draw from streams seeded with (seed, epoch, index): the epoch of plain indices (a pair brings its own)."""
+        """Items draw from streams seeded with (seed, epoch, index): the epoch of plain indices (pairs bring theirs)."""
         self.epoch = epoch
 
     def unreadable(self):

@@ -22,11 +22,10 @@ this config's model_args such as drop_path on top) or one of the authors' releas
 
 Evaluation averages the softmax probabilities (or regression outputs) of num_clips x num_crops views per video
 and never skips one (val_list and test_list are checked at start-up). val is evaluated every eval_every epochs and
-after the last: best.pt (weights and config) and val_predictions.csv keep the epoch with the best `best_metric`;
-test at the end, with the model of the best val epoch (test_predictions.csv) and the last one
-(test_predictions_last.csv). The release chose its best epoch on test (DFEW's val lists are its test lists): when
-val and test share videos this script says so loudly. Also in out_dir: ckpt.pt (for resume, every
-ckpt_every_epochs epochs), log.jsonl, results.json.
+after the last: best.pt (weights, config) and val_predictions.csv keep the epoch of the best `best_metric`; test at
+the end, with the model of the best val epoch (test_predictions.csv) and the last one (test_predictions_last.csv).
+The release chose its best epoch on test (DFEW's val lists are its test lists): when val and test share videos this
+script says so loudly. Also in out_dir: ckpt.pt (for resume), log.jsonl, results.json.
 
 --extract writes DIR/features.npy, float32 (N, C), a row per line of LIST in list order (the clip embedding
 averaged over the views: fc_norm's output for a finetune.py checkpoint or a release one that holds fc_norm,
@@ -137,8 +136,6 @@ def main(argv):
     if c.eval_only:
         return evaluate_checkpoint(c)
     check_task(c)
-    if c.eval_every < 1:
-        raise ConfigError(f"eval_every={c.eval_every} must be at least 1 (epochs between evaluations of val_list)")
     check_lists(c, "train_list", "val_list", "test_list")
     checkpoint = resume_checkpoint(c, init_paths="a pretrain.py or authors' release checkpoint")
     d = setup(c)

@@ -83,7 +83,7 @@ grad_clip = 0.0  # max gradient norm (0: no clipping; the norm is logged either 
 device = "auto"  # "auto" (cuda if available) | "cpu" | "cuda"
 dtype = "auto"  # "auto" (bfloat16 on CUDA, float32 on the CPU) | "float32" | "bfloat16" | "float16"
 compile = False  # torch.compile the model (after wrapping it in DDP, so gradient all-reduce overlaps backward)
-compile_mode = "default"  # torch.compile's mode: "default" | "reduce-overhead" (CUDA graphs) | "max-autotune-no-cudagraphs"
+compile_mode = "default"  # torch.compile's: "default" | "reduce-overhead" (CUDA graphs) | "max-autotune-no-cudagraphs"
 seed = 0
 peak_tflops = 0.0  # the accelerator's dense bf16 peak for MFU; 0 = from the GPU's name (model.peak_tflops)
 CONFIG_KEYS = [k for k in globals() if k not in _names_before_config and not k.startswith("_")]
@@ -182,8 +182,7 @@ class ConfigError(ValueError):
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss or the gradient became NaN or infinite: that step's update was skipped on the device, and the run stops
-    at the next read of the device (a logging step, or before a checkpoint), exit code 3."""
+    """A non-finite loss or gradient norm: its step was skipped on the device; the run stops at the next read, exit 3"""
 
 
 def typed(key, value, default, source):
@@ -293,7 +292,6 @@ def make_dataset(c, key, mode, mc, **kw):
 
 # --- processes, devices, precision ----------------------------------------------
 Dist = namedtuple("Dist", "ddp rank local_rank world_size device master dtype")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")  # torch.compile's
 
 
 def setup(c):
@@ -308,10 +306,10 @@ def setup(c):
     dtype = {"auto": auto, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(c.dtype)
     if dtype is None:
         raise ConfigError(f"dtype={c.dtype!r}: valid values are auto, float32, bfloat16, float16")
-    if c.compile_mode not in COMPILE_MODES:
-        raise ConfigError(f"compile_mode={c.compile_mode!r}: valid values are {', '.join(COMPILE_MODES)}")
-    if c.ckpt_every_epochs < 1:
-        raise ConfigError(f"ckpt_every_epochs={c.ckpt_every_epochs} must be at least 1")
+    if c.compile_mode not in (modes := ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")):
+        raise ConfigError(f"compile_mode={c.compile_mode!r}: valid values are {', '.join(modes)}")
+    if bad := [k for k in ("ckpt_every_epochs", "eval_every") if getattr(c, k, 1) < 1]:  # eval_every: finetune.py's
+        raise ConfigError(f"{bad[0]}={getattr(c, bad[0])} must be at least 1 (epochs)")
     ddp = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ.get(k, 0)) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp \
         else (0, 0, 1)
@@ -402,9 +400,8 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
     bar, saved = tqdm(total=stop_iter, initial=iter_num, disable=not d.master, desc="train", dynamic_ncols=True), iter_num
     # MFU = 6 x MACs per clip (training ~ 3 forwards, 2 FLOPs per MAC) x clips/s per device / peak FLOP/s
     log = Interval(d, clips_per_iter, 6 * macs_per_clip / d.world_size / (peak * 1e12) if peak else 0)
-    # one loader, and so one set of workers, for the whole run: each index comes with its epoch
-    per_epoch = n_iter_epoch * c.grad_accum * micro_batch  # this rank's items per epoch, whole batches
-    batches = iter(DataLoader(dataset, micro_batch, sampler=epoch_indices(dataset, d, c, per_epoch, iter_num * per_epoch // n_iter_epoch),
+    indices = epoch_indices(dataset, d, c, n_iter_epoch, c.grad_accum * micro_batch, iter_num)  # with their epochs
+    batches = iter(DataLoader(dataset, micro_batch, sampler=indices,  # one loader, one set of workers, for the run
                               num_workers=c.num_workers, pin_memory=d.device.type == "cuda", drop_last=True,
                               generator=torch.Generator()))  # without it, the loader draws from torch's seed
     batch = log.fetch(batches)
@@ -414,7 +411,7 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
         for group in optimizer.param_groups:
             group["lr"] = it_lr * group["lr_scale"]
         batch, loss, grad_norm = train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log)
-        log.add(iter_num := iter_num + 1, loss, grad_norm)
+        log.pending.append((iter_num := iter_num + 1, loss, grad_norm))  # read by log.check()
         bar.update(1)
         logs, saves = iter_num % c.log_interval == 0 or iter_num == stop_iter, iter_num == stop_iter or \
             iter_num % (n_iter_epoch * c.ckpt_every_epochs) == 0 or (c.ckpt_every and iter_num % c.ckpt_every == 0)
@@ -441,16 +438,14 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
     return iter_num / n_iter_epoch, log.last_loss
 
 
-def epoch_indices(dataset, d, c, per_epoch, start):
-    """(epoch, index) pairs of this rank from its `start`-th item of the run to the last epoch's end: each epoch in
-    DistributedSampler's order for (seed, epoch), cut to per_epoch. Each item is drawn from its (seed, epoch, index)
-    stream (VideoDataset), so one loader serves every epoch and a resumed run continues with the same items."""
-    epoch, skip = divmod(start, per_epoch)
-    for epoch in range(epoch, c.epochs):
+def epoch_indices(dataset, d, c, n_iter_epoch, per_iter, iter_num):
+    """(epoch, index) pairs of this rank from iteration iter_num on, per_iter an iteration, each epoch in the order of
+    DistributedSampler for (seed, epoch): items draw from (seed, epoch, index), so one loader serves every epoch."""
+    for epoch in range(iter_num // n_iter_epoch, c.epochs):
         sampler = DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=c.seed, drop_last=True)
         sampler.set_epoch(epoch)
-        yield from ((epoch, i) for i in list(sampler)[skip:per_epoch])
-        skip = 0
+        first = max(0, iter_num - epoch * n_iter_epoch) * per_iter  # a resumed run skips what was done
+        yield from ((epoch, i) for i in list(sampler)[first:n_iter_epoch * per_iter])
 
 
 def restore(checkpoint, model, optimizer, scaler, c, d):
@@ -506,22 +501,6 @@ def train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log):
     return batch, loss, grad_norm
 
 
-def to_device(batch, device, stream):
-    """The batch's tensors on `device`, and a function to call where they are first used. On CUDA the copies run on
-    `stream`, beside the compute stream (a copy queued there would hold up the backward queued after it); the function
-    makes the compute stream wait for them and keeps their memory from reuse until it is done. On the CPU: in line."""
-    if stream is None:
-        return [x.to(device) for x in batch], lambda: None
-    with torch.cuda.stream(stream):
-        batch = [x.to(device, non_blocking=True) for x in batch]
-
-    def ready():
-        torch.cuda.current_stream(device).wait_stream(stream)
-        for x in batch:
-            x.record_stream(torch.cuda.current_stream(device))
-    return batch, ready
-
-
 class Interval:
     """The log's mean loss, clips/s, data wait and MFU of the steps since the last log line (evaluation and checkpoints
     excluded). Each step's loss and gradient norm stay on the device until check() reads them all at once.
@@ -529,7 +508,7 @@ class Interval:
 
     def __init__(self, d, clips_per_iter, mfu_per_clip_s):
         self.d, self.clips_per_iter, self.mfu_per_clip_s = d, clips_per_iter, mfu_per_clip_s
-        self.fp16, self.bad, self.last_loss, self.pending, self.ready = d.dtype == torch.float16, 0, None, [], None
+        self.fp16, self.bad, self.last_loss, self.pending, self.batch = d.dtype == torch.float16, 0, None, [], None
         self.stream = torch.cuda.Stream(d.device) if d.device.type == "cuda" else None  # for the batches' copies
         self.reset()
 
@@ -538,24 +517,28 @@ class Interval:
         self.wait, self.pause, self.t0 = 0.0, 0.0, time.perf_counter()
 
     def fetch(self, batches):
-        """The next batch (None after the last), its copies to the device issued; the time taken is data wait."""
+        """The next batch (None after the last), its copies to the device issued; the time taken is data wait. On CUDA
+        they run on a side stream: on the compute stream they would hold up the backward queued after them."""
         t, batch = time.perf_counter(), next(batches, None)
-        if batch is not None:
-            batch, self.ready = to_device(batch, self.d.device, self.stream)
+        with torch.cuda.stream(self.stream):  # None (the CPU): a no-op
+            self.batch = None if batch is None else [x.to(self.d.device, non_blocking=True) for x in batch]
         self.wait += time.perf_counter() - t
-        return batch
+        return self.batch
 
-    def add(self, iter_num, loss, grad_norm):
-        self.pending.append((iter_num, loss, grad_norm))
-        self.iters += 1
+    def ready(self):
+        """Where the fetched batch is first used: CUDA's compute stream waits for its copies, keeping their memory."""
+        if self.stream is not None and self.batch is not None:
+            torch.cuda.current_stream().wait_stream(self.stream)
+            for x in self.batch:
+                x.record_stream(torch.cuda.current_stream())
 
     def check(self):
-        """Reads the pending steps' losses and gradient norms (one read) and returns (iteration, why) of the first step
-        that stops the run, or None: in float32 and bfloat16 any non-finite one; in float16 the 5th non-finite loss
-        in a row (steps with non-finite gradients alone were skipped by the scaler and are counted)."""
-        values = torch.stack([v for _, loss, norm in self.pending for v in (loss, norm)]).tolist() if self.pending else []
-        steps, self.pending = [(it, *values[2 * i: 2 * i + 2]) for i, (it, _, _) in enumerate(self.pending)], []
-        for it, loss, norm in steps:
+        """Reads the pending steps' losses and gradient norms at once; (iteration, why) of the first that stops the run:
+        any non-finite one, in float16 the 5th non-finite loss in a row (the scaler skipped and counted the others)."""
+        steps, self.pending = self.pending, []
+        values = torch.stack([torch.stack(step[1:]) for step in steps]).tolist() if steps else []  # (steps, 2)
+        for (it, _, _), (loss, norm) in zip(steps, values):
+            self.iters += 1
             self.bad = 0 if math.isfinite(loss) and (self.fp16 or math.isfinite(norm)) else self.bad + 1
             if self.bad and (not self.fp16 or self.bad == 5):
                 what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
@@ -565,7 +548,6 @@ class Interval:
         return None
 
     def read(self, iter_num, epoch, lr, scaler):
-        """The log record of the steps since the last one (check() has read them)."""
         dt = time.perf_counter() - self.t0 - self.pause
         self.last_loss = sum(self.losses) / len(self.losses) if self.losses else math.nan
         clips_per_s = self.iters * self.clips_per_iter / dt
