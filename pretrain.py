@@ -415,7 +415,7 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
         bar.update(1)
         logs, saves = iter_num % c.log_interval == 0 or iter_num == stop_iter, iter_num == stop_iter or \
             iter_num % (n_iter_epoch * c.ckpt_every_epochs) == 0 or (c.ckpt_every and iter_num % c.ckpt_every == 0)
-        if (logs or saves) and (bad := log.check()):  # never a log line or a checkpoint after a bad step
+        if (logs or saves or iter_num % n_iter_epoch == 0) and (bad := log.check()):  # nothing written after it
             raise NonFiniteLoss(f"{bad[1]} at iteration {bad[0]} (epoch {(bad[0] - 1) // n_iter_epoch + 1}); stopped "
                                 f"without saving: " + (f"the last good checkpoint {ckpt_path} (iteration {saved}) is "
                                                        f"untouched" if saved else "no checkpoint had been written yet"))
