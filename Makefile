@@ -123,3 +123,41 @@ $(DATA)/train_2per_class.txt: | $(DATA)/pretrain.txt
 	awk '++n[$$2] <= 2' $(DATA)/train_10pct.txt > $@
 
 .PRECIOUS: $(PAPER)/%/results.json $(LAST) $(VIT_LAST)
+
+# The one-command GPU check (README, "On a GPU"), on a machine with one CUDA GPU, in under 10 minutes:
+#   make gpu     python model.py --bench --device=cuda (operator calls and host ms per TPSBT-B step, step times at
+#                the recipes' per-GPU batches, eager and compiled), then the demo's pre-training and fine-tuning on
+#                the GPU in bf16, eager and compiled, and pre-training once under torchrun; writes GPU_OUT/report.md
+#                (GPU, driver, torch, every command with its wall time, exit status and the tails of its logs).
+#   make gpu DEVICE=cpu GPU_DTYPE=float32 GPU_ITERS=2 ...    the same commands on the CPU (the suite runs it small)
+DEVICE ?= cuda
+GPU_DTYPE ?= bfloat16
+GPU_OUT ?= out/gpu
+GPU_ITERS ?= 300
+GPU_WORKERS ?= 8
+GPU_COMPILE ?= --compile=True
+BENCH ?= $(PYTHON) model.py --bench --device=$(DEVICE)
+TORCHRUN ?= $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=1
+GPU_ARGS = --device=$(DEVICE) --dtype=$(GPU_DTYPE) --max_iters=$(GPU_ITERS) --num_workers=$(GPU_WORKERS)
+GPU_PRETRAIN ?= pretrain.py config/pretrain_demo.py --vis_clips=0 --train_list=$(DATA)/pretrain.txt --vis_list= $(GPU_ARGS)
+GPU_FINETUNE ?= finetune.py config/finetune_demo.py $(FULL) $(GPU_ARGS) --init_from=$(GPU_OUT)/pretrain_eager/ckpt.pt
+# one step of the report: the command, its wall time and exit status, the end of its output and of its log.jsonl
+GPU_STEP = echo "== $(1)" && t=$$(date +%s) && { $(2) > $(GPU_OUT)/$(1).log 2>&1; s=$$?; } && \
+    { printf '\n\#\# %s\n`%s`\n\nexit %s after %s s\n' $(1) '$(subst ','\'',$(strip $(2)))' $$s $$(( $$(date +%s) - t )); \
+      [ $$s = 0 ] || echo "FAILED"; echo '```'; tail -n 6 $(GPU_OUT)/$(1).log; \
+      tail -n 4 $(GPU_OUT)/$(1)/log.jsonl 2>/dev/null; echo '```'; } >> $(GPU_OUT)/report.md
+
+.PHONY: gpu
+gpu: | $(DATA)/pretrain.txt
+	@mkdir -p $(GPU_OUT) && rm -rf $(GPU_OUT)/*
+	@{ echo "# make gpu, $$(date -u '+%Y-%m-%d %H:%M UTC')"; nvidia-smi --query-gpu=name,driver_version,memory.total \
+	   --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"; $(PYTHON) -c "import torch; print('torch', \
+	   torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() \
+	   else 'no GPU')"; } > $(GPU_OUT)/report.md
+	@$(call GPU_STEP,bench,$(BENCH))
+	@$(call GPU_STEP,pretrain_eager,$(PYTHON) $(GPU_PRETRAIN) --out_dir=$(GPU_OUT)/pretrain_eager)
+	@$(call GPU_STEP,pretrain_compiled,$(PYTHON) $(GPU_PRETRAIN) $(GPU_COMPILE) --out_dir=$(GPU_OUT)/pretrain_compiled)
+	@$(call GPU_STEP,pretrain_torchrun,$(TORCHRUN) $(GPU_PRETRAIN) --out_dir=$(GPU_OUT)/pretrain_torchrun)
+	@$(call GPU_STEP,finetune_eager,$(PYTHON) $(GPU_FINETUNE) --out_dir=$(GPU_OUT)/finetune_eager)
+	@$(call GPU_STEP,finetune_compiled,$(PYTHON) $(GPU_FINETUNE) $(GPU_COMPILE) --out_dir=$(GPU_OUT)/finetune_compiled)
+	@echo "report: $(GPU_OUT)/report.md" && ! grep -q "^FAILED" $(GPU_OUT)/report.md

@@ -512,7 +512,7 @@ class VideoDataset(torch.utils.data.Dataset):
         return len(self.annotations)
 
     def set_epoch(self, epoch):
-        """Items draw from streams seeded with (seed, epoch, index): call before each epoch's loader starts."""
+        """Items draw from streams seeded with (seed, epoch, index): the epoch of plain indices (pairs bring theirs)."""
         self.epoch = epoch
 
     def unreadable(self, indices=None):
@@ -554,6 +554,7 @@ class VideoDataset(torch.utils.data.Dataset):
         return frames[0], boxes[0], self.target(index)
 
     def __getitem__(self, index):
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)  # pretrain.fit gives (epoch, index)
         if self.mode == "eval":
             try:
                 clips = self._read_clips(self.path(index), self._choose_eval, self.img_size)
@@ -562,7 +563,7 @@ class VideoDataset(torch.utils.data.Dataset):
                                      f"never skips a sample: fix the file or remove the line]") from e
             views = [v for clip in clips for v in eval_crops(clip, self.img_size, self.num_crops)]
             return torch.stack(views), self.target(index), index  # (V, T, 3, S, S)
-        g = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
+        g = torch.Generator().manual_seed(item_seed(self.seed, epoch, index))
         for broken in range(self.fail_floor):  # bounded: a list of broken files cannot loop forever
             try:
                 return *self._training_item(index, g), torch.tensor(broken)

@@ -22,11 +22,11 @@ this config's model_args such as drop_path on top) or one of the authors' releas
 from the file, printed; the rest of the shape from `model` and `model_args`).
 
 Evaluation averages the softmax probabilities (or regression outputs) of num_clips x num_crops views per video
-and never skips one (val_list and test_list are checked at start-up). val is evaluated after every epoch: best.pt
-and val_predictions.csv keep the epoch with the best `best_metric`; test at the end, with the model of the best
-val epoch (test_predictions.csv) and the last one (test_predictions_last.csv). The release chose its best epoch on
-test (DFEW's val lists are its test lists): when val and test share videos this script says so loudly. Also in
-out_dir: ckpt.pt (the latest, for resume), log.jsonl, results.json.
+and never skips one (val_list and test_list are checked at start-up). val is evaluated every eval_every epochs and
+after the last: best.pt (weights, config) and val_predictions.csv keep the epoch of the best `best_metric`; test at
+the end, with the model of the best val epoch (test_predictions.csv) and the last one (test_predictions_last.csv).
+The release chose its best epoch on test (DFEW's val lists are its test lists): when val and test share videos this
+script says so loudly. Also in out_dir: ckpt.pt (for resume), log.jsonl, results.json.
 
 --extract writes DIR/features.npy, float32 (N, C), a row per line of LIST in list order (the clip embedding
 averaged over the views: fc_norm's output for a finetune.py checkpoint or a release one that holds fc_norm,
@@ -62,7 +62,9 @@ _names_before_config = set(globals())
 # I/O
 out_dir = "out/finetune"
 init_from = "scratch"  # "scratch" | "resume" | "auto" | path of a pretrain.py or of a release checkpoint
-ckpt_every = 0  # also save every N iterations (0: at the end of every epoch and of the run only)
+ckpt_every = 0  # also save every N iterations (0: every ckpt_every_epochs epochs and at the end only)
+ckpt_every_epochs = 1  # save out_dir/ckpt.pt (for resume) at the end of every N-th epoch and of the run
+eval_every = 1  # evaluate val_list every N epochs and after the last one
 log_interval = 10  # iterations between lines of out_dir/log.jsonl (the only steps that read values back)
 eval_only = False  # evaluate `ckpt` on val_list and test_list, no training
 ckpt = ""  # checkpoint for eval_only, predict, extract and explain
@@ -117,6 +119,7 @@ grad_clip = 0.0
 device = "auto"
 dtype = "auto"
 compile = False
+compile_mode = "default"  # see pretrain.py
 seed = 0
 peak_tflops = 0.0
 CONFIG_KEYS = [k for k in globals() if k not in _names_before_config and not k.startswith("_")]
@@ -173,7 +176,9 @@ def main(argv):
             video, soft = mixup_cutmix(video, soft, c.mixup, c.cutmix)
         return F.cross_entropy(net(video).float(), soft)  # soft targets: probabilities
 
-    def validate(epoch, iter_num):  # best.pt and val_predictions.csv follow the best best_metric
+    def validate(epoch, iter_num, last):  # best.pt and val_predictions.csv follow the best best_metric
+        if epoch % c.eval_every and not last:
+            return
         model.eval()
         idx, scores = evaluate(model, eval_sets["val"], d, c)
         model.train()

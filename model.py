@@ -13,6 +13,7 @@ Self-supervised Video Facial Affect Perceiver", IEEE Trans. Affective Computing 
   9. count_macs, sizing table, bench   `python model.py [--bench [--device=cuda]]`
 """
 
+import contextlib
 import math
 import re
 import sys
@@ -23,6 +24,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -155,14 +157,6 @@ def sinusoid_table(num_positions, dim):
     angle = pos / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode="floor") / dim)
     return torch.where(j.long() % 2 == 0, torch.sin(angle), torch.cos(angle)).float()
 
-def check_tube_mask(mask, cfg):
-    """Raise ValueError unless `mask` is a tube mask of cfg, for masks not made by tube_mask: the encoder reshapes
-    visible tokens to (B, T', S_vis, C). The forward pass does not check: reading a mask stalls a GPU."""
-    spatial = mask.view(mask.shape[0], cfg.grid[0], cfg.num_spatial)  # (B, T', S)
-    if not bool((spatial == spatial[:, :1]).all()) or not bool((spatial[:, 0].sum(1) == cfg.num_masked_spatial).all()):
-        raise ValueError(f"mask must be a tube mask: the same {cfg.num_masked_spatial} of {cfg.num_spatial} "
-                         f"spatial positions masked in every temporal slice (see tube_mask)")
-
 # 3. Transformer pieces ---------------------------------------------------------------------------------
 
 def attend(q, k, v, num_heads):
@@ -179,11 +173,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("k_bias", torch.zeros(dim), persistent=False)  # a constant: no zeros_like per call
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        q, k, v = F.linear(x, self.qkv.weight, bias).chunk(3, dim=-1)  # 3 x (B, N, C)
+        q, k, v = F.linear(x, self.qkv.weight, torch.cat([self.q_bias, self.k_bias, self.v_bias])).chunk(3, -1)
         return self.proj(attend(q, k, v, self.num_heads))
 
 class CrossAttention(nn.Module):
@@ -195,11 +189,12 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, context):
         q = F.linear(x, self.q.weight, self.q_bias)  # (B, Nq, C)
-        k, v = F.linear(context, self.kv.weight, torch.cat([torch.zeros_like(self.v_bias), self.v_bias])).chunk(2, -1)
+        k, v = F.linear(context, self.kv.weight, torch.cat([self.k_bias, self.v_bias])).chunk(2, -1)
         return self.proj(attend(q, k, v, self.num_heads))  # keys and values (B, Nk, C)
 
 class MLP(nn.Module):
@@ -211,12 +206,11 @@ class MLP(nn.Module):
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
 
-def drop_path(x, p, training):
-    """Stochastic depth: drop a whole residual branch per sample with probability p, rescale the kept ones."""
+def drop_path(x, branch, p, training):
+    """x + branch, the branch dropped per sample with probability p (stochastic depth), kept ones rescaled (float32)."""
     if p == 0.0 or not training:
-        return x
-    keep = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) >= p
-    return x * keep.to(x.dtype) / (1.0 - p)
+        return x + branch
+    return torch.addcmul(x, branch, torch.rand(len(x), *[1] * (x.dim() - 1), device=x.device).ge_(p).div_(1.0 - p))
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)  # the release's epsilon
 
@@ -231,8 +225,8 @@ class Block(nn.Module):
         self.drop_rate = drop_path
 
     def forward(self, x):
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_rate, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_rate, self.training)
+        x = drop_path(x, self.attn(self.norm1(x)), self.drop_rate, self.training)
+        return drop_path(x, self.mlp(self.norm2(x)), self.drop_rate, self.training)
 
 class SBTBlock(Block):
     """Spatial bottleneck Transformer block: z += MHCA(LN_q(z), LN_c(context)), then a Block. With z = the bottleneck
@@ -245,7 +239,7 @@ class SBTBlock(Block):
 
     def forward(self, x, context):
         attended = self.cross_attn(self.cross_norm1(x), self.cross_norm2(context))
-        return super().forward(x + drop_path(attended, self.drop_rate, self.training))
+        return super().forward(drop_path(x, attended, self.drop_rate, self.training))
 
 # 4. The two ideas of TPSBT -----------------------------------------------------------------------------
 
@@ -357,8 +351,8 @@ class TPSBT(nn.Module):
         return [name for name, m in self.named_modules() if isinstance(m, Block)]
 
     def forward(self, video, mask=None, return_all_stages=False):
-        """video (B, c, T, H, W) normalised; mask (B, N) bool tube mask (values unchecked: no device sync) or
-        None. Returns the last stage's tokens (B, T_last, S or S_vis, C), or the list of every stage's."""
+        """video (B, c, T, H, W) normalised; mask (B, N) bool tube mask (asserted on the device: a GPU reports a wrong
+        one at its next sync) or None. Returns the last stage's tokens (B, T_last, S or S_vis, C), or every stage's."""
         cfg = self.cfg
         expected = (cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size)
         if video.dim() != 5 or tuple(video.shape[1:]) != expected:
@@ -372,6 +366,9 @@ class TPSBT(nn.Module):
             if mask.dtype != torch.bool or tuple(mask.shape) != (B, cfg.num_patches):
                 raise ValueError(f"mask must be a bool tube mask ({B}, {cfg.num_patches}), got {mask.dtype} "
                                  f"{tuple(mask.shape)}")
+            spatial = mask.view(B, T, S)  # (B, T', S)
+            tube = (spatial == spatial[:, :1]).all() & (spatial[:, 0].sum(1) == cfg.num_masked_spatial).all()
+            torch._assert_async(tube, "mask must be a tube mask: the same positions in every slice")  # checked unread
             S = S - cfg.num_masked_spatial
             idx = token_order(mask)[:, :T * S]
             x = self.patch_embed(video, idx) + gather_tokens(pos, idx)
@@ -616,16 +613,25 @@ def peak_tflops(device):
     name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else str(device)
     return next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
 
+class OpCount(TorchDispatchMode):
+    """Counts the aten operator calls made under it: `calls`, and `work`, the calls that are not views."""
+    calls = work = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls, self.work = self.calls + 1, self.work + (not func.is_view)
+        return func(*args, **(kwargs or {}))
+
 def bench_steps(cfg, device, batch, stage, steps=10, compile=False, dtype=torch.bfloat16, rounds=3):
-    """Time training steps of SVFAP ("pretrain") or SVFAPClassifier ("finetune") on a synthetic batch on `device`:
-    autocast to dtype (none for float32), backward, fused AdamW; torch.compile'd if `compile` (True or a backend).
-    Returns {ms (per step, best of rounds), clips_s, gmacs (forward, per clip), mfu (None: no known peak), peak_mb}."""
+    """Time training steps of SVFAP ("pretrain") or SVFAPClassifier ("finetune", drop path 0.1 as the recipes) on a
+    synthetic batch on `device`: autocast to dtype (none for float32), backward, fused AdamW; torch.compile'd if
+    `compile` (True or a backend). Returns {ms (per step, best of rounds), clips_s, gmacs (forward, per clip), mfu
+    (None: no known peak), peak_mb, ops (OpCount of an eager step, None compiled)}."""
     device = torch.device(device)
     cuda, pretrain = device.type == "cuda", stage == "pretrain"
     sync = torch.cuda.synchronize if cuda else lambda device: None  # timings wait for the queued GPU work
     video = torch.randn(batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)
     mask, labels = tube_mask(batch, cfg, device=device), torch.randint(7, (batch,), device=device)
-    model = (SVFAP(cfg) if pretrain else SVFAPClassifier(cfg, 7)).to(device)
+    model = (SVFAP(cfg) if pretrain else SVFAPClassifier(replace(cfg, drop_path=0.1), 7)).to(device)
     macs = count_macs(model, video[:1], mask[:1]) if pretrain else count_macs(model, video[:1])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # CPU and CUDA kernels since torch 2.4
     run = torch.compile(model, backend=compile if isinstance(compile, str) else "inductor") if compile else model
@@ -644,22 +650,28 @@ def bench_steps(cfg, device, batch, stage, steps=10, compile=False, dtype=torch.
     for _ in range(3 if compile else 1):  # warm-up (and compilation)
         step()
     sync(device)
+    with (ops := None if compile else OpCount()) or contextlib.nullcontext():  # width and batch leave it unchanged
+        step()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     dt, peak = min(seconds_per_step() for _ in range(rounds)), peak_tflops(device)
     return dict(ms=1000 * dt, clips_s=batch / dt, gmacs=macs / 1e9,
                 mfu=6 * macs * batch / dt / (peak * 1e12) if peak else None,  # training = 3 forwards
-                peak_mb=torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None)
+                peak_mb=torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None, ops=ops)
+
+HOST = replace(CONFIGS["base"], img_size=64, embed_dim=64, bottleneck_hidden=16, decoder_dim=64, decoder_heads=8)
 
 def bench(device="cpu", presets=(("tiny", 8, 8), ("small", 2, 2)), compiles=(False,), dtype=torch.float32,
           steps=2, rounds=2):
-    """Print the time of training steps for each (preset, pre-training batch, fine-tuning batch), and of fine-tuning
-    against a ViT baseline of the same width: the paper's (12, 8, 4) for base, else the same blocks, no TP or SBT."""
+    """Print the time and (eager) operator calls of training steps for each (preset, pre-training batch, fine-tuning
+    batch), and of fine-tuning against a ViT baseline of the same width: the paper's (12, 8, 4) for base, else the same
+    blocks, no TP or SBT. Preset "host" is HOST: TPSBT-B at width 64, whose tiny steps take what the host spends."""
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where} (peak {peak_tflops(device) or '-'} TFLOP/s), {dtype}, best of "
-          f"{rounds} rounds of {steps} steps\n{'':46s} {'ms/step':>8s} {'clips/s':>8s} {'MFU':>6s} {'peak GB':>8s}")
+          f"{rounds} rounds of {steps} steps\n{'':46s} {'ms/step':>8s} {'clips/s':>8s} {'MFU':>6s} {'peak GB':>8s}"
+          f"  operator calls (not views)")
     for name, pre_batch, ft_batch in presets:
-        cfg = CONFIGS[name]
+        cfg = HOST if name == "host" else CONFIGS[name]
         vit = replace(cfg, **VIT_BASELINE if name == "base" else dict(temporal_pyramid=False, spatial_bottleneck=False))
         for compile in compiles:
             rows = [(f"{label}, batch {batch}, {'compiled' if compile else 'eager'}",
@@ -670,7 +682,8 @@ def bench(device="cpu", presets=(("tiny", 8, 8), ("small", 2, 2)), compiles=(Fal
             for label, r in rows:
                 mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
                 gb = f"{r['peak_mb'] / 1024:.2f}" if r["peak_mb"] else "-"
-                print(f"{label:46s} {r['ms']:8.1f} {r['clips_s']:8.1f} {mfu:>6s} {gb:>8s}")
+                ops = f"{r['ops'].calls} ({r['ops'].work})" if r["ops"] else "-"
+                print(f"{label:46s} {r['ms']:8.1f} {r['clips_s']:8.1f} {mfu:>6s} {gb:>8s}  {ops}")
             (_, b), (_, v) = rows[1:]
             print(f"{name}: fine-tuning takes {b['ms'] / v['ms']:.2f}x the ViT baseline's time; MACs ratio "
                   f"{b['gmacs'] / v['gmacs']:.2f}" + (" (the paper's 43.6 / 76.9 = 0.57)" if name == "base" else ""))
@@ -679,7 +692,8 @@ if __name__ == "__main__":
     args = dict(a.lstrip("-").partition("=")[::2] for a in sys.argv[1:])  # --bench [--device=cuda]
     if "bench" not in args:
         print(sizing_table())
-    elif args.get("device", "cpu") == "cpu":
+    elif args.get("device", "cpu") == "cpu":  # the host's share, eager and compiled; CPU step times
+        bench(presets=(("host", 1, 1),), compiles=(False, True), dtype=torch.bfloat16, steps=10, rounds=5)
         bench()
-    else:  # TPSBT-B at the per-GPU batches of the 4-GPU recipes (256 / 4 pre-training, 96 / 4 fine-tuning)
-        bench(args["device"], (("base", 64, 24),), compiles=(False, True), dtype=torch.bfloat16, steps=10, rounds=3)
+    else:  # the host's share; TPSBT-B at the per-GPU batches of the 4-GPU recipes (256 / 4 pre-training, 96 / 4 ft)
+        bench(args["device"], (("host", 1, 1), ("base", 64, 24)), (False, True), torch.bfloat16, steps=10, rounds=3)

@@ -51,7 +51,8 @@ _names_before_config = set(globals())
 # I/O
 out_dir = "out/pretrain"
 init_from = "scratch"  # "scratch" | "resume" (continue from out_dir/ckpt.pt) | "auto" (resume if it exists)
-ckpt_every = 0  # also save every N iterations (0: at the end of every epoch and of the run only)
+ckpt_every = 0  # also save every N iterations (0: every ckpt_every_epochs epochs and at the end only)
+ckpt_every_epochs = 1  # save at the end of every N-th epoch (and of the run)
 log_interval = 10  # iterations between lines of out_dir/log.jsonl (the only steps that read values back)
 vis_clips = 4  # clips in the reconstruction video written with each checkpoint (0: none)
 # data
@@ -84,6 +85,7 @@ grad_clip = 0.0  # max gradient norm (0: no clipping; the norm is logged either 
 device = "auto"  # "auto" (cuda if available) | "cpu" | "cuda"
 dtype = "auto"  # "auto" (bfloat16 on CUDA, float32 on the CPU) | "float32" | "bfloat16" | "float16"
 compile = False  # torch.compile the model (after wrapping it in DDP, so gradient all-reduce overlaps backward)
+compile_mode = "default"  # torch.compile's: "default" | "reduce-overhead" (CUDA graphs) | "max-autotune-no-cudagraphs"
 seed = 0
 peak_tflops = 0.0  # the accelerator's dense bf16 peak for MFU; 0 = from the GPU's name (model.peak_tflops)
 CONFIG_KEYS = [k for k in globals() if k not in _names_before_config and not k.startswith("_")]
@@ -184,7 +186,7 @@ class ConfigError(ValueError):
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss or the gradient became NaN or infinite: the run stops before the optimiser step, exit code 3."""
+    """A non-finite loss or gradient norm: its step was skipped on the device; the run stops at the next read, exit 3"""
 
 
 def typed(key, value, default, source):
@@ -339,6 +341,10 @@ def setup(c, training=True):
     dtype = {"auto": auto, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(c.dtype)
     if dtype is None:
         raise ConfigError(f"dtype={c.dtype!r}: valid values are auto, float32, bfloat16, float16")
+    if c.compile_mode not in (modes := ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")):
+        raise ConfigError(f"compile_mode={c.compile_mode!r}: valid values are {', '.join(modes)}")
+    if bad := [k for k in ("ckpt_every_epochs", "eval_every") if getattr(c, k, 1) < 1]:  # eval_every: finetune.py's
+        raise ConfigError(f"{bad[0]}={getattr(c, bad[0])} must be at least 1 (epochs)")
     ddp = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ.get(k, 0)) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp \
         else (0, 0, 1)
@@ -406,7 +412,7 @@ def param_groups(model, weight_decay, layer_decay=1.0, head_lr_scale=1.0):
 def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter, example,
         after_save=lambda iter_num: None, after_epoch=None, extra_state=dict):
     """Train `model` on `dataset` for c.epochs (or c.max_iters), from `checkpoint` (resume) or the start.
-    after_epoch(epoch, iter_num) runs after each epoch (validation), after_save(iter_num) after each checkpoint
+    after_epoch(epoch, iter_num, last) runs after each epoch (validation), after_save(iter_num) after each checkpoint
     on rank 0, and extra_state() adds entries to the checkpoint. Returns (epochs done, last logged loss)."""
     micro_batch = c.batch_size // (d.world_size * c.grad_accum)
     n_iter_epoch = len(dataset) // (d.world_size * micro_batch * c.grad_accum)
@@ -420,9 +426,10 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
     iter_num = restore(checkpoint, model, optimizer, scaler, c, d)
     peak = c.peak_tflops or device_peak_tflops(d.device)
     macs_per_clip = count_macs(model.eval(), *example) if peak else 0  # eval: no training randomness drawn
-    ddp = DistributedDataParallel(model.train(), device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+    model.train()  # every training step in training mode, whatever ran before
+    ddp = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
                                   broadcast_buffers=False) if d.ddp else None  # the buffers are fixed tables
-    net = torch.compile(ddp or model) if c.compile else ddp or model  # DDP first: graphs split at gradient buckets
+    net = torch.compile(ddp or model, mode=c.compile_mode) if c.compile else ddp or model  # DDP first: see compile
     if d.master:
         print(f"{d.world_size} process(es) on {d.device.type}, {str(d.dtype)[6:]}; batch {c.batch_size} = "
               f"{d.world_size} processes x {c.grad_accum} micro-steps x {micro_batch}; {n_iter_epoch} iterations/"
@@ -444,46 +451,52 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
     bar, saved = tqdm(total=stop_iter, initial=iter_num, disable=not d.master, desc="train", dynamic_ncols=True), iter_num
     # MFU = 6 x MACs per clip (training ~ 3 forwards, 2 FLOPs per MAC) x clips/s per device / peak FLOP/s
     log = Interval(d, clips_per_iter, 6 * macs_per_clip / d.world_size / (peak * 1e12) if peak else 0)
+    indices = epoch_indices(dataset, d, c, n_iter_epoch, c.grad_accum * micro_batch, iter_num)  # with their epochs
+    batches = count_broken(DataLoader(dataset, micro_batch, sampler=indices,  # one loader, one set of workers, for the run
+                                      num_workers=c.num_workers, pin_memory=d.device.type == "cuda", drop_last=True,
+                                      generator=torch.Generator()), seen)  # without it, the loader draws from torch's seed
+    batch = log.fetch(batches)
     while iter_num < stop_iter:
-        epoch, start = divmod(iter_num, n_iter_epoch)
-        sampler = DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=c.seed, drop_last=True)
-        sampler.set_epoch(epoch)  # the order depends only on (seed, epoch); a resumed epoch skips what was done
-        dataset.set_epoch(epoch)  # each item's random stream is seeded from (seed, epoch, index)
-        loader = DataLoader(dataset, micro_batch, sampler=list(sampler)[start * c.grad_accum * micro_batch:],
-                            num_workers=c.num_workers, pin_memory=d.device.type == "cuda", drop_last=True,
-                            generator=torch.Generator())  # without it, the loader draws from torch's seed
-        batches = count_broken(loader, seen)
-        batch = log.fetch(batches)
-        for _ in range(start, min(n_iter_epoch, start + stop_iter - iter_num)):
-            it_lr = lr_at(iter_num, lr, c.min_lr, round(c.warmup_epochs * n_iter_epoch), total_iters)
-            for group in optimizer.param_groups:
-                group["lr"] = it_lr * group["lr_scale"]
-            try:
-                batch, grad_norm = train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log)
-            except NonFiniteLoss as e:
-                raise NonFiniteLoss(f"{e} at iteration {iter_num + 1} (epoch {epoch + 1}); stopped without saving: " +
-                                    (f"the last good checkpoint {ckpt_path} (iteration {saved}) is untouched" if saved
-                                     else "no checkpoint had been written yet")) from None
-            iter_num += 1
-            bar.update(1)
-            if iter_num % c.log_interval == 0 or iter_num == stop_iter:
-                record = log.read(iter_num, epoch, it_lr, grad_norm, scaler)
-                if d.master:
-                    log_json(log_path, record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{it_lr:.2e}", clips_s=f"{record['clips_per_s']:.1f}")
-            t = time.perf_counter()  # evaluation and checkpoints are timed apart from the steps
-            if iter_num % n_iter_epoch == 0 and after_epoch:
-                after_epoch(epoch + 1, iter_num)  # epochs count from 1 in reports
-            t_eval = time.perf_counter()
-            if iter_num % n_iter_epoch == 0 or iter_num == stop_iter or (c.ckpt_every and iter_num % c.ckpt_every == 0):
-                save()
-                saved = iter_num
-                if d.master:
-                    log_json(log_path, {"iter": iter_num, "eval_s": t_eval - t, "save_s": time.perf_counter() - t_eval})
-            log.pause += time.perf_counter() - t
-        del batches  # ends this epoch's workers
+        epoch = iter_num // n_iter_epoch
+        it_lr = lr_at(iter_num, lr, c.min_lr, round(c.warmup_epochs * n_iter_epoch), total_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = it_lr * group["lr_scale"]
+        batch, loss, grad_norm = train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log)
+        log.pending.append((iter_num := iter_num + 1, loss, grad_norm))  # read by log.check()
+        bar.update(1)
+        logs, saves = iter_num % c.log_interval == 0 or iter_num == stop_iter, iter_num == stop_iter or \
+            iter_num % (n_iter_epoch * c.ckpt_every_epochs) == 0 or (c.ckpt_every and iter_num % c.ckpt_every == 0)
+        if (logs or saves or iter_num % n_iter_epoch == 0) and (bad := log.check()):  # nothing written after it
+            raise NonFiniteLoss(f"{bad[1]} at iteration {bad[0]} (epoch {(bad[0] - 1) // n_iter_epoch + 1}); stopped "
+                                f"without saving: " + (f"the last good checkpoint {ckpt_path} (iteration {saved}) is "
+                                                       f"untouched" if saved else "no checkpoint had been written yet"))
+        if logs:
+            record = log.read(iter_num, epoch, it_lr, scaler)
+            if d.master:
+                log_json(log_path, record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{it_lr:.2e}", clips_s=f"{record['clips_per_s']:.1f}")
+        t = time.perf_counter()  # evaluation and checkpoints are timed apart from the steps
+        if iter_num % n_iter_epoch == 0 and after_epoch:
+            after_epoch(epoch + 1, iter_num, iter_num == stop_iter)  # epochs count from 1 in reports
+        t_eval = time.perf_counter()
+        if saves:
+            save()
+            saved = iter_num
+            if d.master:
+                log_json(log_path, {"iter": iter_num, "eval_s": t_eval - t, "save_s": time.perf_counter() - t_eval})
+        log.pause += time.perf_counter() - t
     bar.close()
     return iter_num / n_iter_epoch, log.last_loss
+
+
+def epoch_indices(dataset, d, c, n_iter_epoch, per_iter, iter_num):
+    """(epoch, index) pairs of this rank from iteration iter_num on, per_iter an iteration, each epoch in the order of
+    DistributedSampler for (seed, epoch): items draw from (seed, epoch, index), so one loader serves every epoch."""
+    for epoch in range(iter_num // n_iter_epoch, c.epochs):
+        sampler = DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=c.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        first = max(0, iter_num - epoch * n_iter_epoch) * per_iter  # a resumed run skips what was done
+        yield from ((epoch, i) for i in list(sampler)[first:n_iter_epoch * per_iter])
 
 
 def restore(checkpoint, model, optimizer, scaler, c, d):
@@ -510,66 +523,87 @@ def restore(checkpoint, model, optimizer, scaler, c, d):
 
 
 def train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log):
-    """One optimiser step over grad_accum micro-batches; returns (the next batch, the gradient norm). Its one sync
-    checks loss and gradient: in float32 / bfloat16 a non-finite one raises NonFiniteLoss before the step; in float16
-    a step whose gradients overflow is skipped (logged); the run stops when the loss is non-finite 5 steps in a row."""
+    """One optimiser step over grad_accum micro-batches; returns (the next batch, the loss, the gradient norm), all on
+    the device: nothing is read back. A step whose loss or gradient norm is not finite is skipped there (fused AdamW's
+    found_inf; in float16 the gradient scaler's, which also lowers the scale); Interval.check finds it later."""
     loss_sum = torch.zeros((), device=d.device)
     for micro_step in range(c.grad_accum):
         if d.ddp:  # all-reduce the gradients on the last micro-step only
             ddp.require_backward_grad_sync = micro_step == c.grad_accum - 1
+        log.ready()  # the compute stream waits for this batch's copies here, not before
         with autocast(d):
             loss = loss_fn(net, batch)
-        batch = log.fetch(batches)  # queued before backward and the sync
+        batch = log.fetch(batches)  # its copies overlap this backward
         scaler.scale(loss / c.grad_accum).backward()
         loss_sum += loss.detach().float()
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in net.parameters() if p.grad is not None])
+    if c.grad_clip > 0:  # clip_grad_norm_ with no limit would multiply every gradient by 1
+        torch.nn.utils.clip_grads_with_norm_(net.parameters(), c.grad_clip, grad_norm)
     loss = loss_sum / c.grad_accum
     if d.ddp:
         dist.all_reduce(loss)  # gloo has no AVG
         loss /= d.world_size
-    ok = bool(torch.isfinite(loss) & (torch.isfinite(grad_norm) | scaler.is_enabled()))  # the step's one sync
-    log.bad = 0 if ok else log.bad + 1
-    if not ok and (not scaler.is_enabled() or log.bad == 5):
-        what, value = ("loss", loss.item()) if not math.isfinite(loss.item()) else ("gradient norm", grad_norm.item())
-        raise NonFiniteLoss(f"non-finite {what} ({value})" + (" for 5 steps in a row" if scaler.is_enabled() else ""))
-    scaler.step(optimizer)  # float16: skipped when the gradients overflowed, and the scale lowered
+    if not scaler.is_enabled():  # the same on every rank: the gradients and the loss are all-reduced
+        optimizer.found_inf = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
+    scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    log.add(loss if ok else None, skipped=~torch.isfinite(grad_norm) if scaler.is_enabled() else 0)
-    return batch, grad_norm
+    return batch, loss, grad_norm
 
 
 class Interval:
     """The log's mean loss, clips/s, data wait and MFU of the steps since the last log line (evaluation and checkpoints
-    excluded), kept on the device until read. mfu_per_clip_s: the MFU of one clip per second (0: no MFU)."""
+    excluded). Each step's loss and gradient norm stay on the device until check() reads them all at once.
+    mfu_per_clip_s: the MFU of one clip per second (0: no MFU)."""
 
     def __init__(self, d, clips_per_iter, mfu_per_clip_s):
-        self.d, self.clips_per_iter, self.mfu_per_clip_s, self.bad, self.last_loss = d, clips_per_iter, mfu_per_clip_s, 0, None
+        self.d, self.clips_per_iter, self.mfu_per_clip_s = d, clips_per_iter, mfu_per_clip_s
+        self.fp16, self.bad, self.last_loss, self.pending, self.batch = d.dtype == torch.float16, 0, None, [], None
+        self.stream = torch.cuda.Stream(d.device) if d.device.type == "cuda" else None  # for the batches' copies
         self.reset()
 
     def reset(self):
-        self.loss, self.steps, self.iters, self.skipped = torch.zeros((), device=self.d.device), 0, 0, 0
+        self.losses, self.iters, self.skipped, self.grad_norm = [], 0, 0, math.nan
         self.wait, self.pause, self.t0 = 0.0, 0.0, time.perf_counter()
 
     def fetch(self, batches):
-        """The next batch (None after the last), its copies to the device issued; the time taken is data wait."""
+        """The next batch (None after the last), its copies to the device issued; the time taken is data wait. On CUDA
+        they run on a side stream: on the compute stream they would hold up the backward queued after them."""
         t, batch = time.perf_counter(), next(batches, None)
-        batch = None if batch is None else [x.to(self.d.device, non_blocking=True) for x in batch]
+        with torch.cuda.stream(self.stream):  # None (the CPU): a no-op
+            self.batch = None if batch is None else [x.to(self.d.device, non_blocking=True) for x in batch]
         self.wait += time.perf_counter() - t
-        return batch
+        return self.batch
 
-    def add(self, loss, skipped):
-        if loss is not None:
-            self.loss, self.steps = self.loss + loss, self.steps + 1
-        self.iters, self.skipped = self.iters + 1, self.skipped + skipped
+    def ready(self):
+        """Where the fetched batch is first used: CUDA's compute stream waits for its copies, keeping their memory."""
+        if self.stream is not None and self.batch is not None:
+            torch.cuda.current_stream().wait_stream(self.stream)
+            for x in self.batch:
+                x.record_stream(torch.cuda.current_stream())
 
-    def read(self, iter_num, epoch, lr, grad_norm, scaler):
+    def check(self):
+        """Reads the pending steps' losses and gradient norms at once; (iteration, why) of the first that stops the run:
+        any non-finite one, in float16 the 5th non-finite loss in a row (the scaler skipped and counted the others)."""
+        steps, self.pending = self.pending, []
+        values = torch.stack([torch.stack(step[1:]) for step in steps]).tolist() if steps else []  # (steps, 2)
+        for (it, _, _), (loss, norm) in zip(steps, values):
+            self.iters += 1
+            self.bad = 0 if math.isfinite(loss) and (self.fp16 or math.isfinite(norm)) else self.bad + 1
+            if self.bad and (not self.fp16 or self.bad == 5):
+                what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
+                return it, f"non-finite {what} ({value})" + (" for 5 steps in a row" if self.fp16 else "")
+            self.losses += [loss] if math.isfinite(loss) else []
+            self.skipped, self.grad_norm = self.skipped + (not math.isfinite(norm)), norm
+        return None
+
+    def read(self, iter_num, epoch, lr, scaler):
         dt = time.perf_counter() - self.t0 - self.pause
-        self.last_loss = (self.loss / self.steps).item() if self.steps else math.nan
+        self.last_loss = sum(self.losses) / len(self.losses) if self.losses else math.nan
         clips_per_s = self.iters * self.clips_per_iter / dt
-        record = {"iter": iter_num, "epoch": epoch + 1, "loss": self.last_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                  "clips_per_s": clips_per_s, "data_wait": self.wait / dt, "skipped_steps": int(self.skipped)}
+        record = {"iter": iter_num, "epoch": epoch + 1, "loss": self.last_loss, "lr": lr, "grad_norm": self.grad_norm,
+                  "clips_per_s": clips_per_s, "data_wait": self.wait / dt, "skipped_steps": self.skipped}
         if self.mfu_per_clip_s:
             record["mfu"] = clips_per_s * self.mfu_per_clip_s
         if self.skipped and self.d.master:

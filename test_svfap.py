@@ -2,6 +2,7 @@
 
 import argparse
 import ast
+import contextlib
 import fractions
 import gc
 import json
@@ -300,17 +301,18 @@ def test_config_round_trips_through_a_plain_dict():
         SVFAPConfig.from_dict({**d, "depth": 3})
 
 
-def test_check_tube_mask_accepts_tube_masks_and_refuses_others():
+def test_the_encoder_asserts_a_tube_mask_on_the_device():
+    """TPSBT.forward checks its mask with torch._assert_async (no host read; on the CPU it raises at once)."""
     mask = tube_mask(3, TINY, generator=torch.Generator().manual_seed(0))
-    M.check_tube_mask(mask, TINY)
+    SVFAP(TINY)(tiny_video(3), mask)
     one_slice = mask.clone()
     one_slice[1, 0] = ~one_slice[1, 0]  # one token of one slice differs from the other slices
     T, S = TINY.grid[0], TINY.num_spatial
     wrong_count = mask.view(3, T, S).clone()
     wrong_count[2, :, wrong_count[2, 0].nonzero()[0]] = False  # the same in every slice, one position short
     for bad in (one_slice, wrong_count.view(3, -1)):
-        with pytest.raises(ValueError, match="tube mask"):
-            M.check_tube_mask(bad, TINY)
+        with pytest.raises(RuntimeError, match="mask must be a tube mask"):
+            SVFAP(TINY)(tiny_video(3), bad)
     with pytest.raises(ValueError, match=r"bool tube mask \(3, 512\)"):
         SVFAP(TINY)(tiny_video(3), mask.float())
 
@@ -338,7 +340,7 @@ def test_forward_and_backward_read_nothing_back_from_the_device():
             loss_of(model, tiny_video(cfg=cfg)).backward()
         assert counter.reads == [], type(model).__name__
     with DeviceReads() as counter:  # the counter sees a read: the test can fail
-        M.check_tube_mask(mask, cfg)
+        bool(mask.any())
     assert counter.reads
 
 
@@ -2037,6 +2039,8 @@ def test_bad_inputs_each_give_one_clear_line(train_data, tmp_path, capsys, monke
         "unknown model field": ([*base, good_list, "--model_args.depth=2"], {}, "unknown config key 'depth'"),
         "missing resume": ([*base, good_list, "--init_from=resume"], {}, "init_from=resume continues from"),
         "init_from a path": ([*base, good_list, "--init_from=ckpt.pt"], {}, "init_from='ckpt.pt': valid values are"),
+        "compile mode": ([*base, good_list, "--compile_mode=fast"], {},
+                         "compile_mode='fast': valid values are default, reduce-overhead, max-autotune-no-cudagraphs"),
     }
     # the rest in this process, through the same entry point: they stop before any process group or seed
     for name, (args, env, words) in cases.items():
@@ -2196,21 +2200,143 @@ def test_compiled_training_gives_the_eager_losses_alone_and_under_ddp(train_data
     assert compiled.keys() == {1, 2} and all(abs(compiled[i] - eager[i]) < 1e-4 for i in compiled), (compiled, eager)
 
 
-def test_a_training_step_reads_the_device_once_and_logging_steps_read_the_rest(train_data, tmp_path, monkeypatch):
-    """At most one device-to-host sync per optimiser step (the non-finite check): counted as calls of
-    aten._local_scalar_dense (what .item(), .tolist(), bool() and float() of a tensor run) between the starts of
-    two iterations. Data loading runs in a worker process, so only the training process is counted."""
-    at_iteration = []
-    lr_at = pretrain.lr_at
-    reads = DeviceReads()
+@pytest.mark.parametrize("script", ["pretrain", "finetune"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_training_steps_read_nothing_back_from_the_device_between_logging_steps(train_data, tmp_path, monkeypatch,
+                                                                                script, dtype):
+    """No device-to-host read in a training step (the non-finite check too waits for the logging step): DeviceReads
+    between the starts of two iterations. Data loading runs in a worker process, and F.one_hot's own range check
+    on the CPU (CUDA's kernel checks on the device) is not counted."""
+    at_iteration, reads, lr_at, one_hot = [], DeviceReads(), pretrain.lr_at, F.one_hot
     monkeypatch.setattr(pretrain, "lr_at", lambda it, *a: at_iteration.append(len(reads.reads)) or lr_at(it, *a))
-    args = train_pretrain_args(train_data, tmp_path, "--vis_clips=0", "--log_interval=5", "--num_workers=1",
-                               "--batch_size=2", "--max_iters=6")  # 6 iterations per epoch
+
+    def one_hot_unread(*args):
+        n, out = len(reads.reads), one_hot(*args)
+        del reads.reads[n:]
+        return out
+    monkeypatch.setattr(F, "one_hot", one_hot_unread)
+    args = (train_pretrain_args if script == "pretrain" else train_finetune_args)(
+        train_data, tmp_path, "--vis_clips=0" if script == "pretrain" else "--init_from=scratch", "--log_interval=5",
+        "--num_workers=1", "--batch_size=2", "--max_iters=6", f"--dtype={dtype}")  # 6 iterations per epoch
     with reads:
-        pretrain.main(args)
+        (pretrain if script == "pretrain" else finetune).main(args)
     per_iteration = np.diff(at_iteration)  # iterations 1..5 (the 6th ends the run)
-    assert list(per_iteration[:4]) == [1] * 4, per_iteration
-    assert per_iteration[4] > 1  # iteration 5 logs: loss and gradient norm are read back there
+    assert list(per_iteration[:4]) == [0] * 4, (per_iteration, reads.reads)  # the old bool() check made it 1 each
+    assert [r["iter"] for r in train_log(tmp_path) if "loss" in r] == [5, 6]  # read there (.tolist(): not counted)
+
+
+def test_a_nan_is_skipped_on_the_device_and_stops_the_run_at_the_next_read_naming_its_iteration(train_data, tmp_path,
+                                                                                                monkeypatch):
+    """NaN losses from iteration 4 on; a log line every 5 iterations, a checkpoint at each epoch's end (3 iterations).
+    The run stops at iteration 5 naming iteration 4; the parameters are those of iteration 3's checkpoint, taken before
+    step 4's update (steps 4 and 5 were skipped on the device); nothing was written after iteration 3."""
+    calls, forward_loss, models = iter(range(1, 100)), M.SVFAP.forward_loss, []
+    monkeypatch.setattr(M.SVFAP, "forward_loss", lambda self, *a: forward_loss(self, *a) * (
+        float("nan") if self.training and next(calls) >= 4 else 1.0))
+    monkeypatch.setattr(pretrain, "SVFAP", lambda mc: models.append(M.SVFAP(mc)) or models[-1])
+    with pytest.raises(pretrain.NonFiniteLoss, match=r"^non-finite loss \(nan\) at iteration 4 \(epoch 2\); stopped "
+                                                     r"without saving: the last good checkpoint .*ckpt.pt \(iteration 3\)"):
+        pretrain.main(train_pretrain_args(train_data, tmp_path, "--log_interval=5", "--vis_clips=0"))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 3 and next(calls) == 6  # 5 training forwards ran
+    for key, value in models[0].state_dict().items():
+        assert torch.equal(value, ckpt["model"][key]), key
+    assert [r["iter"] for r in train_log(tmp_path)] == [3]  # the checkpoint's line; no loss was logged
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+PATCH_TRAINING_MODE = """import atexit, model, torch
+_modes = []
+for _cls in (model.SVFAP, model.SVFAPClassifier):
+    def _forward(self, *a, _orig=_cls.forward):
+        if torch.is_grad_enabled():  # a training step (evaluation, reconstructions and MAC counting run without)
+            _modes.append(self.training)
+        return _orig(self, *a)
+    _cls.forward = _forward
+atexit.register(lambda: print(f"training forwards: {_modes.count(True)} in training mode, {_modes.count(False)} not"))
+"""
+
+
+def test_every_training_forward_runs_in_training_mode_whatever_ran_before(train_data, tmp_path):
+    """With a known peak, fit counts MACs (in eval mode) before the loop: one process, and two under DDP (gloo)."""
+    done = train_run_patched("pretrain.py", PATCH_TRAINING_MODE, *train_pretrain_args(
+        train_data, tmp_path / "pre", "--epochs=1", "--peak_tflops=1"))
+    assert done.returncode == 0 and "training forwards: 3 in training mode, 0 not" in done.stdout, done.stdout
+    done = train_run_patched("finetune.py", PATCH_TRAINING_MODE, *train_finetune_args(
+        train_data, tmp_path / "ft", "--epochs=1", "--peak_tflops=1"), nproc=2)
+    assert done.returncode == 0 and done.stdout.count("training forwards: 3 in training mode, 0 not") == 2, done.stdout
+
+
+def test_one_loader_serves_the_run_and_each_epoch_draws_new_crops_and_masks(train_data, tmp_path, monkeypatch):
+    """3 epochs with 2 workers: the workers start once, and each batch holds the items of (seed, epoch, index) as
+    the dataset gives them in this process, in DistributedSampler's order of (seed, epoch): the epoch reaches the
+    workers with each index. Every video draws another crop and mask each epoch."""
+    from torch.utils.data import DistributedSampler, dataloader
+    starts, seen, datasets = [], [], []
+    start, fetch, make_dataset = dataloader._MultiProcessingDataLoaderIter.__init__, pretrain.Interval.fetch, \
+        pretrain.make_dataset
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "__init__",
+                        lambda self, loader: starts.append(loader.num_workers) or start(self, loader))
+    monkeypatch.setattr(pretrain.Interval, "fetch", lambda self, batches: seen.append(fetch(self, batches)) or seen[-1])
+    monkeypatch.setattr(pretrain, "make_dataset", lambda *a, **k: datasets.append(make_dataset(*a, **k)) or datasets[-1])
+    pretrain.main(train_pretrain_args(train_data, tmp_path, "--num_workers=2", "--vis_clips=0"))
+    assert starts == [2] and len(seen) == 10 and seen[-1] is None  # 9 batches, then the end
+    ds = datasets[0]
+    for epoch in range(3):
+        sampler = DistributedSampler(ds, 1, 0, shuffle=True, seed=0, drop_last=True)
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        for it in range(3):
+            items = [ds[(epoch, i)] for i in order[4 * it: 4 * it + 4]]
+            for got, want in zip(seen[3 * epoch + it], zip(*items)):
+                assert torch.equal(got, torch.stack(want)), (epoch, it)
+    for epoch in (1, 2):  # a box may repeat (scale 1 without a flip is one box), a video's mask does not here
+        items, last = ([ds[(e, i)] for i in range(len(ds))] for e in (epoch, epoch - 1))
+        assert not any(torch.equal(item[2], before[2]) for item, before in zip(items, last)), epoch
+        assert not torch.equal(torch.stack([item[1] for item in items]), torch.stack([item[1] for item in last]))
+
+
+def test_a_cuda_batch_is_copied_on_a_side_stream_that_the_compute_stream_waits_for_where_it_is_used(monkeypatch):
+    """Interval.fetch and ready's CUDA branch with stand-ins for streams, in order: the copies are issued on the side
+    stream without blocking; ready() makes the compute stream wait for it and records each tensor's use there."""
+    events = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits for {other.name}")
+    side, compute = Stream("side"), Stream("compute")
+    current = [compute]
+
+    @contextlib.contextmanager
+    def stream(s):
+        current.append(s)
+        yield
+        current.pop()
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, device, non_blocking=False: events.append(
+        f"copy on {current[-1].name}, non_blocking={non_blocking}") or self.clone())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: events.append(f"used on {s.name}"))
+    log = pretrain.Interval(pretrain.Dist(False, 0, 0, 1, torch.device("cpu"), True, torch.float32), 4, 0)
+    log.stream = side  # what a CUDA device gets
+    batch = log.fetch(iter([[torch.zeros(2), torch.ones(3)]]))
+    assert events == ["copy on side, non_blocking=True"] * 2 and torch.equal(batch[1], torch.ones(3))
+    log.ready()
+    assert events[2:] == ["compute waits for side", "used on compute", "used on compute"]
+
+
+def test_finetuning_evaluates_and_checkpoints_at_its_cadence_and_best_holds_no_optimiser(train_data, tmp_path):
+    """3 epochs of 3 iterations, eval_every=2, ckpt_every_epochs=2: val after epochs 2 and 3 (the last), checkpoints
+    at iterations 6 and 9 (the end); best.pt holds the weights and the config only."""
+    train_run("finetune.py", *train_finetune_args(train_data, tmp_path, "--epochs=3", "--eval_every=2",
+                                                  "--ckpt_every_epochs=2", "--log_interval=3"))
+    log = train_log(tmp_path)
+    assert [r["epoch"] for r in log if "val" in r] == [2, 3]
+    assert [r["iter"] for r in log if "save_s" in r] == [6, 9]
+    assert sorted(torch.load(tmp_path / "best.pt", weights_only=True)) == ["best", "config", "model", "model_config"]
 
 
 def test_a_broken_evaluation_video_stops_finetuning_before_the_first_step(train_data, tmp_path):
@@ -2715,6 +2841,29 @@ def test_make_paper_keeps_checkpoints_of_one_schedule_and_reports_them_in_tables
     assert svg.read_text().count('stroke-dasharray="6 4"') == 2  # the from-scratch level and its legend
     again = subprocess.run(make, cwd=TRAIN_REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "==" not in again.stdout and again.stdout == text
+
+
+def test_make_gpu_runs_every_step_on_the_cpu_and_writes_one_report(train_data, tmp_path):
+    """`make gpu DEVICE=cpu`, small: the bench (a stand-in here), pre-training eager, "compiled" (eager here: inductor
+    compiles for minutes on a CPU) and under torchrun, fine-tuning from the first; one report with each step."""
+    data = tmp_path / "data"
+    data.mkdir()
+    os.symlink(train_data / "videos", data / "videos")
+    for name in ("pretrain", "train", "val", "test"):
+        (data / f"{name}.txt").write_text((train_data / f"{name}.txt").read_text())
+    py, out = sys.executable, tmp_path / "gpu"
+    model_args = shlex.join([*TRAIN_MODEL_ARGS, "--batch_size=4", "--sampling_rate=1"])  # labels 0..2 of 6 classes
+    make = ["make", "-s", "gpu", "DEVICE=cpu", "GPU_DTYPE=float32", "GPU_ITERS=2", "GPU_WORKERS=1", f"DATA={data}",
+            f"GPU_OUT={out}", f"PYTHON={py}", f"BENCH={py} -c 'print(\"bench figures\")'", "GPU_COMPILE=",
+            f"GPU_ARGS=--device=cpu --dtype=float32 --max_iters=2 --num_workers=1 {model_args}"]
+    done = subprocess.run(make, cwd=TRAIN_REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == f"report: {out}/report.md"
+    report = (out / "report.md").read_text()
+    steps = ["bench", "pretrain_eager", "pretrain_compiled", "pretrain_torchrun", "finetune_eager", "finetune_compiled"]
+    assert re.findall(r"^## (\w+)$", report, re.M) == steps and report.count("exit 0 after") == 6, report
+    assert "torch " + torch.__version__ in report and "bench figures" in report and '"iter": 2' in report
+    assert "finetune.py config/finetune_demo.py" in report and "test, model of the last epoch" in report
 
 
 # =====================================================================================================

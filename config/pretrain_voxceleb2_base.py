@@ -30,3 +30,5 @@ repeated_sampling = 1  # the release's option: >1 draws several clips per decode
 num_workers = 10
 ckpt_every = 1000  # 1,092,009 / 256 = 4265 iterations per epoch: a checkpoint every ~quarter epoch
 log_interval = 20
+compile = True  # the host cannot issue TPSBT's ~4,350 eager operator calls a step as fast as a GPU runs them
+compile_mode = "default"  # see the README's GPU section for when to try "reduce-overhead"
