@@ -2582,7 +2582,7 @@ def test_explain_draws_a_row_per_token_and_a_column_per_slice_with_weights_summi
 
 # --- batched random erasing, mixup and cutmix against the per-frame loops they replace
 
-# --- the reference: finetune.py's implementations as of main d84c921 --------------------------------
+# --- the reference: the per-clip loops that finetune.py's batched versions replaced ---------------------------
 def mixup_cutmix_ref(video, soft_target, mixup_alpha, cutmix_alpha, switch_prob=0.5):
     use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand(()).item() < switch_prob)
     alpha = cutmix_alpha if use_cutmix else mixup_alpha

@@ -17,6 +17,6 @@ val_list = ""  # the official split has no validation set: the last epoch is the
 num_classes = 5
 class_names = ("0", "1", "2", "3", "4")
 video_group = r"(.*)/[^/]+$"  # a clip's video: its folder (metrics.group_average)
-compile = True  # eager, the host cannot issue a step as fast as a GPU runs it (README, GPU section)
+compile = True  # eager, the host cannot issue a step as fast as a GPU runs it (docs/model.md, compile and compile_mode)
 compile_mode = "default"
 ckpt_every_epochs = 10  # a checkpoint (0.93 GB, ~1 s) every 10th epoch: at most a few % of the run

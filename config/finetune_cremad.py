@@ -16,7 +16,7 @@ test_list = "data/cremad/set_{fold}/test.txt"
 val_list = ""
 num_classes = 6
 class_names = ("happy", "sad", "anger", "fear", "disgust", "neutral")
-compile = True  # eager, the host cannot issue a step as fast as a GPU runs it (README, GPU section)
+compile = True  # eager, the host cannot issue a step as fast as a GPU runs it (docs/model.md, compile and compile_mode)
 compile_mode = "default"
 # ~5,950 training clips a fold: 62 steps (a few seconds) an epoch; one 0.93 GB checkpoint takes ~1 s:
 ckpt_every_epochs = 10  # 10 in 100 epochs, ~3% of the run

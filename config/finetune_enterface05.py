@@ -16,7 +16,7 @@ test_list = "data/enterface05/set_{fold}/test.txt"
 val_list = ""
 num_classes = 6
 class_names = ("anger", "disgust", "fear", "happy", "sad", "surprise")
-compile = True  # eager, the host cannot issue a step as fast as a GPU runs it (README, GPU section)
+compile = True  # eager, the host cannot issue a step as fast as a GPU runs it (docs/model.md, compile and compile_mode)
 compile_mode = "default"
 # ~1,030 training clips a fold: 11 steps (about a second) an epoch, as long as writing one 0.93 GB checkpoint:
 ckpt_every_epochs = 25  # 4 in 100 epochs, ~4% of the run (resume repeats at most 25 short epochs)

@@ -19,7 +19,7 @@ best_metric = "ccc"
 label_smoothing = 0.0  # classification only: finetune.py applies neither it nor mixup / cutmix to regression
 mixup = 0.0
 cutmix = 0.0
-compile = True  # eager, the host cannot issue a step as fast as a GPU runs it (README, GPU section)
+compile = True  # eager, the host cannot issue a step as fast as a GPU runs it (docs/model.md, compile and compile_mode)
 compile_mode = "default"
 # 6,000 training clips (63 steps an epoch); evaluating the 2,000 val videos decodes 2 clips of each, about 2/3 of
 # an epoch's decoding: every 10th epoch (and the last) keeps evaluation near 7% of the run, checkpoints under 1%

@@ -31,6 +31,6 @@ cutmix = 1.0
 random_erase = 0.25
 num_workers = 10
 log_interval = 20
-compile = True  # eager, the host cannot issue a step as fast as a GPU runs it (README, GPU section)
+compile = True  # eager, the host cannot issue a step as fast as a GPU runs it (docs/model.md, compile and compile_mode)
 compile_mode = "default"
 ckpt_every_epochs = 5  # ~8,000 training clips a fold: ~85 steps an epoch; a checkpoint (0.93 GB, ~1 s) every 5th stays near 2%

@@ -17,7 +17,7 @@ test_list = "data/ravdess/set_{fold}/test.txt"
 val_list = ""
 num_classes = 8
 class_names = ("neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised")
-compile = True  # eager, the host cannot issue a step as fast as a GPU runs it (README, GPU section)
+compile = True  # eager, the host cannot issue a step as fast as a GPU runs it (docs/model.md, compile and compile_mode)
 compile_mode = "default"
 # ~1,200 training clips a fold: 12 steps (about a second) an epoch, as long as writing one 0.93 GB checkpoint:
 ckpt_every_epochs = 25  # 4 in 100 epochs, ~4% of the run (resume repeats at most 25 short epochs)

@@ -19,7 +19,7 @@ class_names = ("arousal", "valence", "dominance")
 label_smoothing = 0.0  # classification only: finetune.py applies neither it nor mixup / cutmix to regression
 mixup = 0.0
 cutmix = 0.0
-compile = True  # eager, the host cannot issue a step as fast as a GPU runs it (README, GPU section)
+compile = True  # eager, the host cannot issue a step as fast as a GPU runs it (docs/model.md, compile and compile_mode)
 compile_mode = "default"
 # ~11,700 training clips a fold: 122 steps an epoch; one 0.93 GB checkpoint takes ~1 s:
 ckpt_every_epochs = 10  # ~1% of the run

@@ -1,6 +1,6 @@
 # Pre-training on the demo videos (make them with `python data.py demo`): the tiny preset, CPU, minutes.
 #   python pretrain.py config/pretrain_demo.py
-# Measured on the demo (README, "The demo"): with the paper's multi-scale crops the tiny model learns next
+# Measured on the demo (docs/demo.md, "How the demo recipe was chosen"): with the paper's multi-scale crops the tiny model learns next
 # to nothing in a CPU budget (loss still 0.91 after 5 epochs, above the 0.69 of predicting each position's
 # mean patch; features no better than random ones); with whole aligned frames it passes that floor
 # within 3 epochs and its features beat random ones. 16x16 patches on 64x64 frames make a step ~4x

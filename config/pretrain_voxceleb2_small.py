@@ -26,9 +26,9 @@ sampling_rate = 1  # prepared clips hold every 4th frame: the paper's rate 4
 # the raw files instead: train_list = "data/voxceleb2/pretrain.txt"; crop_box = (0, 160, 32, 192); sampling_rate = 4
 repeated_sampling = 1  # the release's option: >1 draws several clips per decoded video
 # per GPU: 10 workers x 186 clips per CPU-second (data.py --bench, prepared files) = 1,860 clips/s, above an A100's
-# ~1,600 (README: What a worker costs); an H100 (~5,100 clips/s) wants 28 where the node has the cores
+# ~1,600 (docs/data.md: What a worker costs); an H100 (~5,100 clips/s) wants 28 where the node has the cores
 num_workers = 10
 ckpt_every = 1000  # 1,092,009 / 256 = 4265 iterations per epoch: a checkpoint every ~quarter epoch
 log_interval = 20
 compile = True  # the host cannot issue TPSBT's ~4,350 eager operator calls a step as fast as a GPU runs them
-compile_mode = "default"  # see the README's GPU section for when to try "reduce-overhead"
+compile_mode = "default"  # docs/model.md says when to try "reduce-overhead"
