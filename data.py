@@ -81,12 +81,6 @@ class AnnotationList:
         return self.values[self.value_ends[i]:self.value_ends[i + 1]]
 
 
-def _parse_annotation_lines(path, root=None, replace_prefix=None):
-    """[(line_number, sample_path, [v1, ...])] of an annotation file (see AnnotationList), for the tools."""
-    a = AnnotationList(path, root, replace_prefix)
-    return [(int(a.line_numbers[i]), a.path(i), a.line_values(i).tolist()) for i in range(len(a))]
-
-
 # -----------------------------------------------------------------------------------------------------
 # 2. Reading frames: the exact frames of any video PyAV decodes, or of a folder of frame images
 
@@ -403,8 +397,8 @@ def device_transform(frames, boxes, img_size):
     each clip's box (..., 5) = (top, left, height, width, flip) cut out and resized to img_size (bilinear,
     align_corners=False: F.interpolate's values), mirrored where flip is 1, scaled to [0, 1], normalised
     (ImageNet mean, std); boxes=None (evaluation views): only the last two. Batched gathers: no loop over clips,
-    no device-to-host sync. The release does all this in the workers and sends float32 (README, what this code
-    does differently, 6): the model sees its values up to 8-bit rounding, but a source larger than img_size
+    no device-to-host sync. The release does all this in the workers and sends float32 (docs/release.md,
+    difference 6): the model sees its values up to 8-bit rounding, but a source larger than img_size
     (DFEW's 256 px) is scaled in the worker first, so a 0.66 crop is upsampled from 105 px, not cut from 168."""
     lead, (T, C, H, W), S = frames.shape[:-4], frames.shape[-4:], img_size
     x = frames.reshape(-1, T, C, H, W).transpose(1, 2)  # (B, 3, T, H, W), a view
@@ -658,8 +652,8 @@ def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1, r
     if (size and size % 2) or (crop_box and ((crop_box[1] - crop_box[0]) % 2 or (crop_box[3] - crop_box[2]) % 2)):
         raise ValueError(f"prepare: H.264 needs even frame sizes; crop_box={crop_box} and size={size} give odd ones")
     lines = open(list_file, encoding="utf-8").read().splitlines()
-    entries, jobs, line_of = {}, [], {}
-    for number, source, _ in _parse_annotation_lines(list_file, root, replace_prefix):
+    entries, jobs, line_of, listed = {}, [], {}, AnnotationList(list_file, root, replace_prefix)
+    for number, source in zip(listed.line_numbers.tolist(), map(listed.path, range(len(listed)))):
         name, *labels = lines[number - 1].split(maxsplit=1)  # a path alone (pretraining lists) has no labels
         name = name.removeprefix(replace_prefix[0]) if replace_prefix else name  # the part below it names the target
         parts = [p for p in os.path.normpath(name).split(os.sep) if p not in ("", ".", "..")]  # stays under out
@@ -705,9 +699,9 @@ def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1, r
 
 
 BENCH_DIR = os.path.join(tempfile.gettempdir(), "svfap_bench")
-# ms CPU per clip by repeated_sampling of commit d84c921's loader (float32 transforms in the worker) on these
-# clips, each file's first visit, measured side by side with this bench on the 2-core development machine
-# (2026-11-25, quiet, best of 2 runs of 3 rounds; see the README); it sent 4.92 MB per clip
+# ms CPU per clip by repeated_sampling of the earlier loader, which cropped, resized and normalised in float32 in the
+# worker and sent 4.92 MB per clip (the release's way), on these clips, each file's first visit, measured side by
+# side with this bench on the 2-core development machine (2026-11-25, quiet, best of 2 runs of 3 rounds; docs/data.md)
 BASELINE_MS = {1: 30.1, 2: 19.5}
 
 
@@ -727,7 +721,7 @@ def bench(num_clips=8, rounds=3):
                 write_mp4(path, np.clip(noisy, 0, 255).astype(np.uint8), options={"crf": "23", "preset": "medium"})
             f.write(f"{path} 0\n")
     prepared_list = prepare(raw_list, prepared, VOXCELEB2_CROP_BOX, keep_every=4)
-    kbit = sum(os.path.getsize(p) for _, p, _ in _parse_annotation_lines(raw_list)) * 8e-3 / 8 / num_clips
+    kbit = sum(os.path.getsize(os.path.join(BENCH_DIR, f"raw_{i:02d}.mp4")) for i in range(num_clips)) / num_clips / 1e3
     print(f"{num_clips} VoxCeleb2-like clips, {kbit:.0f} kbit/s; one process, torch threads 1, CPU time, best of {rounds}")
     for name, listing, crop_box, rate in (("raw", raw_list, VOXCELEB2_CROP_BOX, 4), ("prepared", prepared_list, None, 1)):
         for rs in (1, 2):
