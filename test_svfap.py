@@ -1260,7 +1260,7 @@ def test_a_million_line_list_loads_in_seconds_into_a_few_arrays(tmp_path):
         gc.collect()
         counts.append((len(gc.get_objects()) - objects, sys.getallocatedblocks() - blocks))
     assert abs(counts[1][0] - counts[0][0]) < 50 and abs(counts[1][1] - counts[0][1]) < 1000, counts
-    held = sum(v.nbytes for v in vars(ds.annotations).values() if isinstance(v, np.ndarray))
+    held = sum(v.nbytes for v in vars(ds).values() if isinstance(v, np.ndarray))
     assert len(ds) == 1_092_009 and held < 150e6 and cpu < 4.0, (held, cpu)
     assert ds.path(1_092_008) == str(tmp_path / "dev/mp4/id06066/65086498088/00128.mp4")
     assert ds.line_number(1_092_008) == 1_092_009 and ds.target(5).shape == (0,)
