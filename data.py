@@ -1,7 +1,6 @@
 """
-Data for SVFAP: from face videos on disk to clips on the device. Sections in reading order: 1. annotation files,
-2. reading frames, 3. sampling, 4. transforms, 5. VideoDataset, 6. tools (atomic writes, mp4 files, `python data.py
-prepare`, `python data.py --bench`), 7. the demo dataset (`python data.py demo`, not needed to learn the method).
+Data for SVFAP: from face videos on disk to clips on the device. Sections: 1. annotation files, 2. reading frames,
+3. sampling, 4. transforms, 5. VideoDataset, 6. tools (atomic writes, mp4 files, prepare, bench), 7. the demo dataset.
 
 Frame i of a video is the i-th frame a full sequential decode of its first video stream (not cover art) outputs.
 Opening a video reads its packets (no decoding); their headers give a quick index of pts and keyframes (container
@@ -77,14 +76,11 @@ class AnnotationList:
             sample = self.replace_prefix[1] + sample[len(self.replace_prefix[0]):]
         return os.path.join(self.base, sample)  # absolute paths stay
 
+    def line_number(self, i):
+        return int(self.line_numbers[i])
+
     def line_values(self, i):
         return self.values[self.value_ends[i]:self.value_ends[i + 1]]
-
-
-def _parse_annotation_lines(path, root=None, replace_prefix=None):
-    """[(line_number, sample_path, [v1, ...])] of an annotation file (see AnnotationList), for the tools."""
-    a = AnnotationList(path, root, replace_prefix)
-    return [(int(a.line_numbers[i]), a.path(i), a.line_values(i).tolist()) for i in range(len(a))]
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -403,8 +399,8 @@ def device_transform(frames, boxes, img_size):
     each clip's box (..., 5) = (top, left, height, width, flip) cut out and resized to img_size (bilinear,
     align_corners=False: F.interpolate's values), mirrored where flip is 1, scaled to [0, 1], normalised
     (ImageNet mean, std); boxes=None (evaluation views): only the last two. Batched gathers: no loop over clips,
-    no device-to-host sync. The release does all this in the workers and sends float32 (README, what this code
-    does differently, 6): the model sees its values up to 8-bit rounding, but a source larger than img_size
+    no device-to-host sync. The release does all this in the workers and sends float32 (docs/release.md,
+    difference 6): the model sees its values up to 8-bit rounding, but a source larger than img_size
     (DFEW's 256 px) is scaled in the worker first, so a 0.66 crop is upsampled from 105 px, not cut from 168."""
     lead, (T, C, H, W), S = frames.shape[:-4], frames.shape[-4:], img_size
     x = frames.reshape(-1, T, C, H, W).transpose(1, 2)  # (B, 3, T, H, W), a view
@@ -431,8 +427,8 @@ def item_seed(seed, epoch, index):
     return int.from_bytes(digest, "little") >> 1
 
 
-class VideoDataset(torch.utils.data.Dataset):
-    """Clips of the videos listed in an annotation file, as uint8 frames plus what device_transform needs.
+class VideoDataset(AnnotationList, torch.utils.data.Dataset):
+    """Clips of the videos an annotation file lists, as uint8 frames plus what device_transform needs.
 
     mode "pretrain": (frames uint8 (k, T, 3, S, S), boxes int64 (k, 5), mask bool (k, N), broken), S = img_size;
         k = repeated_sampling clips from one decoded range of at most two windows, each with its own window,
@@ -470,15 +466,14 @@ class VideoDataset(torch.utils.data.Dataset):
         self.crop_box = tuple(crop_box) if crop_box is not None else None  # (top, bottom, left, right)
         self.num_clips, self.num_crops, self.repeated_sampling = num_clips, num_crops, repeated_sampling
         self.mask_cfg, self.max_fail_fraction, self.crop_scales = mask_cfg, max_fail_fraction, tuple(crop_scales)
-        self.annotations = AnnotationList(annotation_file, root, replace_prefix)
-        unchecked = mode == "pretrain" or num_outputs is None  # labels unused: an empty target
-        self.targets = None if unchecked else self._targets(num_outputs)  # int64 (N,) or float64 (N, D)
+        super().__init__(annotation_file, root, replace_prefix)
+        self.targets = None if mode == "pretrain" or num_outputs is None else self._targets(num_outputs)
 
     def _targets(self, n):
-        """Checked once at start-up, so a bad label fails before training instead of in a worker."""
-        a, counts = self.annotations, np.diff(self.annotations.value_ends)
+        """int64 (N,) or float64 (N, D), checked at start-up: a bad label fails before training, not in a worker."""
+        counts = np.diff(self.value_ends)
         where = lambda i: (f"{self.annotation_file}, line {self.line_number(i)}: label "
-                           f"{' '.join(f'{v:g}' for v in a.line_values(i))}")
+                           f"{' '.join(f'{v:g}' for v in self.line_values(i))}")
         # a path alone is enough where labels are not used (pretraining, --extract)
         if len(empty := np.flatnonzero(counts == 0)):
             raise ValueError(f"{self.annotation_file}, line {self.line_number(empty[0])}: no label after the path; "
@@ -487,8 +482,8 @@ class VideoDataset(torch.utils.data.Dataset):
             if len(wrong := np.flatnonzero(counts != n)):
                 raise ValueError(f"{where(wrong[0])} has {counts[wrong[0]]} values; regression needs {n} "
                                  f"numbers after the path (num_outputs={n})")
-            return a.values.reshape(len(a), n)
-        labels = np.where(counts == 1, a.values[a.value_ends[:-1]], math.nan)
+            return self.values.reshape(len(self), n)
+        labels = np.where(counts == 1, self.values[self.value_ends[:-1]], math.nan)
         one_based = (labels == labels.round()).all() and labels.min() >= 1 and labels.max() == n
         if len(bad := np.flatnonzero(~((labels == labels.round()) & (labels >= 0) & (labels < n)))):
             raise ValueError(f"{where(bad[0])} is not a class index in 0..{n - 1} (num_classes={n})"
@@ -496,20 +491,10 @@ class VideoDataset(torch.utils.data.Dataset):
                                 f"counts classes from 0 (subtract 1 from each)" if one_based else ""))
         return labels.astype(np.int64)
 
-    def path(self, index):
-        return self.annotations.path(index)
-
-    def line_number(self, index):
-        return int(self.annotations.line_numbers[index])
-
     def target(self, index):
-        """The item's target tensor: int64 () class index, float32 (D,) regression values, or empty (unused)."""
         if self.targets is None:
             return torch.zeros(0)
         return torch.tensor(self.targets[index], dtype=torch.float32 if self.task == "regression" else torch.int64)
-
-    def __len__(self):
-        return len(self.annotations)
 
     def set_epoch(self, epoch):
         """Items draw from streams seeded with (seed, epoch, index): the epoch of plain indices (pairs bring theirs)."""
@@ -647,10 +632,8 @@ def _prepare_one(job):
 
 
 def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1, root=None, replace_prefix=None):
-    """Training-ready copies of list_file's videos or frame folders (root and replace_prefix as in VideoDataset): an
-    H.264 mp4 per entry under out/clips, crop box applied, every keep_every-th frame kept, scaled to size x size if
-    given; out/<name of list_file> (returned) with the new paths and labels; out/prepare_failed.txt with each
-    unreadable input and why. out/prepare.json holds the settings: reruns with the same ones skip done files."""
+    """Training-ready copies of list_file's videos or frame folders (docs/data.md), an H.264 mp4 each under out/clips;
+    returns out/<name of list_file>, their list. root and replace_prefix as in VideoDataset."""
     if keep_every not in (1, 2, 4):
         raise ValueError(f"prepare: keep_every={keep_every} must be 1, 2 or 4 (it divides the sampling rate 4)")
     if os.path.abspath(out) == os.path.dirname(os.path.abspath(list_file)):
@@ -658,8 +641,8 @@ def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1, r
     if (size and size % 2) or (crop_box and ((crop_box[1] - crop_box[0]) % 2 or (crop_box[3] - crop_box[2]) % 2)):
         raise ValueError(f"prepare: H.264 needs even frame sizes; crop_box={crop_box} and size={size} give odd ones")
     lines = open(list_file, encoding="utf-8").read().splitlines()
-    entries, jobs, line_of = {}, [], {}
-    for number, source, _ in _parse_annotation_lines(list_file, root, replace_prefix):
+    entries, jobs, line_of, listed = {}, [], {}, AnnotationList(list_file, root, replace_prefix)
+    for number, source in zip(listed.line_numbers.tolist(), map(listed.path, range(len(listed)))):
         name, *labels = lines[number - 1].split(maxsplit=1)  # a path alone (pretraining lists) has no labels
         name = name.removeprefix(replace_prefix[0]) if replace_prefix else name  # the part below it names the target
         parts = [p for p in os.path.normpath(name).split(os.sep) if p not in ("", ".", "..")]  # stays under out
@@ -705,9 +688,9 @@ def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1, r
 
 
 BENCH_DIR = os.path.join(tempfile.gettempdir(), "svfap_bench")
-# ms CPU per clip by repeated_sampling of commit d84c921's loader (float32 transforms in the worker) on these
-# clips, each file's first visit, measured side by side with this bench on the 2-core development machine
-# (2026-11-25, quiet, best of 2 runs of 3 rounds; see the README); it sent 4.92 MB per clip
+# ms CPU per clip by repeated_sampling of the earlier loader, which cropped, resized and normalised in float32 in the
+# worker and sent 4.92 MB per clip (the release's way), on these clips, each file's first visit, measured side by
+# side with this bench on the 2-core development machine (2026-11-25, quiet, best of 2 runs of 3 rounds; docs/data.md)
 BASELINE_MS = {1: 30.1, 2: 19.5}
 
 
@@ -727,7 +710,7 @@ def bench(num_clips=8, rounds=3):
                 write_mp4(path, np.clip(noisy, 0, 255).astype(np.uint8), options={"crf": "23", "preset": "medium"})
             f.write(f"{path} 0\n")
     prepared_list = prepare(raw_list, prepared, VOXCELEB2_CROP_BOX, keep_every=4)
-    kbit = sum(os.path.getsize(p) for _, p, _ in _parse_annotation_lines(raw_list)) * 8e-3 / 8 / num_clips
+    kbit = sum(os.path.getsize(os.path.join(BENCH_DIR, f"raw_{i:02d}.mp4")) for i in range(num_clips)) / num_clips / 1e3
     print(f"{num_clips} VoxCeleb2-like clips, {kbit:.0f} kbit/s; one process, torch threads 1, CPU time, best of {rounds}")
     for name, listing, crop_box, rate in (("raw", raw_list, VOXCELEB2_CROP_BOX, 4), ("prepared", prepared_list, None, 1)):
         for rs in (1, 2):
@@ -749,12 +732,11 @@ def bench(num_clips=8, rounds=3):
 
 
 # -----------------------------------------------------------------------------------------------------
-# 7. Demo dataset: `python data.py demo`. NOT NEEDED TO LEARN THE METHOD: a reader may skip it.
-# The project's "shakespeare_char": H.264 face videos with six dynamic expressions, drawn on a laptop CPU in about a
-# minute. Like aligned DFEW face crops, each starts neutral and moves to an expression apex at a random onset; the
-# head moves a little, the eyes blink, the camera is noisy. People differ in colour, size of features, lighting and
-# hair far more than in where the features sit: the tiny TPSBT learns from scratch from faces aligned within about
-# a pixel (as after landmark alignment) and stays at chance for hundreds of steps when features jitter by several.
+# 7. Demo dataset: `python data.py demo` (docs/demo.md). NOT NEEDED TO LEARN THE METHOD: a reader may skip it.
+# The project's "shakespeare_char", face clips moving from neutral to an expression apex, like aligned DFEW crops.
+# People differ in colour, size of features, lighting and hair far more than in where the features sit: the tiny
+# TPSBT learns from scratch from faces aligned within about a pixel (as after landmark alignment) and stays at chance
+# for hundreds of steps when features jitter by several.
 
 DEMO_CLASSES = ("happy", "sad", "angry", "surprise", "disgust", "fear")
 DEMO_SIZE = 64           # frames are written at the tiny preset's img_size: no resize at load time
@@ -1025,10 +1007,8 @@ def demo_splits(seed=0, train_per_class=50, eval_per_class=20, pretrain_factor=1
     first = {"train": 0, "val": pool_size, "test": pool_size + n_eval // clips_per_identity + 1}  # first identity
     for name, n in sizes.items():
         labels = r.permutation(np.arange(n) % len(DEMO_CLASSES))
-        if name == "pretrain":
-            ids = r.integers(0, pool_size, n)                              # shared pool, overlaps train
-        else:
-            ids = first[name] + np.arange(n) // clips_per_identity          # train: 0 .. n/cpi - 1; val, test: own
+        # pretrain: the shared pool, overlapping train; train: identities 0 .. n/cpi - 1; val, test: their own
+        ids = r.integers(0, pool_size, n) if name == "pretrain" else first[name] + np.arange(n) // clips_per_identity
         splits[name] = [(clip_id + i, int(ids[i]), int(labels[i])) for i in range(n)]
         clip_id += n
     return splits

@@ -1221,22 +1221,22 @@ def test_frame_folder_in_natural_order_and_unequal_sizes_rejected(tmp_path):
 def test_annotations_resolve_paths_and_name_bad_lines(tmp_path):
     listing = tmp_path / "split.txt"
     listing.write_text("clips/a.mp4 3\n\n/abs/b.mp4 0.5 -1 2e-1\n/data/ycs/AC/Dataset/DFEW/Clip/jpg_256/02522 4\n")
-    rows = D._parse_annotation_lines(listing)
-    assert rows[0] == (1, str(tmp_path / "clips" / "a.mp4"), [3.0])
-    assert rows[1] == (3, "/abs/b.mp4", [0.5, -1.0, 0.2])
-    rows = D._parse_annotation_lines(listing, root="/videos", replace_prefix=("/data/ycs/AC/Dataset/DFEW", "/mnt/dfew"))
-    assert rows[0][1] == "/videos/clips/a.mp4" and rows[2][1] == "/mnt/dfew/Clip/jpg_256/02522"
+    a = D.AnnotationList(listing)
+    assert a.line_numbers.tolist() == [1, 3, 4] and a.path(0) == str(tmp_path / "clips" / "a.mp4")
+    assert a.path(1) == "/abs/b.mp4" and a.line_values(1).tolist() == [0.5, -1.0, 0.2] and a.line_values(0) == [3.0]
+    a = D.AnnotationList(listing, root="/videos", replace_prefix=("/data/ycs/AC/Dataset/DFEW", "/mnt/dfew"))
+    assert a.path(0) == "/videos/clips/a.mp4" and a.path(2) == "/mnt/dfew/Clip/jpg_256/02522"
 
     bad = tmp_path / "bad.txt"
     bad.write_text("a.mp4 1\nb.mp4 2\nmy clip.mp4 3\n")
     with pytest.raises(ValueError, match=r"bad\.txt, line 3: 'clip\.mp4' is not a number"):
-        D._parse_annotation_lines(bad)
+        D.AnnotationList(bad)
     bad.write_text("a.mp4 1\nb.mp4\n")  # a path alone: fine where labels are unused, an error where they are
-    assert D._parse_annotation_lines(bad)[1][2] == []
+    assert D.AnnotationList(bad).line_values(1).tolist() == []
     with pytest.raises(ValueError, match=r"bad\.txt, line 2: no label after the path"):
         D.VideoDataset(bad, "train", num_outputs=3)
     with pytest.raises(FileNotFoundError, match="nowhere.txt"):
-        D._parse_annotation_lines(tmp_path / "nowhere.txt")
+        D.AnnotationList(tmp_path / "nowhere.txt")
 
 
 def data_voxceleb2_list(path, n):
@@ -1260,7 +1260,7 @@ def test_a_million_line_list_loads_in_seconds_into_a_few_arrays(tmp_path):
         gc.collect()
         counts.append((len(gc.get_objects()) - objects, sys.getallocatedblocks() - blocks))
     assert abs(counts[1][0] - counts[0][0]) < 50 and abs(counts[1][1] - counts[0][1]) < 1000, counts
-    held = sum(v.nbytes for v in vars(ds.annotations).values() if isinstance(v, np.ndarray))
+    held = sum(v.nbytes for v in vars(ds).values() if isinstance(v, np.ndarray))
     assert len(ds) == 1_092_009 and held < 150e6 and cpu < 4.0, (held, cpu)
     assert ds.path(1_092_008) == str(tmp_path / "dev/mp4/id06066/65086498088/00128.mp4")
     assert ds.line_number(1_092_008) == 1_092_009 and ds.target(5).shape == (0,)
@@ -2135,7 +2135,8 @@ def test_two_processes_check_each_evaluation_file_once_and_say_what_is_broken_on
     assert done.returncode != 0 and len(errors) == 1, done.stderr[-3000:]
     assert "test_list" in errors[0] and "1 of 6 entries cannot be read" in errors[0]
     assert f"line 6: {broken}" in errors[0]
-    listed = [p for name in ("val", "test") for _, p, _ in D._parse_annotation_lines(train_data / f"{name}.txt")]
+    lists = [D.AnnotationList(train_data / f"{name}.txt") for name in ("val", "test")]
+    listed = [a.path(i) for a in lists for i in range(len(a))]
     assert sorted(open(tmp_path / "opens.txt").read().split()) == sorted(listed + [str(broken)])
 
 
