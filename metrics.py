@@ -297,8 +297,7 @@ def summarize_runs(specs):
 
 # --- make paper: the paper's Fig. 5 and Table V in miniature, as tables and a picture --------------------------
 def paper_results(out, svg_path):
-    """Markdown tables of `make paper`'s runs in `out` (Fig. 5: pre-training loss and few-label test UAR at each kept
-    checkpoint, over seeds; Table V: TPSBT against the ViT baseline, pre-trained alike); the picture to svg_path."""
+    """Markdown tables of Fig. 5 and Table V over the seeds of `make paper`'s runs in `out`; the picture to svg_path."""
     import torch  # here only: prediction files need no torch
 
     from model import SVFAPConfig, bench_steps
