@@ -253,9 +253,13 @@ def format_report(pred, title):
     return "\n".join([title, f"regression: {n} videos, {width} dimensions", _table(rows)] + note)
 
 
-def _spread(values):  # "mean ± sd (min..max)" of percentages, sd with n - 1
+def _sd(values):  # sample standard deviation (n - 1), 0 for one value
+    return np.std(values, ddof=1) if len(values) > 1 else 0.0
+
+
+def _spread(values):  # "mean ± sd (min..max)" of percentages
     v = np.asarray(values, dtype=np.float64)
-    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f} ({v.min():.2f}..{v.max():.2f})"
+    return f"{v.mean():.2f} ± {_sd(v):.2f} ({v.min():.2f}..{v.max():.2f})"
 
 
 def summarize_runs(specs):
@@ -292,24 +296,18 @@ def summarize_runs(specs):
 
 
 # --- make paper: the paper's Fig. 5 and Table V in miniature, as tables and a picture --------------------------
-def _sd(values):  # sample standard deviation, 0 for one value
-    return np.std(values, ddof=1) if len(values) > 1 else 0.0
-
-
 def paper_results(out, svg_path):
-    """Markdown tables of `make paper`'s runs in `out` (Fig. 5: pre-training loss and few-label test UAR at each kept
-    checkpoint, over seeds; Table V: TPSBT against the ViT baseline, pre-trained alike); the picture to svg_path."""
+    """Markdown tables of Fig. 5 and Table V over the seeds of `make paper`'s runs in `out`; the picture to svg_path."""
     import torch  # here only: prediction files need no torch
 
     from model import SVFAPConfig, bench_steps
     runs = lambda pattern: sorted(d for d in glob.glob(os.path.join(out, pattern)) if os.path.isdir(d))
-    log = lambda d: [json.loads(line) for line in open(os.path.join(d, "log.jsonl"))]
     test = lambda pattern, key="uar": [100 * json.load(open(f"{d}/results.json"))["test"][key] for d in runs(pattern)]
     epoch = lambda d: int(re.search(r"_e(\d+)_seed", d)[1])
     if not runs("few_vit_e*_seed*") or not runs("few_tpsbt_e*_seed*"):
         raise ValueError(f"--paper={out}: no runs of `make paper` there (few_tpsbt_e*_seed*, few_vit_e*_seed*)")
     epochs, vit_epoch = sorted({epoch(d) for d in runs("few_tpsbt_e*_seed*")}), epoch(runs("few_vit_e*_seed*")[0])
-    logs = [log(d) for d in runs("pretrain_tpsbt_seed*")]
+    logs = [[json.loads(line) for line in open(f"{d}/log.jsonl")] for d in runs("pretrain_tpsbt_seed*")]
     loss = [[np.mean([r["loss"] for r in rs if r.get("epoch") == e and "loss" in r]) for rs in logs] for e in epochs]
     pre, scratch = [test(f"few_tpsbt_e{e}_seed*") for e in epochs], test("few_scratch_seed*")
     fig5 = [["pre-training epochs", "pre-training loss (the epoch's mean)", "test UAR % mean ± sd (min..max)"]]
@@ -358,17 +356,15 @@ def write_svg_plot(path, epochs, panels, w=300, h=220):
                 f'<line x1="{x0 - 4}" x2="{x0}" y1="{Y(t)}" y2="{Y(t)}" stroke="black"/>'
                 for t in np.arange(lo, hi + step / 2, step).round(10)]
         for k, (legend, colour, s) in enumerate(series):
-            dash = ' stroke-dasharray="6 4"' if np.isscalar(s) else ""
-            style = f'stroke="{colour}" fill="none" stroke-width="2"{dash}'
-            svg.append(f'<line x1="{x0}" x2="{x0 + 24}" y1="{12 + 16 * k}" y2="{12 + 16 * k}" {style}/>'
-                       f'<text x="{x0 + 30}" y="{16 + 16 * k}">{legend}</text>')
-            if np.isscalar(s):  # a level across the panel
-                svg.append(f'<line x1="{x0}" x2="{x0 + w}" y1="{Y(s)}" y2="{Y(s)}" {style}/>')
-                continue
-            pts = [(X(x), np.mean(v), _sd(v)) for x, v in zip(xs, s) if len(v)]
-            svg.append(f'<polyline points="{" ".join(f"{x},{Y(m)}" for x, m, _ in pts)}" {style}/>')
+            level = np.isscalar(s)
+            style = f'stroke="{colour}" fill="none" stroke-width="2"' + (' stroke-dasharray="6 4"' if level else "")
+            pts = ([(x0, s, 0), (x0 + w, s, 0)] if level  # a level: dashed across the panel, no spread
+                   else [(X(x), np.mean(v), _sd(v)) for x, v in zip(xs, s) if len(v)])
+            svg += [f'<line x1="{x0}" x2="{x0 + 24}" y1="{12 + 16 * k}" y2="{12 + 16 * k}" {style}/>'
+                    f'<text x="{x0 + 30}" y="{16 + 16 * k}">{legend}</text>',
+                    f'<polyline points="{" ".join(f"{x},{Y(m)}" for x, m, _ in pts)}" {style}/>']
             svg += [f'<line x1="{x}" x2="{x}" y1="{Y(m - sd)}" y2="{Y(m + sd)}" {style}/>'
-                    f'<circle cx="{x}" cy="{Y(m)}" r="3" fill="{colour}"/>' for x, m, sd in pts]
+                    f'<circle cx="{x}" cy="{Y(m)}" r="3" fill="{colour}"/>' for x, m, sd in pts if not level]
     width, height = (w + 90) * len(panels) + 20, top + h + 50
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
