@@ -176,9 +176,7 @@ def reconstruction_frames(model, video, mask):
     return (frames.permute(1, 2, 3, 0) * 255).round().to(torch.uint8).cpu().numpy()
 
 
-# =============================================================================================================
-# Shared with finetune.py: configuration, processes and precision, data loading, the training loop, checkpoints
-# =============================================================================================================
+# ====== shared with finetune.py: configuration, processes and precision, data, the training loop, checkpoints ======
 
 
 class ConfigError(ValueError):
@@ -364,8 +362,7 @@ def setup(c, training=True):
 
 
 def check_shared_memory(c, d, train_item_bytes, eval_batch_bytes=0):
-    """Stop before the first step if the batches this node's DataLoader workers hold in /dev/shm (workers x prefetch
-    2 x batch bytes, training and evaluation) do not fit there; warn if they fit less than twice."""
+    """Stop if the batches this node's DataLoader workers prefetch (2 each) overflow /dev/shm; warn below twice that."""
     batch = c.batch_size // (d.world_size * c.grad_accum) * train_item_bytes + eval_batch_bytes
     need = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * c.num_workers * 2 * batch
     free = shutil.disk_usage("/dev/shm").free if need and os.path.isdir("/dev/shm") else math.inf
@@ -379,7 +376,6 @@ def check_shared_memory(c, d, train_item_bytes, eval_batch_bytes=0):
 
 
 def autocast(d):
-    """bf16 / fp16 autocast on CUDA or the CPU; float32: none."""
     return contextlib.nullcontext() if d.dtype == torch.float32 else torch.autocast(d.device.type, dtype=d.dtype)
 
 
@@ -447,14 +443,14 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
                             "rng": rngs, **extra_state()}, tmp)
             after_save(iter_num)
 
-    seen = [0, 0]  # broken training files and files tried, over the run (count_broken)
-    bar, saved = tqdm(total=stop_iter, initial=iter_num, disable=not d.master, desc="train", dynamic_ncols=True), iter_num
+    seen, saved = [0, 0], iter_num  # [broken, tried] training files over the run (count_broken); the last checkpoint
+    bar = tqdm(total=stop_iter, initial=iter_num, disable=not d.master, desc="train", dynamic_ncols=True)
     # MFU = 6 x MACs per clip (training ~ 3 forwards, 2 FLOPs per MAC) x clips/s per device / peak FLOP/s
     log = Interval(d, clips_per_iter, 6 * macs_per_clip / d.world_size / (peak * 1e12) if peak else 0)
     indices = epoch_indices(dataset, d, c, n_iter_epoch, c.grad_accum * micro_batch, iter_num)  # with their epochs
-    batches = count_broken(DataLoader(dataset, micro_batch, sampler=indices,  # one loader, one set of workers, for the run
-                                      num_workers=c.num_workers, pin_memory=d.device.type == "cuda", drop_last=True,
-                                      generator=torch.Generator()), seen)  # without it, the loader draws from torch's seed
+    loader = DataLoader(dataset, micro_batch, sampler=indices, num_workers=c.num_workers, generator=torch.Generator(),
+                        pin_memory=d.device.type == "cuda", drop_last=True)  # generator: else it draws torch's seed
+    batches = count_broken(loader, seen)  # one loader, one set of workers, for the run
     batch = log.fetch(batches)
     while iter_num < stop_iter:
         epoch = iter_num // n_iter_epoch
@@ -596,7 +592,6 @@ class Interval:
                 return it, f"non-finite {what} ({value})" + (" for 5 steps in a row" if self.fp16 else "")
             self.losses += [loss] if math.isfinite(loss) else []
             self.skipped, self.grad_norm = self.skipped + (not math.isfinite(norm)), norm
-        return None
 
     def read(self, iter_num, epoch, lr, scaler):
         dt = time.perf_counter() - self.t0 - self.pause
@@ -640,7 +635,7 @@ def run(main, argv, script, doc="", defaults=None):
     "rank N: ", each different reason once) and exit code 2 or 3.
     -h / --help prints the script's docstring and its config keys with their defaults."""
     if "-h" in argv or "--help" in argv:
-        print(doc.strip() + "\n\nconfig keys (defaults):\n" + "\n".join(f"  {k} = {v!r}" for k, v in (defaults or {}).items()))
+        print(doc.strip() + "\n\nconfig keys (defaults):\n" + "\n".join(f"  {k} = {v!r}" for k, v in defaults.items()))
         return
     try:
         main(argv)
