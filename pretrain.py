@@ -270,8 +270,7 @@ def check_lists(c, required, *optional):
 
 
 def resume_checkpoint(c, init_paths=""):
-    """out_dir/ckpt.pt for init_from=resume (auto: when it exists), else None, after checking init_from: scratch,
-    resume, auto, or with init_paths (what such a file may hold) the path of an existing file."""
+    """out_dir/ckpt.pt for init_from=resume (auto: if it exists), else None; init_paths: what a file init_from is."""
     if c.init_from not in ("scratch", "resume", "auto") and not (init_paths and os.path.isfile(c.init_from)):
         raise ConfigError(f"init_from={c.init_from!r}: valid values are scratch, resume, auto" +
                           (f" or the path of {init_paths} (no such file)" if init_paths else ""))
@@ -389,9 +388,8 @@ def lr_at(it, lr, min_lr, warmup_iters, total_iters):
 
 
 def param_groups(model, weight_decay, layer_decay=1.0, head_lr_scale=1.0):
-    """AdamW groups: weight decay only on weight matrices and kernels (model.no_weight_decay). layer_decay < 1
-    (fine-tuning): a group per layer of model.lr_layer_id, lr_scale = layer_decay ** (num_lr_layers - 1 - layer),
-    times head_lr_scale for fc_norm and the head (see finetune.py's config)."""
+    """AdamW groups: weight decay only on weight matrices and kernels (model.no_weight_decay); layer_decay < 1 (fine-
+    tuning): a group per model.lr_layer_id, lr_scale decaying from the top, times head_lr_scale on fc_norm and head."""
     groups = {}
     for name, p in model.named_parameters():
         decay = not no_weight_decay(name, p)
@@ -519,9 +517,8 @@ def restore(checkpoint, model, optimizer, scaler, c, d):
 
 
 def train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log):
-    """One optimiser step over grad_accum micro-batches; returns (the next batch, the loss, the gradient norm), all on
-    the device: nothing is read back. A step whose loss or gradient norm is not finite is skipped there (fused AdamW's
-    found_inf; in float16 the gradient scaler's, which also lowers the scale); Interval.check finds it later."""
+    """One optimiser step over grad_accum micro-batches; returns (the next batch, the loss, the gradient norm), unread
+    on the device. A non-finite loss or norm skips the step there (found_inf; float16: the scaler's); check() tells."""
     loss_sum = torch.zeros((), device=d.device)
     for micro_step in range(c.grad_accum):
         if d.ddp:  # all-reduce the gradients on the last micro-step only
@@ -549,9 +546,8 @@ def train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log):
 
 
 class Interval:
-    """The log's mean loss, clips/s, data wait and MFU of the steps since the last log line (evaluation and checkpoints
-    excluded). Each step's loss and gradient norm stay on the device until check() reads them all at once.
-    mfu_per_clip_s: the MFU of one clip per second (0: no MFU)."""
+    """The log's mean loss, clips/s, data wait and MFU (mfu_per_clip_s: that of 1 clip/s; 0: none) since the last log
+    line, evaluation and checkpoints excluded; the steps' losses and gradient norms wait on the device for check()."""
 
     def __init__(self, d, clips_per_iter, mfu_per_clip_s):
         self.d, self.clips_per_iter, self.mfu_per_clip_s = d, clips_per_iter, mfu_per_clip_s
@@ -631,9 +627,8 @@ def write_json(path, obj):
 
 
 def run(main, argv, script, doc="", defaults=None):
-    """Run main(argv); a ConfigError, VideoReadError or NonFiniteLoss ends the run with one line (under torchrun:
-    "rank N: ", each different reason once) and exit code 2 or 3.
-    -h / --help prints the script's docstring and its config keys with their defaults."""
+    """Run main(argv); a ConfigError, VideoReadError or NonFiniteLoss ends it with one line (torchrun: "rank N: ", each
+    reason once) and exit code 2 or 3. -h / --help prints the docstring and the config keys with their defaults."""
     if "-h" in argv or "--help" in argv:
         print(doc.strip() + "\n\nconfig keys (defaults):\n" + "\n".join(f"  {k} = {v!r}" for k, v in defaults.items()))
         return
