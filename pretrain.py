@@ -270,7 +270,7 @@ def check_lists(c, required, *optional):
 
 
 def resume_checkpoint(c, init_paths=""):
-    """out_dir/ckpt.pt for init_from=resume (auto: if it exists), else None; init_paths: what a file init_from is."""
+    """out_dir/ckpt.pt for init_from=resume (auto: if it exists), else None; init_paths: what init_from may name as a file."""
     if c.init_from not in ("scratch", "resume", "auto") and not (init_paths and os.path.isfile(c.init_from)):
         raise ConfigError(f"init_from={c.init_from!r}: valid values are scratch, resume, auto" +
                           (f" or the path of {init_paths} (no such file)" if init_paths else ""))
@@ -441,7 +441,7 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
                             "rng": rngs, **extra_state()}, tmp)
             after_save(iter_num)
 
-    seen, saved = [0, 0], iter_num  # [broken, tried] training files over the run (count_broken); the last checkpoint
+    seen, saved = [0, 0], iter_num  # [broken, tried] training files over the run (count_broken); last checkpoint's iter
     bar = tqdm(total=stop_iter, initial=iter_num, disable=not d.master, desc="train", dynamic_ncols=True)
     # MFU = 6 x MACs per clip (training ~ 3 forwards, 2 FLOPs per MAC) x clips/s per device / peak FLOP/s
     log = Interval(d, clips_per_iter, 6 * macs_per_clip / d.world_size / (peak * 1e12) if peak else 0)
