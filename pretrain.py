@@ -270,7 +270,7 @@ def check_lists(c, required, *optional):
 
 
 def resume_checkpoint(c, init_paths=""):
-    """out_dir/ckpt.pt for init_from=resume (auto: if it exists), else None; init_paths: what an init_from file may be."""
+    """out_dir/ckpt.pt for init_from=resume (auto: if it exists), else None; init_paths: what else init_from may be."""
     if c.init_from not in ("scratch", "resume", "auto") and not (init_paths and os.path.isfile(c.init_from)):
         raise ConfigError(f"init_from={c.init_from!r}: valid values are scratch, resume, auto" +
                           (f" or the path of {init_paths} (no such file)" if init_paths else ""))
