@@ -176,9 +176,7 @@ def reconstruction_frames(model, video, mask):
     return (frames.permute(1, 2, 3, 0) * 255).round().to(torch.uint8).cpu().numpy()
 
 
-# =============================================================================================================
-# Shared with finetune.py: configuration, processes and precision, data loading, the training loop, checkpoints
-# =============================================================================================================
+# ====== shared with finetune.py: configuration, processes and precision, data, the training loop, checkpoints ======
 
 
 class ConfigError(ValueError):
@@ -272,8 +270,7 @@ def check_lists(c, required, *optional):
 
 
 def resume_checkpoint(c, init_paths=""):
-    """out_dir/ckpt.pt for init_from=resume (auto: when it exists), else None, after checking init_from: scratch,
-    resume, auto, or with init_paths (what such a file may hold) the path of an existing file."""
+    """out_dir/ckpt.pt for init_from=resume (auto: if it exists), else None; init_paths: what else init_from may be."""
     if c.init_from not in ("scratch", "resume", "auto") and not (init_paths and os.path.isfile(c.init_from)):
         raise ConfigError(f"init_from={c.init_from!r}: valid values are scratch, resume, auto" +
                           (f" or the path of {init_paths} (no such file)" if init_paths else ""))
@@ -364,8 +361,7 @@ def setup(c, training=True):
 
 
 def check_shared_memory(c, d, train_item_bytes, eval_batch_bytes=0):
-    """Stop before the first step if the batches this node's DataLoader workers hold in /dev/shm (workers x prefetch
-    2 x batch bytes, training and evaluation) do not fit there; warn if they fit less than twice."""
+    """Stop if the batches this node's DataLoader workers prefetch (2 each) overflow /dev/shm; warn below twice that."""
     batch = c.batch_size // (d.world_size * c.grad_accum) * train_item_bytes + eval_batch_bytes
     need = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * c.num_workers * 2 * batch
     free = shutil.disk_usage("/dev/shm").free if need and os.path.isdir("/dev/shm") else math.inf
@@ -379,7 +375,6 @@ def check_shared_memory(c, d, train_item_bytes, eval_batch_bytes=0):
 
 
 def autocast(d):
-    """bf16 / fp16 autocast on CUDA or the CPU; float32: none."""
     return contextlib.nullcontext() if d.dtype == torch.float32 else torch.autocast(d.device.type, dtype=d.dtype)
 
 
@@ -393,9 +388,8 @@ def lr_at(it, lr, min_lr, warmup_iters, total_iters):
 
 
 def param_groups(model, weight_decay, layer_decay=1.0, head_lr_scale=1.0):
-    """AdamW groups: weight decay only on weight matrices and kernels (model.no_weight_decay). layer_decay < 1
-    (fine-tuning): a group per layer of model.lr_layer_id, lr_scale = layer_decay ** (num_lr_layers - 1 - layer),
-    times head_lr_scale for fc_norm and the head (see finetune.py's config)."""
+    """AdamW groups: weight decay only on weight matrices and kernels (model.no_weight_decay); layer_decay < 1 (fine-
+    tuning): a group per model.lr_layer_id, lr_scale decaying from the top, times head_lr_scale on fc_norm and head."""
     groups = {}
     for name, p in model.named_parameters():
         decay = not no_weight_decay(name, p)
@@ -447,14 +441,14 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
                             "rng": rngs, **extra_state()}, tmp)
             after_save(iter_num)
 
-    seen = [0, 0]  # broken training files and files tried, over the run (count_broken)
-    bar, saved = tqdm(total=stop_iter, initial=iter_num, disable=not d.master, desc="train", dynamic_ncols=True), iter_num
+    seen, saved = [0, 0], iter_num  # [broken, tried] training files over the run (count_broken); last checkpoint's iter
+    bar = tqdm(total=stop_iter, initial=iter_num, disable=not d.master, desc="train", dynamic_ncols=True)
     # MFU = 6 x MACs per clip (training ~ 3 forwards, 2 FLOPs per MAC) x clips/s per device / peak FLOP/s
     log = Interval(d, clips_per_iter, 6 * macs_per_clip / d.world_size / (peak * 1e12) if peak else 0)
     indices = epoch_indices(dataset, d, c, n_iter_epoch, c.grad_accum * micro_batch, iter_num)  # with their epochs
-    batches = count_broken(DataLoader(dataset, micro_batch, sampler=indices,  # one loader, one set of workers, for the run
-                                      num_workers=c.num_workers, pin_memory=d.device.type == "cuda", drop_last=True,
-                                      generator=torch.Generator()), seen)  # without it, the loader draws from torch's seed
+    loader = DataLoader(dataset, micro_batch, sampler=indices, num_workers=c.num_workers, generator=torch.Generator(),
+                        pin_memory=d.device.type == "cuda", drop_last=True)  # generator: else it draws torch's seed
+    batches = count_broken(loader, seen)  # one loader, one set of workers, for the run
     batch = log.fetch(batches)
     while iter_num < stop_iter:
         epoch = iter_num // n_iter_epoch
@@ -523,9 +517,8 @@ def restore(checkpoint, model, optimizer, scaler, c, d):
 
 
 def train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log):
-    """One optimiser step over grad_accum micro-batches; returns (the next batch, the loss, the gradient norm), all on
-    the device: nothing is read back. A step whose loss or gradient norm is not finite is skipped there (fused AdamW's
-    found_inf; in float16 the gradient scaler's, which also lowers the scale); Interval.check finds it later."""
+    """One optimiser step over grad_accum micro-batches; returns (the next batch, the loss, the gradient norm), unread
+    on the device. A non-finite loss or norm skips the step there (found_inf; float16: the scaler's); check() tells."""
     loss_sum = torch.zeros((), device=d.device)
     for micro_step in range(c.grad_accum):
         if d.ddp:  # all-reduce the gradients on the last micro-step only
@@ -553,9 +546,8 @@ def train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log):
 
 
 class Interval:
-    """The log's mean loss, clips/s, data wait and MFU of the steps since the last log line (evaluation and checkpoints
-    excluded). Each step's loss and gradient norm stay on the device until check() reads them all at once.
-    mfu_per_clip_s: the MFU of one clip per second (0: no MFU)."""
+    """The log's mean loss, clips/s, data wait and MFU (mfu_per_clip_s: that of 1 clip/s; 0: none) since the last log
+    line, evaluation and checkpoints excluded; the steps' losses and gradient norms wait on the device for check()."""
 
     def __init__(self, d, clips_per_iter, mfu_per_clip_s):
         self.d, self.clips_per_iter, self.mfu_per_clip_s = d, clips_per_iter, mfu_per_clip_s
@@ -596,7 +588,6 @@ class Interval:
                 return it, f"non-finite {what} ({value})" + (" for 5 steps in a row" if self.fp16 else "")
             self.losses += [loss] if math.isfinite(loss) else []
             self.skipped, self.grad_norm = self.skipped + (not math.isfinite(norm)), norm
-        return None
 
     def read(self, iter_num, epoch, lr, scaler):
         dt = time.perf_counter() - self.t0 - self.pause
@@ -636,11 +627,10 @@ def write_json(path, obj):
 
 
 def run(main, argv, script, doc="", defaults=None):
-    """Run main(argv); a ConfigError, VideoReadError or NonFiniteLoss ends the run with one line (under torchrun:
-    "rank N: ", each different reason once) and exit code 2 or 3.
-    -h / --help prints the script's docstring and its config keys with their defaults."""
+    """Run main(argv); a ConfigError, VideoReadError or NonFiniteLoss ends it with one line (torchrun: "rank N: ", each
+    reason once) and exit code 2 or 3. -h / --help prints the docstring and the config keys with their defaults."""
     if "-h" in argv or "--help" in argv:
-        print(doc.strip() + "\n\nconfig keys (defaults):\n" + "\n".join(f"  {k} = {v!r}" for k, v in (defaults or {}).items()))
+        print(doc.strip() + "\n\nconfig keys (defaults):\n" + "\n".join(f"  {k} = {v!r}" for k, v in defaults.items()))
         return
     try:
         main(argv)
