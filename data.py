@@ -677,9 +677,12 @@ def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1, r
                      if n not in failed)
     with atomic_path(failed_list) as tmp, open(tmp, "w") as f:
         f.writelines(f"line {n}: {entries[n][0]}: {error}\n" for n, error in failed.items())  # in list order
+    if len(failed) == len(entries):  # a wrong root or prefix: not a list to train on
+        raise ValueError(f"prepare: none of the {len(entries)} entries of {list_file} can be read ({failed_list}); "
+                         f"line {next(iter(failed))}: {next(iter(failed.values()))}")
     with open(os.path.join(out, "prepare_warnings.txt"), "a") as f:  # appended: clips kept earlier are not redone
         f.writelines(f"{w} PSNR (its worst frame), kept below the {PREPARE_PSNR} dB target at CRF 0\n" for w in low)
-    print(f"prepare: {len(entries) - len(failed)} of {len(entries)} entries ready in {out} ({len(jobs)} written now); "
+    print(f"prepare: {len(entries) - len(failed)} of {len(entries)} entries ready in {out} ({len(jobs) - len(failed)} written now); "
           f"{len(failed)} unreadable, listed in {failed_list}" + (f"; {len(low)} kept below {PREPARE_PSNR} dB PSNR, "
           f"listed in prepare_warnings.txt: " + "; ".join(low[:5]) if low else "") + f"\nread them with these lines "
           f"(train_list, or the key {os.path.basename(list_file)} was for):\ntrain_list = {os.path.abspath(new_list)!r}"

@@ -1609,10 +1609,15 @@ def test_prepare_refuses_a_folder_made_with_other_settings_and_continues_one_mad
     assert data_tree(out) == before  # not a byte changed
     os.remove(out / "clips" / "b.mp4")
     done = data_prepare_cli(f"--list={listing}", f"--out={out}", "--keep_every=1")
-    assert done.returncode == 0 and "4 of 5 entries ready" in done.stdout and "(2 written now)" in done.stdout  # b, broken
+    assert done.returncode == 0 and "4 of 5 entries ready" in done.stdout and "(1 written now)" in done.stdout  # b
     assert data_tree(out) == before
     (out / "prepare.json").unlink()  # a folder of an older prepare: its settings are unknown
     assert "root='unknown' there, None now" in data_prepare_cli(f"--list={listing}", f"--out={out}", "--keep_every=1").stderr
+    (tmp_path / "missing.txt").write_text("nowhere/a.mp4 0\nnowhere/b.mp4 1\n")  # a list no file of which is found
+    done = data_prepare_cli(f"--list={tmp_path / 'missing.txt'}", f"--out={tmp_path / 'none'}")
+    lines = [line for line in done.stderr.splitlines() if line.startswith("data.py")]  # not the progress bar
+    assert done.returncode == 1 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "prepare: none of the 2 entries of" in lines[0] and f"line 1: {tmp_path}/nowhere/a.mp4" in lines[0]
 
 
 def test_release_style_absolute_lists_prepare_with_replace_prefix_and_relative_ones_with_root(tmp_path):
