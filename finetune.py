@@ -28,11 +28,10 @@ the end, with the model of the best val epoch (test_predictions.csv) and the las
 The release chose its best epoch on test (DFEW's val lists are its test lists): when val and test share videos this
 script says so loudly. Also in out_dir: ckpt.pt (for resume), log.jsonl, results.json.
 
---extract writes DIR/features.npy, float32 (N, C), a row per line of LIST in list order (the clip embedding
-averaged over the views: fc_norm's output for a finetune.py checkpoint or a release one that holds fc_norm,
-else the mean-pooled last-stage tokens), and DIR/features.csv. Data settings (crop_box, sampling_rate,
-num_clips, ...) come from the config and command line for --extract and eval_only; --predict and --explain
-take them from the run that wrote the checkpoint.
+--extract writes DIR/features.npy, float32 (N, C), a row per line of LIST in list order (the clip embedding averaged
+over the views: fc_norm's output for a finetune.py checkpoint or a release one that holds fc_norm, else the mean-pooled
+last-stage tokens), and DIR/features.csv. Data settings (crop_box, sampling_rate, num_clips, ...) come from the config
+and command line for --extract and eval_only; --predict and --explain take them from the run that wrote the checkpoint.
 """
 import math
 import os
@@ -95,7 +94,7 @@ label_smoothing = 0.1
 random_erase = 0.25  # probability that a frame gets a box of random noise
 mixup = 0.8  # Beta(alpha, alpha) of mixup; 0 = off
 cutmix = 1.0  # Beta(alpha, alpha) of cutmix; 0 = off (with both on, each batch picks one at random)
-best_metric = ""  # "uar" | "war" | "f1" (classification) | "ccc" | "pcc" (regression, mean over dimensions); "" = uar / ccc
+best_metric = ""  # "uar" | "war" | "f1" (classification) | "ccc" | "pcc" (regression, dimensions' mean); "" = uar / ccc
 video_group = ""  # AVCAffe: a regex whose first group names a clip's source video: metrics of videos (clips averaged)
 # model
 model = "base"
@@ -209,14 +208,11 @@ def main(argv):
 
 
 def test_results(c, d, model, test_set, best, last_epoch):
-    """Test metrics of the model of the last epoch and, when it differs, of the best val epoch (best.pt),
-    which is the one reported (test_predictions.csv; the other one's in test_predictions_last.csv)."""
+    """Test metrics of the last epoch's model and, if it differs, the best val epoch's (best.pt), the one reported."""
     model.eval()
     results, names = {}, ["last"] + (["best"] if best["epoch"] not in (None, last_epoch) else [])
     for name in names:
-        if name == "best":
-            if d.ddp:
-                dist.barrier()  # rank 0 wrote best.pt
+        if name == "best":  # rank 0 wrote best.pt before it joined the last model's evaluation (a gather)
             model.load_state_dict(load_checkpoint(os.path.join(c.out_dir, "best.pt"))["model"])
         idx, scores = evaluate(model, test_set, d, c)
         results[f"test_{name}"] = compute_metrics(test_set, idx, scores, c)
@@ -278,8 +274,7 @@ def random_erasing(video, prob, min_area=0.02, max_area=1 / 3, min_aspect=0.3, g
 
 # --- evaluation ------------------------------------------------------------------------------------
 def eval_dataset(c, key, mc, d):
-    """An "eval" dataset of the list in config key `key`, every entry checked now (evaluation never skips one), each
-    file by one rank; with video_group, every path must name its source video."""
+    """An "eval" dataset of config key `key`'s list, every file checked now by one rank (evaluation never skips one)."""
     ds = make_dataset(c, key, "eval", mc, num_clips=c.num_clips, num_crops=c.num_crops, task=c.task,
                       num_outputs=num_model_outputs(c) if "_list" in key else None)  # no labels: --predict, --extract
     parts = [ds.unreadable(range(d.rank, len(ds), d.world_size))] * d.world_size
@@ -483,7 +478,8 @@ def explain_video(c):
         raise ConfigError(f"ckpt={c.ckpt}: --explain draws pretrain.py and finetune.py checkpoints")
     cfg, cc = SVFAPConfig.from_dict(ckpt["model_config"]), SimpleNamespace(**ckpt["config"])
     encoder = TPSBT(cfg).eval()  # pre-training and fine-tuning keep the encoder under "encoder."
-    encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in ckpt["model"].items() if k.startswith("encoder.")})
+    encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in ckpt["model"].items()
+                             if k.startswith("encoder.")})
     with tempfile.TemporaryDirectory() as tmp:
         cc.explain, cc.replace_prefix = os.path.join(tmp, "explain.txt"), ()  # an absolute path, as written
         with open(cc.explain, "w") as f:

@@ -165,37 +165,28 @@ def attend(q, k, v, num_heads):
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, Nq, C)
 
 class Attention(nn.Module):
-    """Multi-head self-attention (MHSA). Bias on q and v only: a bias on k shifts every logit of a query by
-    the same constant, which softmax ignores."""
-    def __init__(self, dim, num_heads):
+    """Multi-head self-attention (MHSA), or with cross=True cross-attention (MHCA: keys and values from the context).
+    Bias on q and v only: a bias on k shifts every logit of a query by the same constant, which softmax ignores."""
+    def __init__(self, dim, num_heads, cross=False):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        if cross:  # the release's separate q and kv weights
+            self.q = nn.Linear(dim, dim, bias=False)
+            self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.register_buffer("k_bias", torch.zeros(dim), persistent=False)  # a constant: no zeros_like per call
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
-        q, k, v = F.linear(x, self.qkv.weight, torch.cat([self.q_bias, self.k_bias, self.v_bias])).chunk(3, -1)
+    def forward(self, x, context=None):
+        if context is None:
+            q, k, v = F.linear(x, self.qkv.weight, torch.cat([self.q_bias, self.k_bias, self.v_bias])).chunk(3, -1)
+        else:
+            q = F.linear(x, self.q.weight, self.q_bias)  # (B, Nq, C)
+            k, v = F.linear(context, self.kv.weight, torch.cat([self.k_bias, self.v_bias])).chunk(2, -1)  # (B, Nk, C)
         return self.proj(attend(q, k, v, self.num_heads))
-
-class CrossAttention(nn.Module):
-    """Multi-head cross-attention (MHCA): queries from x, keys and values from the context."""
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.kv = nn.Linear(dim, 2 * dim, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(dim))
-        self.v_bias = nn.Parameter(torch.zeros(dim))
-        self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, context):
-        q = F.linear(x, self.q.weight, self.q_bias)  # (B, Nq, C)
-        k, v = F.linear(context, self.kv.weight, torch.cat([self.k_bias, self.v_bias])).chunk(2, -1)
-        return self.proj(attend(q, k, v, self.num_heads))  # keys and values (B, Nk, C)
 
 class MLP(nn.Module):
     def __init__(self, dim, hidden, out=None):
@@ -235,7 +226,7 @@ class SBTBlock(Block):
         super().__init__(dim, num_heads, mlp_ratio, drop_path)
         self.cross_norm1 = LayerNorm(dim)  # LN_q, query side
         self.cross_norm2 = LayerNorm(dim)  # LN_c, context side
-        self.cross_attn = CrossAttention(dim, num_heads)
+        self.cross_attn = Attention(dim, num_heads, cross=True)
 
     def forward(self, x, context):
         attended = self.cross_attn(self.cross_norm1(x), self.cross_norm2(context))
@@ -268,9 +259,7 @@ class SpatialAttention(nn.Module):
         return self.mlp(self.norm(x)).softmax(dim=2)
 
     def forward(self, x):
-        B, T, S, C = x.shape
-        z = torch.einsum("btsk,btsc->btkc", self.weights(x), x)  # (B, T, K, C)
-        return z.reshape(B, -1, C)  # (B, T*K, C): the bottleneck tokens
+        return torch.einsum("btsk,btsc->btkc", self.weights(x), x).flatten(1, 2)  # (B, T*K, C): the bottleneck tokens
 
 # 5. The encoder ----------------------------------------------------------------------------------------
 

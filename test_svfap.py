@@ -221,7 +221,7 @@ def test_sdpa_attention_equals_naive_softmax_reference():
     torch.manual_seed(0)
     dim, heads = 24, 4
     attn = M.Attention(dim, heads)
-    cross = M.CrossAttention(dim, heads)
+    cross = M.Attention(dim, heads, cross=True)
     for p in list(attn.parameters()) + list(cross.parameters()):
         torch.nn.init.normal_(p, std=0.3)
     x, ctx = torch.randn(2, 10, dim), torch.randn(2, 6, dim)
