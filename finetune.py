@@ -132,9 +132,9 @@ def main(argv):
     c = load_config({k: globals()[k] for k in CONFIG_KEYS}, argv)
     if (c.predict or c.extract or c.explain or c.eval_only) and not c.ckpt:
         raise ConfigError("--predict, --extract, --explain and eval_only=True need --ckpt=CHECKPOINT")
+    apply_fold(c)
     if c.predict or c.extract or c.explain:
         return (predict_videos if c.predict else extract_features if c.extract else explain_video)(c)
-    apply_fold(c)
     if c.eval_only:
         return evaluate_checkpoint(c)
     check_task(c)
@@ -287,8 +287,8 @@ def eval_dataset(c, key, mc, d):
     if c.video_group and "_list" in key:  # found now, not after an epoch
         try:
             metrics.group_average(list(map(ds.path, range(len(ds)))), np.zeros((len(ds), 1)), ds.targets, c.video_group)
-        except (ValueError, re.error) as e:  # a regex that does not compile, or leaves a path out
-            raise ConfigError(f"{key}={getattr(c, key)}: video_group={c.video_group!r}: {e}") from None
+        except ValueError as e:  # a regex that does not compile, or leaves a path out
+            raise ConfigError(f"{key}={getattr(c, key)}: {e}") from None
     return ds
 
 

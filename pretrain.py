@@ -275,22 +275,28 @@ def resume_checkpoint(c, init_paths=""):
         raise ConfigError(f"init_from={c.init_from!r}: valid values are scratch, resume, auto" +
                           (f" or the path of {init_paths} (no such file)" if init_paths else ""))
     path = os.path.join(c.out_dir, "ckpt.pt")
-    if c.init_from == "auto":  # one command for the first start, torchrun --max-restarts and a requeued job
+    if c.init_from == "auto" and init_paths and not os.path.isfile(path):  # random weights are rarely meant here
+        raise ConfigError(f"init_from=auto: {path} does not exist yet; start with init_from=<{init_paths}> (a run "
+                          f"whose out_dir/ckpt.pt exists then continues by itself) or init_from=scratch")
+    # one command for the first start, torchrun --max-restarts and a requeued job; a fine-tuning run continues too
+    if c.init_from == "auto" or (init_paths and c.init_from != "scratch" and os.path.isfile(path)):
+        if os.environ.get("RANK", "0") == "0" and c.init_from != "resume":
+            print(f"init_from={c.init_from}: {'resuming from' if os.path.isfile(path) else 'starting afresh, no'} {path}")
         c.init_from = "resume" if os.path.isfile(path) else "scratch"
-        if os.environ.get("RANK", "0") == "0":
-            print(f"init_from=auto: {'resuming from' if c.init_from == 'resume' else 'starting afresh, no'} {path}")
     if c.init_from == "resume" and not os.path.isfile(path):
         raise ConfigError(f"init_from=resume continues from out_dir/ckpt.pt, but {path} does not exist")
     return load_checkpoint(path) if c.init_from == "resume" else None
 
 
 def check_resumed(c, checkpoint, train_videos):
-    """A resumed run keeps what fixes its iterations per epoch and its lr schedule, or stops with one line."""
-    now = dict(batch_size=c.batch_size, epochs=c.epochs, warmup_epochs=c.warmup_epochs, train_videos=train_videos)
-    for key, value in now.items() if checkpoint else ():
-        if (was := checkpoint.get(key, checkpoint["config"].get(key, value))) != value:  # train_videos: not in config
+    """A resumed run keeps what fixes its model, data order and lr schedule, or stops with one line."""
+    keys = ("batch_size", "epochs", "warmup_epochs", "repeated_sampling", "seed", "model", "model_args")
+    now = {k: getattr(c, k) for k in keys if hasattr(c, k)} | dict(train_videos=train_videos)
+    saved = {**checkpoint["config"], "train_videos": checkpoint.get("train_videos", train_videos)} if checkpoint else {}
+    for key, value in now.items():
+        if (was := saved.get(key, value)) != value:
             raise ConfigError(f"init_from=resume: {key}={value}, but {c.out_dir}/ckpt.pt was trained with {key}={was}, "
-                              f"which fixes its iterations per epoch and lr schedule: resume with {key}={was}, or "
+                              f"which fixes its model, data order and lr schedule: resume with {key}={was}, or "
                               f"start afresh in another out_dir")
 
 
@@ -340,7 +346,7 @@ def setup(c, training=True):
         raise ConfigError(f"dtype={c.dtype!r}: valid values are auto, float32, bfloat16, float16")
     if c.compile_mode not in (modes := ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")):
         raise ConfigError(f"compile_mode={c.compile_mode!r}: valid values are {', '.join(modes)}")
-    if bad := [k for k in ("ckpt_every_epochs", "eval_every") if getattr(c, k, 1) < 1]:  # eval_every: finetune.py's
+    if bad := [k for k in ("ckpt_every_epochs", "eval_every", "log_interval") if getattr(c, k, 1) < 1]:  # eval_every: finetune.py's
         raise ConfigError(f"{bad[0]}={getattr(c, bad[0])} must be at least 1 (epochs)")
     ddp = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ.get(k, 0)) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp \
@@ -418,6 +424,9 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
     scaler = torch.amp.GradScaler(d.device.type, enabled=d.dtype == torch.float16)  # on the CPU too: torch >= 2.3
     ckpt_path, log_path = os.path.join(c.out_dir, "ckpt.pt"), os.path.join(c.out_dir, "log.jsonl")
     iter_num = restore(checkpoint, model, optimizer, scaler, c, d)
+    if iter_num >= stop_iter:  # a finished run started again: its results stay as they are
+        raise ConfigError(f"{ckpt_path} is at iteration {iter_num}, where this run stops ({stop_iter}): nothing to "
+                          f"train; raise epochs or max_iters to go on")
     peak = c.peak_tflops or device_peak_tflops(d.device)
     macs_per_clip = count_macs(model.eval(), *example) if peak else 0  # eval: no training randomness drawn
     model.train()  # every training step in training mode, whatever ran before
@@ -530,7 +539,7 @@ def train_step(net, ddp, optimizer, scaler, loss_fn, batch, batches, c, d, log):
         scaler.scale(loss / c.grad_accum).backward()
         loss_sum += loss.detach().float()
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in net.parameters() if p.grad is not None])
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in net.parameters() if p.grad is not None])  # torch >= 2.6
     if c.grad_clip > 0:  # clip_grad_norm_ with no limit would multiply every gradient by 1
         torch.nn.utils.clip_grads_with_norm_(net.parameters(), c.grad_clip, grad_norm)
     loss = loss_sum / c.grad_accum

@@ -2060,12 +2060,14 @@ def test_bad_inputs_each_give_one_clear_line(train_data, tmp_path, capsys, monke
         assert lines[0].startswith("pretrain.py: error: ") and words in lines[0], (name, lines[0])
 
 
-def test_settings_that_would_fail_late_stop_at_start_up_in_one_line(train_data, train_pretrained, tmp_path, capsys,
-                                                                     monkeypatch):
+def test_settings_that_would_fail_late_stop_at_start_up_in_one_line(train_data, train_pretrained, train_finetuned,
+                                                                     tmp_path, capsys, monkeypatch):
     """A /dev/shm too small for the loaders' batches, a resume with another batch_size or list length, a video_group
     that does not compile or match, a --fold that no path uses: each stops before the first step, in one line."""
     os.makedirs(tmp_path / "resumed")
     shutil.copy(train_pretrained / "ckpt.pt", tmp_path / "resumed" / "ckpt.pt")
+    os.makedirs(tmp_path / "ft_done")  # a finished fine-tuning run, its command given again: it continues, not restarts
+    shutil.copy(train_finetuned[0] / "ckpt.pt", tmp_path / "ft_done" / "ckpt.pt")
     pre = [*train_pretrain_args(train_data, tmp_path / "pre"), "--vis_clips=0"]
     fine = train_finetune_args(train_data, tmp_path / "ft")
     tiny_shm = lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 10**5, 10**5)  # 0.1 MB free
@@ -2076,13 +2078,25 @@ def test_settings_that_would_fail_late_stop_at_start_up_in_one_line(train_data, 
         "resume batch": (pretrain, [*train_pretrain_args(train_data, tmp_path / "resumed"), "--init_from=resume",
                                     "--batch_size=8"], None,
                          f"init_from=resume: batch_size=8, but {tmp_path / 'resumed'}/ckpt.pt was trained with "
-                         f"batch_size=4, which fixes its iterations per epoch and lr schedule: resume with "
+                         f"batch_size=4, which fixes its model, data order and lr schedule: resume with "
                          f"batch_size=4, or start afresh in another out_dir"),
+        "resume model": (pretrain, [*train_pretrain_args(train_data, tmp_path / "resumed"), "--init_from=resume",
+                                    "--model=small"], None, "init_from=resume: model=small, but"),
+        "resume done": (pretrain, [*train_pretrain_args(train_data, tmp_path / "resumed"), "--init_from=resume",
+                                   "--max_iters=1"], None, "ckpt.pt is at iteration"),
+        "auto finetune": (finetune, [*fine, "--init_from=auto"], None,
+                          f"init_from=auto: {tmp_path / 'ft'}/ckpt.pt does not exist yet; start with init_from="),
+        "log interval": (pretrain, [*pre, "--log_interval=0"], None, "log_interval=0 must be at least 1"),
+        "finetune continues": (finetune, train_finetune_args(train_data, tmp_path / "ft_done", f"--init_from="
+                                                             f"{train_pretrained / 'ckpt.pt'}", f"--test_list="
+                                                             f"{train_data / 'val.txt'}"), None,
+                               f"{tmp_path / 'ft_done'}/ckpt.pt is at iteration"),
         "resume list": (pretrain, [*train_pretrain_args(train_data, tmp_path / "resumed"), "--init_from=resume",
                                    f"--train_list={train_data / 'val.txt'}"], None,
                         "init_from=resume: train_videos=6, but"),
         "bad regex": (finetune, [*fine, "--video_group=(v"], None,
-                      f"val_list={train_data / 'val.txt'}: video_group='(v': missing ), unterminated subpattern"),
+                      f"val_list={train_data / 'val.txt'}: video_group='(v' is not a regular expression: missing ), unterminated "
+                          f"subpattern"),
         "no match": (finetune, [*fine, "--video_group=clip_(\\d+)"], None,
                      "video_group='clip_(\\\\d+)' does not match the clip"),
         "useless fold": (finetune, [*fine, "--fold=2"], None,
