@@ -281,7 +281,8 @@ def resume_checkpoint(c, init_paths=""):
     # one command for the first start, torchrun --max-restarts and a requeued job; a fine-tuning run continues too
     if c.init_from == "auto" or (init_paths and c.init_from != "scratch" and os.path.isfile(path)):
         if os.environ.get("RANK", "0") == "0" and c.init_from != "resume":
-            print(f"init_from={c.init_from}: {'resuming from' if os.path.isfile(path) else 'starting afresh, no'} {path}")
+            print(f"init_from={c.init_from}: {'resuming from' if os.path.isfile(path) else 'starting afresh, no'} "
+                  f"{path}")
         c.init_from = "resume" if os.path.isfile(path) else "scratch"
     if c.init_from == "resume" and not os.path.isfile(path):
         raise ConfigError(f"init_from=resume continues from out_dir/ckpt.pt, but {path} does not exist")
@@ -346,7 +347,7 @@ def setup(c, training=True):
         raise ConfigError(f"dtype={c.dtype!r}: valid values are auto, float32, bfloat16, float16")
     if c.compile_mode not in (modes := ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")):
         raise ConfigError(f"compile_mode={c.compile_mode!r}: valid values are {', '.join(modes)}")
-    if bad := [k for k in ("ckpt_every_epochs", "eval_every", "log_interval") if getattr(c, k, 1) < 1]:  # eval_every: finetune.py's
+    if bad := [k for k in ("ckpt_every_epochs", "eval_every", "log_interval") if getattr(c, k, 1) < 1]:
         raise ConfigError(f"{bad[0]}={getattr(c, bad[0])} must be at least 1 (epochs)")
     ddp = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ.get(k, 0)) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp \
@@ -423,10 +424,7 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
     stop_iter = min(total_iters, c.max_iters or total_iters)
     scaler = torch.amp.GradScaler(d.device.type, enabled=d.dtype == torch.float16)  # on the CPU too: torch >= 2.3
     ckpt_path, log_path = os.path.join(c.out_dir, "ckpt.pt"), os.path.join(c.out_dir, "log.jsonl")
-    iter_num = restore(checkpoint, model, optimizer, scaler, c, d)
-    if iter_num >= stop_iter:  # a finished run started again: its results stay as they are
-        raise ConfigError(f"{ckpt_path} is at iteration {iter_num}, where this run stops ({stop_iter}): nothing to "
-                          f"train; raise epochs or max_iters to go on")
+    iter_num = restore(checkpoint, model, optimizer, scaler, c, d, stop_iter)
     peak = c.peak_tflops or device_peak_tflops(d.device)
     macs_per_clip = count_macs(model.eval(), *example) if peak else 0  # eval: no training randomness drawn
     model.train()  # every training step in training mode, whatever ran before
@@ -502,9 +500,12 @@ def epoch_indices(dataset, d, c, n_iter_epoch, per_iter, iter_num):
         yield from ((epoch, i) for i in list(sampler)[first:n_iter_epoch * per_iter])
 
 
-def restore(checkpoint, model, optimizer, scaler, c, d):
+def restore(checkpoint, model, optimizer, scaler, c, d, stop_iter):
     """A resumed run's state, each rank's generator included, and its log cut at its iteration; returns that."""
     iter_num, log_path = checkpoint["iter_num"] if checkpoint else 0, os.path.join(c.out_dir, "log.jsonl")
+    if checkpoint and iter_num >= stop_iter:  # a finished run started again: its log and results stay as they are
+        raise ConfigError(f"{c.out_dir}/ckpt.pt is at iteration {iter_num}, where this run stops ({stop_iter}): "
+                          f"nothing to train; raise epochs or max_iters to go on")
     if d.master and os.path.isfile(log_path):  # a new run empties it unread; a killed run's half-written line goes
         with open(log_path) as f:
             lines = [ln for ln in f if checkpoint and ln.endswith("\n") and json.loads(ln).get("iter", 0) <= iter_num]

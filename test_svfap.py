@@ -1882,7 +1882,7 @@ def test_a_new_run_starts_an_empty_log_even_after_a_run_killed_mid_line(tmp_path
     (tmp_path / "log.jsonl").write_text(json.dumps({"iter": 5, "loss": 1.0}) + '\n{"iter": 10, "lo')
     c, d = argparse.Namespace(out_dir=str(tmp_path), seed=0), pretrain.Dist(False, 0, 0, 1, torch.device("cpu"), True,
                                                                              torch.float32)
-    assert pretrain.restore(None, None, None, None, c, d) == 0
+    assert pretrain.restore(None, None, None, None, c, d, 1) == 0
     assert (tmp_path / "log.jsonl").read_text() == ""
 
 
