@@ -99,8 +99,9 @@ class SVFAPConfig:
             bad("temporal_downsample", 'must be "conv", "avg" or "max"')
         if self.spatial_bottleneck and self.num_bottleneck_tokens > self.num_spatial:
             bad("num_bottleneck_tokens", f"must not exceed the {self.num_spatial} spatial tokens per slice")
-        if not 0.0 <= self.mask_ratio < 1.0 or self.num_masked_spatial >= self.num_spatial:
-            bad("mask_ratio", f"must leave at least one of the {self.num_spatial} spatial positions visible")
+        if not 0.0 <= self.mask_ratio < 1.0 or not 1 <= self.num_masked_spatial < self.num_spatial:
+            bad("mask_ratio", f"must mask at least one of the {self.num_spatial} spatial positions and leave one "
+                              f"visible")
         if not 0.0 <= self.drop_path < 1.0:
             bad("drop_path", "must be in [0, 1)")
         if self.mlp_ratio <= 0:
@@ -198,10 +199,11 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 def drop_path(x, branch, p, training):
-    """x + branch, the branch dropped per sample with probability p (stochastic depth), kept ones rescaled (float32)."""
+    """x + branch, the branch dropped per sample with probability p (stochastic depth), kept ones rescaled."""
     if p == 0.0 or not training:
         return x + branch
-    return torch.addcmul(x, branch, torch.rand(len(x), *[1] * (x.dim() - 1), device=x.device).ge_(p).div_(1.0 - p))
+    keep = torch.rand(len(x), *[1] * (x.dim() - 1), device=x.device, dtype=x.dtype).ge_(p)  # x's dtype: a bf16 model
+    return torch.addcmul(x, branch, keep.div_(1.0 - p))
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)  # the release's epsilon
 

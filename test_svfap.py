@@ -282,6 +282,7 @@ def test_encoder_returns_every_stage_and_embeddings_have_their_shapes():
     ("img_size", dict(img_size=60)),
     ("mask_ratio", dict(mask_ratio=-0.1)),
     ("mask_ratio", dict(mask_ratio=1.0)),
+    ("mask_ratio", dict(mask_ratio=0.0)),  # nothing to reconstruct: the decoder would predict the visible tokens
     ("num_bottleneck_tokens", dict(num_bottleneck_tokens=65)),
     ("temporal_downsample", dict(temporal_downsample="mean")),
     ("embed_dim", dict(embed_dim=130)),
@@ -292,6 +293,14 @@ def test_encoder_returns_every_stage_and_embeddings_have_their_shapes():
 def test_bad_config_raises_value_error_naming_the_field(field, over):
     with pytest.raises(ValueError, match=rf"SVFAPConfig\.{field}="):
         replace(TINY, **over)
+
+
+def test_a_bfloat16_model_trains_with_drop_path_without_autocast():
+    """model.py copied elsewhere and cast with .bfloat16(): stochastic depth keeps the residual stream in bf16."""
+    model = M.SVFAPClassifier(replace(TINY, drop_path=0.5), 3).bfloat16().train()
+    video = torch.randn(2, 3, TINY.num_frames, TINY.img_size, TINY.img_size, dtype=torch.bfloat16)
+    model(video).float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters() if p.requires_grad)
 
 
 def test_config_round_trips_through_a_plain_dict():
