@@ -107,6 +107,7 @@ $(PAPER)/results.md: $(foreach s,$(SEEDS),$(foreach e,$(EPOCHS),$(PAPER)/few_tps
 $(LAST): | $(DATA)/pretrain.txt
 	@$(call STAGES,,$(EPOCHS))
 $(VIT_LAST): | $(DATA)/pretrain.txt
+	@$(if $(filter $(VIT_EPOCH),$(EPOCHS)),,$(error VIT_EPOCH=$(VIT_EPOCH) must be one of EPOCHS=$(EPOCHS)))
 	@$(call STAGES,$(VIT),$(VIT_EPOCH))
 # fine-tune the checkpoint of epoch $(1)
 define FEW_TPSBT

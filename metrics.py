@@ -303,12 +303,26 @@ def paper_results(out, svg_path):
     from model import SVFAPConfig, bench_steps
     runs = lambda pattern: sorted(d for d in glob.glob(os.path.join(out, pattern)) if os.path.isdir(d))
     test = lambda pattern, key="uar": [100 * json.load(open(f"{d}/results.json"))["test"][key] for d in runs(pattern)]
-    epoch = lambda d: int(re.search(r"_e(\d+)_seed", d)[1])
-    if not runs("few_vit_e*_seed*") or not runs("few_tpsbt_e*_seed*"):
-        raise ValueError(f"--paper={out}: no runs of `make paper` there (few_tpsbt_e*_seed*, few_vit_e*_seed*)")
-    epochs, vit_epoch = sorted({epoch(d) for d in runs("few_tpsbt_e*_seed*")}), epoch(runs("few_vit_e*_seed*")[0])
-    logs = [[json.loads(line) for line in open(f"{d}/log.jsonl")] for d in runs("pretrain_tpsbt_seed*")]
-    loss = [[np.mean([r["loss"] for r in rs if r.get("epoch") == e and "loss" in r]) for rs in logs] for e in epochs]
+    groups = {}  # run name less "_seed<N>" -> its seeds
+    for d in runs("*_seed*"):
+        groups.setdefault(os.path.basename(d).rsplit("_seed", 1)[0], set()).add(d.rsplit("_seed", 1)[1])
+    seeds, epochs = groups.get("pretrain_tpsbt"), sorted(int(g[11:]) for g in groups if g.startswith("few_tpsbt_e"))
+    vit_epochs = [int(g[9:]) for g in groups if g.startswith("few_vit_e")]
+    if not epochs or "few_scratch" not in groups or len(vit_epochs) != 1 or vit_epochs[0] not in epochs:
+        raise ValueError(f"--paper={out}: expected runs few_tpsbt_e<E>_seed<N>, few_scratch_seed<N> and the ViT's at one "
+                         f"of the epochs {epochs}, found the ViT's at {vit_epochs} (VIT_EPOCH must be one of EPOCHS)")
+    if bad := [g for g, s in groups.items() if s != seeds]:  # averaging them would mix schedules or seeds
+        raise ValueError(f"--paper={out}: {bad[0]}_seed* holds the seeds {sorted(groups[bad[0]])}, pretrain_tpsbt_seed* "
+                         f"{sorted(seeds or [])}: finish the runs, or move an earlier `make paper`'s folders away")
+    vit_epoch = vit_epochs[0]
+
+    def epoch_loss(d, e):  # the mean of an epoch's logged losses
+        if not (losses := [r["loss"] for r in map(json.loads, open(f"{d}/log.jsonl")) if r.get("epoch") == e
+                           and "loss" in r]):
+            raise ValueError(f"{d}/log.jsonl: no loss logged in epoch {e}; log_interval must be at most an epoch")
+        return np.mean(losses)
+    logs = runs("pretrain_tpsbt_seed*")
+    loss = [[epoch_loss(d, e) for d in logs] for e in epochs]
     pre, scratch = [test(f"few_tpsbt_e{e}_seed*") for e in epochs], test("few_scratch_seed*")
     fig5 = [["pre-training epochs", "pre-training loss (the epoch's mean)", "test UAR % mean ± sd (min..max)"]]
     fig5 += [["---:"] * 3] + [[str(e), f"{np.mean(ls):.4f} ± {_sd(ls):.4f}", _spread(u)]

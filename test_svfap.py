@@ -911,6 +911,30 @@ def test_summary_splits_at_the_first_equals_sign_and_names_the_run_of_a_bad_resu
 
 
 
+def test_paper_tables_refuse_a_vit_epoch_outside_epochs_leftover_seeds_and_an_epoch_without_a_logged_loss(tmp_path):
+    """metrics.py --paper stops with one line, before any table, where the tables would be wrong: the ViT's
+    epoch has no TPSBT row to stand beside, a leftover folder of another seed would be averaged in, an epoch
+    without a logged loss would be nan."""
+    def run(name, epoch=1, loss=True):
+        (tmp_path / name).mkdir(exist_ok=True)
+        record = {"iter": 1, "epoch": epoch} | ({"loss": 0.5} if loss else {"save_s": 0.1})
+        (tmp_path / name / "log.jsonl").write_text(json.dumps(record) + "\n")
+    for name in ("pretrain_tpsbt_seed0", "pretrain_vit_seed0", "few_tpsbt_e1_seed0", "few_scratch_seed0",
+                 "few_vit_e2_seed0"):
+        run(name)
+    def error():
+        out = metrics_run_cli(f"--paper={tmp_path}", f"--svg={tmp_path}/p.svg")
+        assert out.returncode == 1 and len(out.stderr.splitlines()) == 1 and not out.stdout, out.stderr
+        return out.stderr
+    assert "found the ViT's at [2] (VIT_EPOCH must be one of EPOCHS)" in error()
+    os.rename(tmp_path / "few_vit_e2_seed0", tmp_path / "few_vit_e1_seed0")
+    run("few_tpsbt_e1_seed3")
+    assert "few_tpsbt_e1_seed* holds the seeds ['0', '3'], pretrain_tpsbt_seed* ['0']" in error()
+    shutil.rmtree(tmp_path / "few_tpsbt_e1_seed3")
+    run("pretrain_tpsbt_seed0", loss=False)
+    assert "pretrain_tpsbt_seed0/log.jsonl: no loss logged in epoch 1" in error()
+
+
 # -----------------------------------------------------------------------------
 # video level (AVCAffe) and the dataset configs
 
