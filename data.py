@@ -139,7 +139,8 @@ class _Clip:
         if self.crop_box is None:  # scaled while converting
             return _swscale("convert", frame, width=w, height=h, format="rgb24")
         rgb = np.ascontiguousarray(_swscale("convert", frame, format="rgb24")[top:bottom, left:right])
-        return rgb if (h, w) == rgb.shape[:2] else _swscale("scale", av.VideoFrame.from_ndarray(rgb, "rgb24"), width=w, height=h)
+        scaled = (h, w) != rgb.shape[:2]
+        return _swscale("scale", av.VideoFrame.from_ndarray(rgb, "rgb24"), width=w, height=h) if scaled else rgb
 
     def put(self, position, frame, source=None):
         rgb = self._rgb(frame, source or self.path)
@@ -414,7 +415,8 @@ def device_transform(frames, boxes, img_size):
         cols = lambda i: x.gather(4, i.view(B, 1, 1, 1, S).expand(B, C, T, S, S))  # (B, 3, T, S, S)
         x = cols(x0) * (1 - wx).view(B, 1, 1, 1, S) + cols(x1) * wx.view(B, 1, 1, 1, S)
     # per channel with Python numbers: a mean tensor would be a host-to-device copy, which waits for the device
-    x = torch.cat([(x[:, c:c + 1].float() - 255 * m) / (255 * s) for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))], 1)
+    x = torch.cat([(x[:, c:c + 1].float() - 255 * m) / (255 * s)
+                   for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))], 1)
     return x.reshape(*lead, C, T, x.shape[-2], x.shape[-1])
 
 
@@ -439,10 +441,10 @@ class VideoDataset(AnnotationList, torch.utils.data.Dataset):
     Frames: crop_box (top, bottom, left, right) is cut out, then scaled to S x S (non-square frames are squashed: give
     a crop_box); boxes = (top, left, height, width, flip): the paper's multi-scale crop and a flip. All that is random
     (windows, crops, flips, mask, a broken file's stand-in) draws from a generator seeded with item_seed(seed, epoch,
-    index): the same clips for any worker count or fetch order, and after a resume. Labels are checked against
-    num_outputs (classes, or D regression values); None (reconstructions, --extract): unused, the target empty. Broken
-    files (a misfitting crop box too): pretrain and train skip them with a warning, and `broken` (int64 ()) counts them
-    for the training loop to add up (pretrain.count_broken); eval raises naming the file (check with unreadable())."""
+    index) of ds[(epoch, index)] (ds[index]: epoch 0): the same clips for any worker count, fetch order or resume.
+    Labels are checked against num_outputs (classes, or D values); None (reconstructions, --extract): the target empty.
+    Broken files (a misfitting crop box too): pretrain and train skip them with a warning, and `broken` (int64 ())
+    counts them for pretrain.count_broken to add up; eval raises naming the file (check with unreadable())."""
     fail_floor = 1000  # also the most files one item tries
 
     def __init__(self, annotation_file, mode, img_size=160, num_frames=16, sampling_rate=4, crop_box=None,
@@ -452,19 +454,14 @@ class VideoDataset(AnnotationList, torch.utils.data.Dataset):
         if mode not in ("pretrain", "train", "eval") or task not in ("classification", "regression"):
             raise ValueError(f"VideoDataset: mode={mode!r}, task={task!r}; valid modes: pretrain, train, eval; "
                              f"tasks: classification, regression")
-        if mode != "pretrain" and repeated_sampling > 1:
-            raise ValueError(f"VideoDataset: repeated_sampling={repeated_sampling} is for mode='pretrain' only")
-        if mode == "pretrain":
-            mask_cfg = mask_cfg or SVFAPConfig(img_size=img_size, num_frames=num_frames)
-            if (mask_cfg.img_size, mask_cfg.num_frames) != (img_size, num_frames):
-                raise ValueError(f"VideoDataset: mask_cfg is for {mask_cfg.num_frames} frames of "
-                                 f"{mask_cfg.img_size} px but the clips have {num_frames} frames of {img_size} px")
         self.annotation_file = os.fspath(annotation_file)
-        self.mode, self.task, self.seed, self.epoch = mode, task, seed, 0
+        self.mode, self.task, self.seed = mode, task, seed
         self.img_size, self.num_frames, self.sampling_rate = img_size, num_frames, sampling_rate
         self.span = window_span(num_frames, sampling_rate)
         self.crop_box = tuple(crop_box) if crop_box is not None else None  # (top, bottom, left, right)
         self.num_clips, self.num_crops, self.repeated_sampling = num_clips, num_crops, repeated_sampling
+        if mode == "pretrain":
+            mask_cfg = mask_cfg or SVFAPConfig(img_size=img_size, num_frames=num_frames)
         self.mask_cfg, self.max_fail_fraction, self.crop_scales = mask_cfg, max_fail_fraction, tuple(crop_scales)
         super().__init__(annotation_file, root, replace_prefix)
         self.targets = None if mode == "pretrain" or num_outputs is None else self._targets(num_outputs)
@@ -495,10 +492,6 @@ class VideoDataset(AnnotationList, torch.utils.data.Dataset):
         if self.targets is None:
             return torch.zeros(0)
         return torch.tensor(self.targets[index], dtype=torch.float32 if self.task == "regression" else torch.int64)
-
-    def set_epoch(self, epoch):
-        """Items draw from streams seeded with (seed, epoch, index): the epoch of plain indices (pairs bring theirs)."""
-        self.epoch = epoch
 
     def unreadable(self, indices=None):
         """[(line_number, path, reason)] of the entries (of `indices`, default all) that do not open or whose frame 0
@@ -539,7 +532,7 @@ class VideoDataset(AnnotationList, torch.utils.data.Dataset):
         return frames[0], boxes[0], self.target(index)
 
     def __getitem__(self, index):
-        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)  # pretrain.fit gives (epoch, index)
+        epoch, index = index if isinstance(index, tuple) else (0, index)  # pretrain.fit gives (epoch, index)
         if self.mode == "eval":
             try:
                 clips = self._read_clips(self.path(index), self._choose_eval, self.img_size)
@@ -682,19 +675,16 @@ def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1, r
                          f"line {next(iter(failed))}: {next(iter(failed.values()))}")
     with open(os.path.join(out, "prepare_warnings.txt"), "a") as f:  # appended: clips kept earlier are not redone
         f.writelines(f"{w} PSNR (its worst frame), kept below the {PREPARE_PSNR} dB target at CRF 0\n" for w in low)
-    print(f"prepare: {len(entries) - len(failed)} of {len(entries)} entries ready in {out} ({len(jobs) - len(failed)} written now); "
-          f"{len(failed)} unreadable, listed in {failed_list}" + (f"; {len(low)} kept below {PREPARE_PSNR} dB PSNR, "
-          f"listed in prepare_warnings.txt: " + "; ".join(low[:5]) if low else "") + f"\nread them with these lines "
+    print(f"prepare: {len(entries) - len(failed)} of {len(entries)} entries ready in {out} "
+          f"({len(jobs) - len(failed)} written now); {len(failed)} unreadable, listed in {failed_list}"
+          + (f"; {len(low)} kept below {PREPARE_PSNR} dB PSNR, listed in prepare_warnings.txt: " + "; ".join(low[:5])
+             if low else "") + f"\nread them with these lines "
           f"(train_list, or the key {os.path.basename(list_file)} was for):\ntrain_list = {os.path.abspath(new_list)!r}"
           f"\ndata_root = ''\nreplace_prefix = ()\ncrop_box = ()\nsampling_rate = {4 // keep_every}")
     return new_list
 
 
 BENCH_DIR = os.path.join(tempfile.gettempdir(), "svfap_bench")
-# ms CPU per clip by repeated_sampling of the earlier loader, which cropped, resized and normalised in float32 in the
-# worker and sent 4.92 MB per clip (the release's way), on these clips, each file's first visit, measured side by
-# side with this bench on the 2-core development machine (2026-11-25, quiet, best of 2 runs of 3 rounds; docs/data.md)
-BASELINE_MS = {1: 30.1, 2: 19.5}
 
 
 def bench(num_clips=8, rounds=3):
@@ -714,18 +704,18 @@ def bench(num_clips=8, rounds=3):
             f.write(f"{path} 0\n")
     prepared_list = prepare(raw_list, prepared, VOXCELEB2_CROP_BOX, keep_every=4)
     kbit = sum(os.path.getsize(os.path.join(BENCH_DIR, f"raw_{i:02d}.mp4")) for i in range(num_clips)) / num_clips / 1e3
-    print(f"{num_clips} VoxCeleb2-like clips, {kbit:.0f} kbit/s; one process, torch threads 1, CPU time, best of {rounds}")
-    for name, listing, crop_box, rate in (("raw", raw_list, VOXCELEB2_CROP_BOX, 4), ("prepared", prepared_list, None, 1)):
+    print(f"{num_clips} VoxCeleb2-like clips, {kbit:.0f} kbit/s; one process, torch threads 1, CPU time, best of "
+          f"{rounds}")
+    for name, listing, box, rate in (("raw", raw_list, VOXCELEB2_CROP_BOX, 4), ("prepared", prepared_list, None, 1)):
         for rs in (1, 2):
-            ds, best = VideoDataset(listing, "pretrain", sampling_rate=rate, crop_box=crop_box, repeated_sampling=rs), math.inf
+            ds = VideoDataset(listing, "pretrain", sampling_rate=rate, crop_box=box, repeated_sampling=rs)
+            best = math.inf
             for r in range(rounds):
-                ds.set_epoch(r)
                 t0 = time.process_time()
-                items = [ds[i] for i in range(len(ds))]
+                items = [ds[(r, i)] for i in range(len(ds))]  # each round other windows and crops
                 best = min(best, (time.process_time() - t0) / (len(ds) * rs))
-            print(f"  {name:8s} repeated_sampling={rs}: {best * 1e3:5.1f} ms per clip ({best * 1e3 / BASELINE_MS[rs]:.2f} "
-                  f"of the baseline's {BASELINE_MS[rs]}), {1 / best:6.1f} clips per CPU-second, "
-                  f"{sum(t.nbytes for t in items[-1]) / rs / 1e6:.2f} MB sent per clip")
+            print(f"  {name:8s} repeated_sampling={rs}: {best * 1e3:5.1f} ms per clip, {1 / best:6.1f} clips per "
+                  f"CPU-second, {sum(t.nbytes for t in items[-1]) / rs / 1e6:.2f} MB sent per clip")
     frames, boxes, best = torch.cat([it[0] for it in items]), torch.cat([it[1] for it in items]), math.inf
     for _ in range(rounds):
         t0 = time.process_time()

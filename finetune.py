@@ -378,21 +378,17 @@ def build_classifier(c, master):
 
 
 def release_shape(state, mc):
-    """A release state dict's encoder shape as SVFAPConfig fields: the width of its patch embedding, the depths of its
-    block keys, the heads of the preset of that width (else 64 channels a head, as base, small and the release's 768 /
-    12). Its keys number blocks over all stages: the stage depths of `mc` if they add up, else 2:1 as in base, small."""
-    keys = [k.removeprefix("module.").removeprefix("encoder.") for k in state]  # decoder keys keep "decoder."
-    count = lambda pattern: len({m[1] for k in keys if (m := re.match(pattern, k))})  # distinct indices
-    blocks, sbt = count(r"blocks\.(\d+)\."), count(r"blocks\.(\d+)\.cross_norm1\.")  # sbt: SBT and reverse blocks
-    weights = [2 ** s for s in range(count(r"spatial_downsamples\.(\d+)\."))][::-1]  # (2, 1) for 3 stages
-    depths = mc.stage_depths
-    if (len(depths), depths[0], sum(depths[1:])) != (1 + len(weights), blocks - sbt, sbt):
-        later = [max(1, round(sbt * w / sum(weights))) for w in weights[:-1]]  # 9 SBT blocks: (6, 3)
-        depths = (blocks - sbt, *later, sbt - sum(later))[:1 + len(weights)]
+    """A release state dict's encoder shape as SVFAPConfig fields: the width of its patch embedding, the heads of the
+    preset of that width (else 64 channels a head, as base, small and the release's 768 / 12), N1 its plain blocks.
+    Its SBT and reverse blocks are numbered over stages 2 and 3 alike: mc's N2, N3 if they add up, else 2:1 as base."""
+    keys = {k.removeprefix("module.").removeprefix("encoder.") for k in state}  # decoder keys keep "decoder."
+    blocks = len({m[1] for k in keys if (m := re.match(r"blocks\.(\d+)\.", k))})
+    sbt = len({m[1] for k in keys if (m := re.match(r"blocks\.(\d+)\.cross_norm1\.", k))})  # SBT and reverse
+    later = mc.stage_depths[1:] if sum(mc.stage_depths[1:]) == sbt else (sbt - sbt // 3, sbt // 3)  # 9: (6, 3)
     width = next((v.shape[0] for k, v in state.items() if k.endswith("patch_embed.proj.weight")), mc.embed_dim)
     heads = mc.num_heads if width == mc.embed_dim else next(
         (p.num_heads for p in CONFIGS.values() if p.embed_dim == width), max(1, width // 64))
-    return dict(embed_dim=width, num_heads=heads, stage_depths=depths)
+    return dict(embed_dim=width, num_heads=heads, stage_depths=(blocks - sbt, *later))
 
 
 def checkpoint_model(c, encoder_ok=False):

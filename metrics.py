@@ -309,11 +309,13 @@ def paper_results(out, svg_path):
     seeds, epochs = groups.get("pretrain_tpsbt"), sorted(int(g[11:]) for g in groups if g.startswith("few_tpsbt_e"))
     vit_epochs = [int(g[9:]) for g in groups if g.startswith("few_vit_e")]
     if not epochs or "few_scratch" not in groups or len(vit_epochs) != 1 or vit_epochs[0] not in epochs:
-        raise ValueError(f"--paper={out}: expected runs few_tpsbt_e<E>_seed<N>, few_scratch_seed<N> and the ViT's at one "
-                         f"of the epochs {epochs}, found the ViT's at {vit_epochs} (VIT_EPOCH must be one of EPOCHS)")
+        raise ValueError(f"--paper={out}: expected runs few_tpsbt_e<E>_seed<N>, few_scratch_seed<N> and the ViT's "
+                         f"at one of the epochs {epochs}, found the ViT's at {vit_epochs} (VIT_EPOCH must be one of "
+                         f"EPOCHS)")
     if bad := [g for g, s in groups.items() if s != seeds]:  # averaging them would mix schedules or seeds
-        raise ValueError(f"--paper={out}: {bad[0]}_seed* holds the seeds {sorted(groups[bad[0]])}, pretrain_tpsbt_seed* "
-                         f"{sorted(seeds or [])}: finish the runs, or move an earlier `make paper`'s folders away")
+        raise ValueError(f"--paper={out}: {bad[0]}_seed* holds the seeds {sorted(groups[bad[0]])}, "
+                         f"pretrain_tpsbt_seed* {sorted(seeds or [])}: finish the runs, or move an earlier `make "
+                         f"paper`'s folders away")
     vit_epoch = vit_epochs[0]
 
     def epoch_loss(d, e):  # the mean of an epoch's logged losses

@@ -42,8 +42,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from data import VideoDataset, VideoReadError, atomic_path, device_transform, write_mp4
-from model import (CONFIGS, IMAGENET_MEAN, IMAGENET_STD, SVFAP, SVFAPConfig, count_macs, no_weight_decay,
-                   peak_tflops as device_peak_tflops, tube_mask)
+from model import (CONFIGS, SVFAP, SVFAPConfig, count_macs, no_weight_decay, peak_tflops as device_peak_tflops,
+                   tube_mask, unpatchify)
 
 # -----------------------------------------------------------------------------
 # config: defaults for VoxCeleb2 pre-training of the base model (section 7); config files override them
@@ -163,12 +163,9 @@ def reconstruction_frames(model, video, mask):
     with torch.no_grad():
         recon = model.reconstruct(video, model(video, mask)[1], mask).float()  # (B, 3, T, H, W) in [0, 1]
     model.train(was_training)
-    mean, std = (torch.tensor(v, device=video.device).view(1, 3, 1, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
-    original = (video.float() * std + mean).clamp(0, 1)
-    B, (T, Hg, Wg), p = video.shape[0], cfg.grid, cfg.patch_size
-    pixel_mask = (mask.view(B, T, Hg, Wg).repeat_interleave(cfg.tubelet_size, 1)
-                  .repeat_interleave(p, 2).repeat_interleave(p, 3))  # (B, T, H, W)
-    masked = torch.where(pixel_mask[:, None], torch.full_like(original, 0.5), original)  # grey where masked
+    original = (video.float() * model.std + model.mean).clamp(0, 1)
+    pixel_mask = unpatchify(mask[..., None].expand(-1, -1, cfg.patch_dim), cfg)  # (B, 3, T, H, W): each token's pixels
+    masked = torch.where(pixel_mask, 0.5, original)  # grey where masked
     frames = torch.cat(list(torch.cat([original, masked, recon], dim=-1)), dim=-2)  # (3, T, B*H, 3W)
     scale = max(1, 128 // cfg.img_size)  # tiny demo clips get bigger pixels
     frames = frames.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
