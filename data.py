@@ -10,7 +10,6 @@ skip_frame="NONREF"); anything else, or packet pts that cannot be trusted, makes
 take that as the truth. Left open: a packet that decodes to nothing where no read decodes shifts later positions.
 """
 
-import ast
 import contextlib
 import gc
 import hashlib
@@ -326,12 +325,6 @@ def read_video_clip(path, frame_indices):
     ok). path is a video file or a folder of frame images (.jpg .jpeg .png .bmp). Raises VideoReadError."""
     with open_video(path) as video:
         return video.read(frame_indices)
-
-
-def count_frames(path, exact=True):
-    """Frames a full sequential decode outputs (a folder: its images); exact=False: the quick count."""
-    with open_video(path) as video:
-        return video.frame_count(exact)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -1087,26 +1080,21 @@ def main(argv):
     command, *argv = argv or [""]
     if [command, *argv] == ["--bench"]:
         return bench()
-    valid = {"prepare": ("list", "out", "crop_box", "keep_every", "size", "workers", "root", "replace_prefix"),
-             "demo": ("out", "seed", "train_per_class", "eval_per_class", "pretrain_factor", "size", "num_frames",
-                      "workers")}.get(command, ())
-    if not valid:
+    defaults = {"prepare": dict(list="", out="", crop_box=(), keep_every=4, size=0, workers=os.cpu_count() or 1,
+                                root="", replace_prefix=()),
+                "demo": dict(out="data/demo", seed=0, train_per_class=50, eval_per_class=20, pretrain_factor=10,
+                             size=DEMO_SIZE, num_frames=DEMO_FRAMES, workers=min(2, os.cpu_count() or 1))}.get(command)
+    if defaults is None or not all(a.startswith("--") for a in argv):  # (pretrain's load_config runs config files)
         raise SystemExit(main.__doc__)
-    convert = dict(list=str, out=str, root=str, crop_box=ast.literal_eval, size=ast.literal_eval,
-                   replace_prefix=ast.literal_eval)  # others: int
+    from pretrain import load_config  # the training scripts' --key=value: values typed, unknown keys named
     try:
-        args = {}
-        for arg in argv:
-            key, sep, value = arg[2:].partition("=")
-            if not arg.startswith("--") or not sep or key not in valid:
-                raise SystemExit(f"data.py: unknown argument {arg!r}\n{main.__doc__}")
-            args[key] = convert.get(key, int)(value)
+        args = vars(load_config(defaults, argv))
         if command == "demo":
             return make_demo_dataset(**args)
-        if "list" not in args or "out" not in args:
+        if not (args["list"] and args["out"]):
             raise SystemExit(f"prepare: --list and --out are needed\n{main.__doc__}")
-        return prepare(args.pop("list"), args.pop("out"), **{"workers": os.cpu_count() or 1, **args})
-    except (OSError, ValueError, TypeError, SyntaxError) as e:
+        return prepare(args.pop("list"), args.pop("out"), **{k: v or None for k, v in args.items()})  # (), "", 0: none
+    except (OSError, ValueError) as e:  # pretrain.ConfigError is a ValueError
         raise SystemExit(f"data.py: {e}") from None
 
 
