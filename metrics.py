@@ -42,8 +42,7 @@ def _same_length(y_true, y_pred):
         raise ValueError(f"y_true has {len(y_true)} samples but y_pred has {len(y_pred)}; they must match")
 
 # -----------------------------------------------------------------------------
-# classification metrics: y_pred is labels (B,) or a score matrix (B, C), reduced by argmax (ties go to
-# the lowest index), whose width fixes num_classes; else num_classes=None means 1 + the largest label
+# classification: y_pred labels (B,) or scores (B, C) -> argmax (ties: lowest); num_classes=None: C, or 1 + max label
 
 
 def confusion_matrix(y_true, y_pred, num_classes=None):
@@ -263,8 +262,7 @@ def _spread(values):  # "mean ± sd (min..max)" of percentages
 
 
 def summarize_runs(specs):
-    """Markdown table of repeated runs, a row per "NAME=GLOB" spec: the run directories GLOB matches. A run
-    with a test_predictions.csv (finetune.py) adds its UAR / WAR; its results.json gives wall_time_s."""
+    """A Markdown row per "NAME=GLOB" of run dirs: UAR / WAR of any test_predictions.csv, results.json's wall_time_s."""
     rows = [["runs", "n", "test UAR % mean ± sd (min..max)", "test WAR % mean ± sd (min..max)",
              "UAR % of each run", "wall time per run"], ["---"] + ["---:"] * 5]
     for spec in specs:

@@ -1,7 +1,5 @@
-"""
-SVFAP: masked facial-video autoencoding with the TPSBT encoder, in one file of torch and the standard
-library (copy it into another project). Reading order follows the paper (Sun et al., "SVFAP:
-Self-supervised Video Facial Affect Perceiver", IEEE Trans. Affective Computing 2024):
+"""SVFAP: masked facial-video autoencoding with the TPSBT encoder; one copyable file, torch and the standard library.
+Sections in the paper's order (Sun et al., "SVFAP: Self-supervised Video Facial Affect Perceiver", IEEE TAC 2024):
   1. SVFAPConfig, CONFIGS               sizes and switches of every model in the paper
   2. patchify / tube_mask              input tubelets and the tube masking of pre-training
   3. Attention, Block, SBTBlock         the Transformer pieces (self- and cross-attention through SDPA)
@@ -291,14 +289,12 @@ class TPSBTStage(nn.Module):
         z = self.spatial_attention(x)  # (B, T*K, C) bottleneck tokens
         for blk in self.blocks:
             z = blk(z, context=tokens)  # the full token set stays fixed as context
-        # The reverse block restores all tokens from the bottleneck. In pre-training `tokens` holds only
-        # visible tokens here; the release passed the full unmasked embedding instead, leaking masked pixels.
+        # all tokens from z; in pre-training the visible ones only (the release passed masked ones too, leaking pixels)
         return self.reverse_block(tokens, context=z).view(B, T, S, C)
 
 class PatchEmbed(nn.Module):
-    """Tubelet embedding. The weight is a Conv3d's (C, c, kt, p, p) so the release's checkpoints load, but
-    it is applied as a Linear over patchified tubelets: the same function, faster on the CPU, and it lets
-    pre-training embed only the visible tubelets."""
+    """Tubelet embedding: a Conv3d's weight (C, c, kt, p, p), so release checkpoints load, applied as a Linear over
+    patchified tubelets: the same function, faster on the CPU, and pre-training embeds only the visible tubelets."""
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -313,8 +309,7 @@ class PatchEmbed(nn.Module):
         return F.linear(patches, weight, self.proj.bias)  # (B, N or N_vis, C)
 
 def token_order(mask):
-    """(B, N) bool -> (B, N) token indices: the visible ones, then the masked ones, each in increasing order.
-    Gathering with these (rather than boolean indexing) keeps every shape known without reading the mask."""
+    """(B, N) bool -> (B, N) indices, visible then masked, ascending: gathers know shapes without reading the mask."""
     return torch.argsort(mask.to(torch.int8), dim=1, stable=True)
 
 def gather_tokens(x, idx):
@@ -337,8 +332,7 @@ class TPSBT(nn.Module):
         self.apply(init_weights)
 
     def block_names(self):
-        """Module names of all blocks in the release's global order (blocks.0 .. blocks.N1+N2+N3-1): stage by
-        stage, its blocks, then its reverse block."""
+        """Block names in the release's order (blocks.0 .. blocks.N1+N2+N3-1): per stage, blocks, then reverse block."""
         return [name for name, m in self.named_modules() if isinstance(m, Block)]
 
     def forward(self, video, mask=None, return_all_stages=False):
@@ -370,8 +364,7 @@ class TPSBT(nn.Module):
         return outputs if return_all_stages else x
 
 def init_weights(m):
-    """Xavier-uniform Linear weights (as the release's pre-training), zero biases, unit LayerNorms; the
-    patch embedding like a Linear on flattened tubelets (as MAE)."""
+    """Xavier-uniform Linears (as release pre-training) and flattened patch embedding (as MAE); zero bias, unit LNs."""
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
         if m.bias is not None:
@@ -420,9 +413,8 @@ class SVFAP(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
 
     def multiscale_fusion(self, stage_outputs):
-        """Sum the stage outputs after nearest-neighbour upsampling in time: stage s output (B, T_s, S_vis, C)
-        repeats each slice T_1/T_s times, so every token stays at its own spatial position.
-        (The release regrouped tokens with the wrong temporal length, moving them to other positions.)"""
+        """Sum of the stage outputs (B, T_s, S_vis, C), each slice repeated T_1/T_s times (nearest in time) so tokens
+        keep their spatial positions; the release regrouped with the wrong temporal length, moving tokens elsewhere."""
         T1 = stage_outputs[0].shape[1]
         parts = stage_outputs if self.cfg.multiscale_fusion else stage_outputs[-1:]
         return sum(x.repeat_interleave(T1 // x.shape[1], dim=1) for x in parts)  # (B, T1, S_vis, C)
@@ -462,9 +454,8 @@ class SVFAP(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, video, pred, mask):
-        """Pixels in [0, 1], (B, c, T, H, W): visible tubelets from the input, masked ones from pred. With
-        norm_pix_loss the prediction is de-normalised with the true patch's mean and std: that borrows
-        information the model never saw, so the picture flatters the model."""
+        """Pixels in [0, 1], (B, c, T, H, W): visible tubelets from the input, masked ones from pred. norm_pix_loss
+        de-normalises pred with the true patch's mean and std, unseen by the model: the picture flatters it."""
         cfg = self.cfg
         pixels = patchify(video.float() * self.std + self.mean, cfg.tubelet_size, cfg.patch_size)
         B, N, D = pixels.shape
@@ -508,9 +499,8 @@ class SVFAPClassifier(nn.Module):
 # 8. Importing the authors' released checkpoints --------------------------------------------------------
 
 def official_key_map(model, pretraining_layout):
-    """{release key: our key} for every tensor of `model` that a release checkpoint can hold. The release
-    numbers blocks over all stages (blocks.i) and gives stage s its downsamples.{s-1}; it prefixes encoder
-    keys with "encoder." in pre-training checkpoints and not in fine-tuned ones."""
+    """{release key: our key} for each tensor of `model` a release checkpoint can hold. The release numbers blocks
+    across stages (blocks.i), names stage s's downsamples.{s-1}; encoder keys start "encoder." in pre-training only."""
     pre, block_ids = "encoder." if pretraining_layout else "", {n: i for i, n in enumerate(model.encoder.block_names())}
     key_map = {}
     for k in model.state_dict():
@@ -523,9 +513,8 @@ def official_key_map(model, pretraining_layout):
     return key_map
 
 def load_official_state_dict(model, state_dict):
-    """Load a checkpoint of the authors' release (pre-training or fine-tuned layout; a dict holding "model"
-    or "module", or a bare state dict) into SVFAP or SVFAPClassifier. Returns (missing, unused): our keys
-    left at their initial values and release keys that had no place. A shape mismatch raises ValueError."""
+    """Load a release checkpoint (pre-training or fine-tuned; bare or in "model" / "module") into SVFAP/SVFAPClassifier.
+    Returns (missing: our keys left initial, unused: release keys with no place); a shape mismatch raises ValueError."""
     state_dict = next((state_dict[k] for k in ("model", "module") if isinstance(state_dict.get(k), dict)), state_dict)
     src = {k.removeprefix("module."): v for k, v in state_dict.items()}  # saved from a DDP wrapper
     key_map = official_key_map(model, pretraining_layout=any(k.startswith("encoder.") for k in src))
@@ -614,9 +603,8 @@ class OpCount(TorchDispatchMode):
 
 def bench_steps(cfg, device, batch, stage, steps=10, compile=False, dtype=torch.bfloat16, rounds=3):
     """Time training steps of SVFAP ("pretrain") or SVFAPClassifier ("finetune", drop path 0.1 as the recipes) on a
-    synthetic batch on `device`: autocast to dtype (none for float32), backward, fused AdamW; torch.compile'd if
-    `compile` (True or a backend). Returns {ms (per step, best of rounds), clips_s, gmacs (forward, per clip), mfu
-    (None: no known peak), peak_mb, ops (OpCount of an eager step, None compiled)}."""
+    synthetic batch: autocast to dtype (off for float32), fused AdamW, compiled if `compile` (True or backend). Returns
+    {ms (per step, best round), clips_s, gmacs (forward/clip), mfu (None: no peak), peak_mb, ops (eager OpCount)}."""
     device = torch.device(device)
     cuda, pretrain = device.type == "cuda", stage == "pretrain"
     sync = torch.cuda.synchronize if cuda else lambda device: None  # timings wait for the queued GPU work
