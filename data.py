@@ -2,12 +2,11 @@
 Data for SVFAP: from face videos on disk to clips on the device. Sections: 1. annotation files, 2. reading frames,
 3. sampling, 4. transforms, 5. VideoDataset, 6. tools (atomic writes, mp4 files, prepare, bench), 7. the demo dataset.
 
-Frame i of a video is the i-th frame a full sequential decode of its first video stream (not cover art) outputs.
-Opening a video reads its packets (no decoding); their headers give a quick index of pts and keyframes (container
-frame counts are never used). A read decodes from the last keyframe at or before the first wanted frame, checking
-that each frame carries the pts the index expects (the only gaps accepted: unwanted frames skipped with
-skip_frame="NONREF"); anything else, or packet pts that cannot be trusted, makes it decode all packets in order and
-take that as the truth. Left open: a packet that decodes to nothing where no read decodes shifts later positions.
+Frame i is the i-th frame a full sequential decode of the first video stream (not cover art) outputs. Opening reads
+packets undecoded; their headers give a quick pts and keyframe index (never container frame counts). A read decodes
+from the last keyframe at or before the first wanted frame, checking frame pts against the index (gaps only where
+skip_frame="NONREF" skipped unwanted frames); a mismatch or untrusted packet pts makes it decode all packets in order
+as the truth. Left open: a packet decoding to nothing where no read decodes shifts later positions.
 """
 
 import contextlib
@@ -39,10 +38,9 @@ NUMBER = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"  # what float() reads, less na
 
 
 class AnnotationList:
-    """An annotation file's entries in a few numpy arrays, no Python object per entry (a DataLoader worker touching
-    such objects copies the pages they live on): the paths as written in one bytes buffer, line numbers, values.
-    path(i) resolves against `root` (default: the file's folder) after replace_prefix=(old, new) rewrote a path that
-    starts with old, so the authors' split files (/data/ycs/AC/Dataset/DFEW/...) work unchanged."""
+    """An annotation file's entries as numpy arrays (paths as written in one bytes buffer, line numbers, values), not
+    one Python object each (a DataLoader worker touching those copies their pages). path(i) joins `root` after
+    replace_prefix=(old, new) swaps a leading old: the authors' lists (/data/ycs/AC/Dataset/DFEW/...) work."""
 
     def __init__(self, path, root=None, replace_prefix=None):
         self.replace_prefix = replace_prefix
@@ -94,8 +92,7 @@ class _FrameOutOfRange(VideoReadError):
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
-# FFmpeg's own decoders, which apply skip_frame to the packet being sent; wrappers such as libdav1d queue
-# packets and would apply it to the wrong frame (harmless, the check catches it, but then nothing is gained)
+# FFmpeg's own decoders apply skip_frame to the packet sent; queueing wrappers (libdav1d) misapply it: caught, no gain
 SKIP_NONREF_DECODERS = ("h264", "hevc", "mpeg4", "mpeg2video", "mpeg1video", "vp8", "vp9")
 ATTACHED_PIC = 0x400  # AV_DISPOSITION_ATTACHED_PIC: a video stream that is cover art
 _thread_state = threading.local()  # per thread: swscale contexts, reused from frame to frame
@@ -118,8 +115,7 @@ def _scaled_size(height, width, size):
 
 
 class _Clip:
-    """One read: its frames by position as they decode, then stacked to uint8 (T, h, w, 3). Each is RGB with the
-    crop box (top, bottom, left, right) cut out and scaled to `size` (_scaled_size) by swscale in the same pass."""
+    """One read: RGB frames, crop_box cut out and scaled to `size` (_scaled_size), stacked to uint8 (T, h, w, 3)."""
 
     def __init__(self, path, indices, crop_box=None, size=None):
         self.indices = [int(i) for i in indices]
@@ -299,8 +295,7 @@ def open_video(path):
     if not stat.S_ISREG(mode):
         raise VideoReadError(f"{path}: not a regular file or a folder (a pipe or device could block forever)")
     try:
-        # skip_frame=all applies to the probing decoders only: without it, opening decodes the first frames
-        # (a keyframe) just to learn the pixel format. Our decoder is a separate context.
+        # skip_frame=all stops the probing decoders (not ours) decoding a keyframe just to learn the pixel format
         container = av.open(path, metadata_errors="ignore", options={"skip_frame": "all"})
     except av.error.FFmpegError as e:
         raise VideoReadError(f"{path}: not a readable video ({e.strerror or e})") from e
@@ -353,8 +348,7 @@ def uniform_clip_starts(total, span, num_clips):
 
 
 # -----------------------------------------------------------------------------------------------------
-# 4. Transforms: the worker cuts the crop box and scales while converting to RGB (_Clip) and draws the
-# multi-scale crop and flip; the device applies them and normalises (device_transform).
+# 4. Transforms: workers cut and scale (_Clip) and draw multi-scale crops and flips, which device_transform applies
 
 MULTISCALE_SCALES = (1.0, 0.875, 0.75, 0.66)
 VOXCELEB2_CROP_BOX = (0, 160, 32, 192)  # rows 0-160, columns 32-192 of a 224x224 frame: the face
@@ -389,13 +383,11 @@ def _bilinear_taps(start, length, size):
 
 
 def device_transform(frames, boxes, img_size):
-    """uint8 frames (..., T, 3, H, W) on the device -> float32 (..., 3, T, img_size, img_size) for the model:
-    each clip's box (..., 5) = (top, left, height, width, flip) cut out and resized to img_size (bilinear,
-    align_corners=False: F.interpolate's values), mirrored where flip is 1, scaled to [0, 1], normalised
-    (ImageNet mean, std); boxes=None (evaluation views): only the last two. Batched gathers: no loop over clips,
-    no device-to-host sync. The release does all this in the workers and sends float32 (docs/release.md,
-    difference 6): the model sees its values up to 8-bit rounding, but a source larger than img_size
-    (DFEW's 256 px) is scaled in the worker first, so a 0.66 crop is upsampled from 105 px, not cut from 168."""
+    """uint8 frames (..., T, 3, H, W) -> float32 (..., 3, T, img_size, img_size): each clip's box (..., 5) = (top, left,
+    height, width, flip) cut out, resized like F.interpolate (bilinear, align_corners=False), mirrored if flip, scaled
+    to [0, 1], ImageNet-normalised; boxes=None (eval views): only the last two. Batched: no per-clip loop or host sync.
+    The release does this in workers, sending float32 (docs/release.md, difference 6): equal up to 8-bit rounding, but
+    it scales a source over img_size (DFEW's 256 px) first: a 0.66 crop is upsampled from 105 px, not cut from 168."""
     lead, (T, C, H, W), S = frames.shape[:-4], frames.shape[-4:], img_size
     x = frames.reshape(-1, T, C, H, W).transpose(1, 2)  # (B, 3, T, H, W), a view
     if boxes is not None:
@@ -426,18 +418,16 @@ class VideoDataset(AnnotationList, torch.utils.data.Dataset):
     """Clips of the videos an annotation file lists, as uint8 frames plus what device_transform needs.
 
     mode "pretrain": (frames uint8 (k, T, 3, S, S), boxes int64 (k, 5), mask bool (k, N), broken), S = img_size;
-        k = repeated_sampling clips from one decoded range of at most two windows, each with its own window,
-        crop and flip; mask = model.tube_mask for mask_cfg (default SVFAPConfig(img_size, num_frames)).
+        k = repeated_sampling clips, each with its own window, crop and flip, from one decoded range of at most
+        two windows; mask = model.tube_mask for mask_cfg (default SVFAPConfig(img_size, num_frames)).
     mode "train": (frames uint8 (T, 3, S, S), boxes int64 (5,), target int64 () or float32 (D,), broken).
-    mode "eval": (views uint8 (V, T, 3, S, S), target, index), V = num_clips * num_crops (clip-major): the
-        short side scaled to S, num_crops crops along the long side; index = the sample's place in the list.
-    Frames: crop_box (top, bottom, left, right) is cut out, then scaled to S x S (non-square frames are squashed: give
-    a crop_box); boxes = (top, left, height, width, flip): the paper's multi-scale crop and a flip. All that is random
-    (windows, crops, flips, mask, a broken file's stand-in) draws from a generator seeded with item_seed(seed, epoch,
-    index) of ds[(epoch, index)] (ds[index]: epoch 0): the same clips for any worker count, fetch order or resume.
-    Labels are checked against num_outputs (classes, or D values); None (reconstructions, --extract): the target empty.
-    Broken files (a misfitting crop box too): pretrain and train skip them with a warning, and `broken` (int64 ())
-    counts them for pretrain.count_broken to add up; eval raises naming the file (check with unreadable())."""
+    mode "eval": (views uint8 (V, T, 3, S, S), target, index), V = num_clips * num_crops clip-major (eval_crops).
+    crop_box (top, bottom, left, right) is cut out, then scaled to S x S (non-square frames squash: give a crop_box);
+    boxes: the paper's multi-scale crop and flip. All randomness (a broken file's stand-in too) comes from
+    item_seed(seed, epoch, index) for ds[(epoch, index)] (ds[index]: epoch 0): same clips for any worker count, fetch
+    order or resume. Labels are checked against num_outputs (classes or D values; None: empty target, for
+    reconstructions, --extract). Pretrain and train warn and skip broken files (or a misfitting crop box), counted in
+    `broken` (int64 ()) for pretrain.count_broken; eval raises naming the file (check with unreadable())."""
     fail_floor = 1000  # also the most files one item tries
 
     def __init__(self, annotation_file, mode, img_size=160, num_frames=16, sampling_rate=4, crop_box=None,
@@ -487,8 +477,7 @@ class VideoDataset(AnnotationList, torch.utils.data.Dataset):
         return torch.tensor(self.targets[index], dtype=torch.float32 if self.task == "regression" else torch.int64)
 
     def unreadable(self, indices=None):
-        """[(line_number, path, reason)] of the entries (of `indices`, default all) that do not open or whose frame 0
-        misfits crop_box (evaluation never skips)."""
+        """[(line_number, path, reason)] of entries (`indices`, default all) that fail to open or misfit crop_box."""
         bad = []
         listed = tqdm(range(len(self)) if indices is None else indices, unit="file", leave=False,
                       desc=f"checking {os.path.basename(self.annotation_file)}")
@@ -551,8 +540,7 @@ class VideoDataset(AnnotationList, torch.utils.data.Dataset):
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """A temporary path in path's folder to write to: on success it is fsynced and renamed to path, on an
-    exception removed. Readers see the old file or the new one, never a half-written one."""
+    """A temporary path beside path, fsynced and renamed to it on success, removed on error: never half-written."""
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         yield tmp
@@ -566,8 +554,7 @@ def atomic_path(path):
 
 
 def write_mp4(path, frames, fps=25, options=None):
-    """Write uint8 frames (H, W, 3), an array (T, H, W, 3) or any iterable, to an H.264 mp4 through PyAV,
-    atomically; one encoder thread, so the same frames always give the same bytes."""
+    """uint8 frames (T, H, W, 3), or any iterable, atomically to H.264 mp4; one encoder thread: reproducible bytes."""
     with atomic_path(path) as tmp, av.open(tmp, "w", format="mp4") as container:
         stream = None
         for frame in frames:
@@ -618,8 +605,7 @@ def _prepare_one(job):
 
 
 def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1, root=None, replace_prefix=None):
-    """Training-ready copies of list_file's videos or frame folders (docs/data.md), an H.264 mp4 each under out/clips;
-    returns out/<name of list_file>, their list. root and replace_prefix as in VideoDataset."""
+    """Training-ready mp4s of list_file's videos in out/clips (docs/data.md); returns their list, out/<list name>."""
     if keep_every not in (1, 2, 4):
         raise ValueError(f"prepare: keep_every={keep_every} must be 1, 2 or 4 (it divides the sampling rate 4)")
     if os.path.abspath(out) == os.path.dirname(os.path.abspath(list_file)):
@@ -681,8 +667,7 @@ BENCH_DIR = os.path.join(tempfile.gettempdir(), "svfap_bench")
 
 
 def bench(num_clips=8, rounds=3):
-    """CPU time a DataLoader worker spends per pre-training clip (16 x 160 px, VoxCeleb2's crop box) from raw
-    and from prepared files, and the device-side transform's cost on the CPU; torch threads 1, best of rounds."""
+    """A worker's CPU time per pre-training clip (16 x 160 px) from raw and prepared files, and device_transform's."""
     torch.set_num_threads(1)  # "per worker": DataLoader workers run torch with one thread
     os.makedirs(BENCH_DIR, exist_ok=True)
     raw_list, prepared = os.path.join(BENCH_DIR, "raw.txt"), os.path.join(BENCH_DIR, "prepared")
@@ -718,19 +703,17 @@ def bench(num_clips=8, rounds=3):
 
 
 # -----------------------------------------------------------------------------------------------------
-# 7. Demo dataset: `python data.py demo` (docs/demo.md). NOT NEEDED TO LEARN THE METHOD: a reader may skip it.
-# The project's "shakespeare_char", face clips moving from neutral to an expression apex, like aligned DFEW crops.
-# People differ in colour, size of features, lighting and hair far more than in where the features sit: the tiny
-# TPSBT learns from scratch from faces aligned within about a pixel (as after landmark alignment) and stays at chance
-# for hundreds of steps when features jitter by several.
+# 7. Demo dataset: `python data.py demo` (docs/demo.md), NOT NEEDED TO LEARN THE METHOD. The project's
+# "shakespeare_char": faces going from neutral to an expression apex, like aligned DFEW crops. People vary in colour,
+# feature size, lighting and hair, barely in feature position: the tiny TPSBT learns from scratch on faces aligned
+# within a pixel (as after landmark alignment) but stays at chance for hundreds of steps if they jitter by several.
 
 DEMO_CLASSES = ("happy", "sad", "angry", "surprise", "disgust", "fear")
 DEMO_SIZE = 64           # frames are written at the tiny preset's img_size: no resize at load time
 DEMO_FRAMES = 16         # the model's 16 frames at sampling rate 1: the clip is one window
 
-# The expression apex of each class as offsets from the neutral face: in face units (1 unit = ~42 px in a 64 px
-# frame; eye_open and mouth_width relative) for actions that move brows, lids and lips; 0..1 for the marks action
-# units leave (forehead lines AU1+2, brow_center AU1, glabella AU4, chin AU17, press AU24; wrinkles, cheeks, teeth).
+# Class apexes as offsets from neutral: face units for moves (1 = ~42 px at 64 px; eye_open, mouth_width relative), 0..1
+# for marks (AU1+2 forehead, AU1 brow_center, AU4 glabella, AU17 chin, AU24 press; wrinkles, cheeks, teeth).
 DEMO_APEX = {
     "happy":    dict(smile=0.22, mouth_open=0.10, mouth_width=0.25, eye_open=-0.45, cheek=1.0, teeth_upper=1.0),
     "sad":      dict(brow_inner=0.18, brow_raise=-0.02, smile=-0.18, eye_open=-0.30, mouth_width=-0.10,
@@ -859,8 +842,7 @@ def render_demo_clip(ident, plan, size=DEMO_SIZE, num_frames=DEMO_FRAMES):
         r = slice(to_pixel(fy.min(), -2), to_pixel(fy.max(), 3))
         return X[:, r, c], Y[:, r, c], img[:, :, r, c], bare[:, r, c]
 
-    # what moves, per frame (T,1,1): the actions rise from neutral at the onset to the apex (a smoothstep)
-    # and hold; the eyes' opening follows the expression and closes over ~3 frames at each blink
+    # per frame (T,1,1): actions rise (smoothstep) from neutral at the onset to the apex and hold; blinks take ~3 frames
     t = np.arange(T, dtype=f32)
     u = np.clip((t - plan["onset"]) / plan["rise"], 0, 1)
     e = plan["intensity"] * u * u * (3 - 2 * u)
@@ -982,9 +964,8 @@ def _lower_face(region, ident, act, aa):
 
 
 def demo_splits(seed=0, train_per_class=50, eval_per_class=20, pretrain_factor=10, clips_per_identity=2):
-    """The plan of the whole dataset: {split: [(clip_id, identity, label), ...]}, labels balanced in every
-    split. Train and pretrain (distinct clips) draw people from one pool (a person may appear in both, as in
-    any unlabeled crawl); val and test each get their own people, disjoint from all others."""
+    """The dataset's plan: {split: [(clip_id, identity, label), ...]}, labels balanced in every split. Train and
+    pretrain (distinct clips) share a pool of people (as in any unlabeled crawl); val and test each have their own."""
     r = np.random.default_rng([seed, 2])
     n_train, n_eval = train_per_class * len(DEMO_CLASSES), eval_per_class * len(DEMO_CLASSES)
     sizes = {"train": n_train, "val": n_eval, "test": n_eval, "pretrain": pretrain_factor * n_train}
@@ -1019,8 +1000,7 @@ def _make_clip(out, seed, clip_id, identity, label, size, num_frames):
 
 
 def write_class_picture(path, seed=0, size=DEMO_SIZE, num_frames=DEMO_FRAMES, columns=4, people=3, magnify=2):
-    """The README's picture, a PNG written with PyAV's encoder (no PIL): one row per class (in label order);
-    for each of `people` people (from light to dark skin) `columns` frames from neutral to apex."""
+    """The README's PNG: a row per class of `columns` frames, neutral to apex, per person (light to dark skin)."""
     candidates = [demo_identity(seed + 1000, i) for i in range(30)]
     order = np.argsort([-c["skin"].sum() for c in candidates])
     chosen = [int(order[round(k * (len(order) - 1) / max(people - 1, 1))]) for k in range(people)]
