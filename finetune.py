@@ -1,37 +1,29 @@
 """
-Fine-tunes the TPSBT encoder for facial affect: classification (dynamic facial expressions: DFEW, FERV39k,
-MAFW, ...) or regression (dimensional emotion, personality), as section 5 and 7 of the reference.
+Fine-tunes the TPSBT encoder for facial affect: classification (dynamic facial expressions: DFEW, FERV39k, MAFW, ...)
+or regression (dimensional emotion, personality), as sections 5 and 7 of the reference.
 
     python finetune.py config/finetune_demo.py --init_from=out/pretrain_demo/ckpt.pt
     torchrun --standalone --nproc_per_node=4 finetune.py config/finetune_dfew.py --fold=1 --init_from=CKPT
-    # cross-validation: one run per fold, then one report over the pooled test predictions
-    for f in 1 2 3 4 5; do python finetune.py config/finetune_dfew.py --fold=$f --init_from=CKPT; done
-    python metrics.py out/finetune_dfew/fold*/test_predictions.csv
-    # evaluate a checkpoint on the config's val and test lists, without training
-    python finetune.py config/finetune_demo.py --eval_only=True --ckpt=out/finetune_demo/best.pt
-    # per-class probabilities (or regression values) of face videos, averaged over the evaluation views
-    python finetune.py --predict=a.mp4 --predict=b.mp4 --ckpt=out/finetune_demo/best.pt
-    # clip features of every line of a list (labels optional), for a linear probe or retrieval
-    python finetune.py --extract=LIST --ckpt=CKPT --out_dir=DIR
-    # what the K bottleneck tokens of each TPSBT stage look at in one video
-    python finetune.py --explain=VIDEO --ckpt=CKPT --out=bottleneck.png
+    for f in 1 2 3 4 5; do python finetune.py config/finetune_dfew.py --fold=$f --init_from=CKPT; done  # 5-fold CV
+    python metrics.py out/finetune_dfew/fold*/test_predictions.csv  # one report over the pooled folds
+    python finetune.py config/finetune_demo.py --eval_only=True --ckpt=out/finetune_demo/best.pt  # val and test metrics
+    python finetune.py --predict=a.mp4 --predict=b.mp4 --ckpt=out/finetune_demo/best.pt  # per-class probabilities
+    python finetune.py --extract=LIST --ckpt=CKPT --out_dir=DIR  # clip features (linear probe, retrieval)
+    python finetune.py --explain=VIDEO --ckpt=CKPT --out=bottleneck.png  # where each stage's K bottleneck tokens look
 
-Configuration works as in pretrain.py (see its docstring); paths containing "{fold}" take the value of --fold.
-init_from: "scratch", "resume" (out_dir/ckpt.pt), a pretrain.py checkpoint (its encoder and the encoder's shape,
-this config's model_args such as drop_path on top) or one of the authors' release (its width, depths and heads
-from the file, printed; the rest of the shape from `model` and `model_args`).
+Configuration as in pretrain.py; "{fold}" in a path becomes --fold's value. init_from: "scratch", "resume"
+(out_dir/ckpt.pt), a pretrain.py checkpoint (its encoder and shape, with this config's model_args such as drop_path
+on top) or a release one (width, depths and heads from the file, printed; the rest from `model` and `model_args`).
 
-Evaluation averages the softmax probabilities (or regression outputs) of num_clips x num_crops views per video
-and never skips one (val_list and test_list are checked at start-up). val is evaluated every eval_every epochs and
-after the last: best.pt (weights, config) and val_predictions.csv keep the epoch of the best `best_metric`; test at
-the end, with the model of the best val epoch (test_predictions.csv) and the last one (test_predictions_last.csv).
-The release chose its best epoch on test (DFEW's val lists are its test lists): when val and test share videos this
-script says so loudly. Also in out_dir: ckpt.pt (for resume), log.jsonl, results.json.
+Evaluation averages the softmax probabilities (or regression outputs) of num_clips x num_crops views per video and
+skips no video (val_list and test_list are checked at start-up). val runs every eval_every epochs and after the last;
+best.pt (weights, config) and val_predictions.csv keep the best epoch by `best_metric`. At the end, test scores that
+epoch's model (test_predictions.csv) and the last (test_predictions_last.csv), into results.json; the log is log.jsonl.
+The release picked its best epoch on test (DFEW's val lists are its test lists); a val/test overlap gets a loud warning.
 
---extract writes DIR/features.npy, float32 (N, C), a row per line of LIST in list order (the clip embedding averaged
-over the views: fc_norm's output for a finetune.py checkpoint or a release one that holds fc_norm, else the mean-pooled
-last-stage tokens), and DIR/features.csv. Data settings (crop_box, sampling_rate, num_clips, ...) come from the config
-and command line for --extract and eval_only; --predict and --explain take them from the run that wrote the checkpoint.
+--extract writes DIR/features.npy (float32 (N, C), a row per line of LIST, labels optional: the view-averaged clip
+embedding, fc_norm's output if the checkpoint has fc_norm, else the last-stage tokens' mean) and DIR/features.csv.
+--extract and eval_only take data settings (crop_box, ...) from this run; --predict, --explain from the checkpoint's.
 """
 import math
 import os
@@ -230,16 +222,14 @@ def smooth_one_hot(target, num_classes, smoothing):
 
 
 def mixup_cutmix(video, soft_target, mixup_alpha, cutmix_alpha, switch_prob=0.5, generator=None):
-    """Mix every clip with the batch in reverse order (timm's Mixup, mode "batch"), lam ~ Beta(alpha, alpha).
-    Mixup blends the pixels lam : 1 - lam; cutmix pastes one box of the partner's frames (the same box in
-    every frame) and sets lam to the area kept. Targets mix with the same lam. With both on, a batch uses
-    cutmix with probability switch_prob. video (B, 3, T, H, W), soft_target (B, C)."""
+    """Mix each clip with the reversed batch's (timm's Mixup, mode "batch"), lam ~ Beta(alpha, alpha): mixup blends
+    pixels lam : 1 - lam, cutmix pastes one box of the partner's frames (the same in every frame), lam = the area kept;
+    targets mix by lam. With both on, cutmix has probability switch_prob. video (B, 3, T, H, W), soft_target (B, C)."""
     H, W, dev = video.shape[-2], video.shape[-1], video.device
     rand = lambda: torch.rand((), generator=generator, device=dev)
     use_cutmix = torch.full((), cutmix_alpha > 0, device=dev) & ((mixup_alpha <= 0) | (rand() < switch_prob))
     alpha = torch.where(use_cutmix, cutmix_alpha, mixup_alpha).float()
-    # Beta(alpha, alpha) the way torch.distributions.Beta draws it, but with a generator and without the
-    # argument validation that reads values back to the host
+    # Beta(alpha, alpha) drawn as torch.distributions.Beta does, with a generator and no host-syncing argument checks
     lam = torch._sample_dirichlet(alpha.expand(2).contiguous(), generator=generator)[0]
     cut_h, cut_w = (H * (1 - lam).sqrt()).floor(), (W * (1 - lam).sqrt()).floor()
     cy, cx = (rand() * H).floor(), (rand() * W).floor()  # the box centre, clipped at the border below
@@ -253,9 +243,8 @@ def mixup_cutmix(video, soft_target, mixup_alpha, cutmix_alpha, switch_prob=0.5,
 
 
 def random_erasing(video, prob, min_area=0.02, max_area=1 / 3, min_aspect=0.3, generator=None):
-    """timm's RandomErasing (mode "pixel", one box) as the release applies it: each frame on its own, with
-    probability prob, gets a box of normal noise (of 10 tries drawn at once, the first that fits).
-    video (B, 3, T, H, W), normalised, so the noise has the data's scale."""
+    """timm's RandomErasing (mode "pixel", one box) as the release applies it: each frame on its own, with probability
+    prob, gets a box of normal noise (first fit of 10 tries), matching the normalised video (B, 3, T, H, W) in scale."""
     B, C, T, H, W = video.shape
     rand = lambda *shape: torch.rand(shape, generator=generator, device=video.device)
     area = H * W * (min_area + (max_area - min_area) * rand(B, T, 10))
@@ -294,9 +283,8 @@ def eval_dataset(c, key, mc, d):
 
 @torch.no_grad()
 def evaluate(score_fn, dataset, d, c):
-    """(indices (N,), scores (N, C)) of every video of an "eval" dataset on every rank: score_fn of each view (for
-    classification its softmax probabilities, as the release's merge step) averaged over the views. Each process
-    takes every world_size-th video (no padding: no video counted twice); the result equals one process's."""
+    """(indices (N,), scores (N, C)) of all videos, on every rank: score_fn per view (softmax for classification, as the
+    release merges) averaged. Ranks take every world_size-th video, unpadded: as one process, no video counted twice."""
     loader = DataLoader(Subset(dataset, range(d.rank, len(dataset), d.world_size)), c.eval_batch_size,
                         num_workers=c.num_workers, pin_memory=d.device.type == "cuda", generator=torch.Generator())
     indices, scores = [], []
@@ -392,8 +380,7 @@ def release_shape(state, mc):
 
 
 def checkpoint_model(c, encoder_ok=False):
-    """(model in eval mode, the config of the run that wrote it, setup(c)) of a finetune.py --ckpt; with encoder_ok
-    (--extract) also of a pretrain.py or release checkpoint, its encoder loaded as init_from does (config None)."""
+    """(eval-mode model, its run's config, setup(c)) of a finetune.py --ckpt, or any with encoder_ok (config None)."""
     ckpt = load_checkpoint(c.ckpt)
     finetuned = "model_config" in ckpt and ckpt.get("config", {}).get("task") is not None
     if not finetuned and not encoder_ok:
@@ -464,9 +451,8 @@ def extract_features(c):
 
 @torch.no_grad()
 def explain_video(c):
-    """--explain: per stage a row per bottleneck token, a column per temporal slice of the video's middle clip, each
-    cell the slice's middle frame under the token's softmax weights over its positions (dark 0, red half the
-    maximum, yellow the maximum). Returns the frames uint8 (T, S, S, 3) and each stage's weights (T_s, P, K)."""
+    """Per stage a row per bottleneck token, a column per time slice of the middle clip: its middle frame under the
+    token's spatial softmax (dark 0, red max/2, yellow max). Returns frames uint8 (T, S, S, 3), weights (T_s, P, K)."""
     if not os.path.isfile(c.explain):
         raise ConfigError(f"--explain={c.explain}: video not found")
     ckpt = load_checkpoint(c.ckpt)

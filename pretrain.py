@@ -8,16 +8,13 @@ Pre-trains SVFAP's TPSBT encoder by masked autoencoding of unlabelled face video
     torchrun --nnodes=2 --node_rank=NODE --nproc_per_node=4 --master_addr=IP_OF_NODE_0 --master_port=29500 \\
         pretrain.py config/pretrain_voxceleb2_base.py
 
-Configuration, nanoGPT style: the config block's globals are the defaults; arguments apply in order: a path is
-a config file of plain assignments (config/*.py), --key=value sets one key, --model_args.FIELD=value one
-SVFAPConfig field of the `model` preset, and a list key (finetune.py's `predict`) grows by one item per use.
-batch_size counts videos per optimiser step over all processes and accumulation steps, so a recipe means the
-same on 1 or 8 GPUs; lr = base_lr * clips per step / 256, clips per step = batch_size * repeated_sampling.
+Configuration, nanoGPT style: config files (config/*.py), --key=value and --model_args.FIELD=value (an SVFAPConfig
+field) override the defaults below in order; a list key (`predict`) may repeat. batch_size: videos per optimiser step
+over all processes and micro-steps (one recipe for any GPU count); lr = base_lr * batch_size * repeated_sampling / 256.
 
-Outputs in out_dir: ckpt.pt (written atomically), log.jsonl (a JSON object per logged iteration), results.json, and
-with each checkpoint recon_iterNNNNNNN_*.mp4: original | masked input | reconstruction ("denorm-with-true-patch-stats":
-with norm_pix_loss the picture uses the true patches' mean and std, which the model never saw, so it flatters the
-model). --init_from=resume continues from ckpt.pt, mid-epoch too, with the uninterrupted run's losses.
+out_dir gets ckpt.pt (written atomically), log.jsonl (a line per log step), results.json and, per checkpoint,
+recon_iterNNNNNNN_*.mp4: original | masked input | reconstruction ("denorm-with-true-patch-stats": with norm_pix_loss,
+uses true patch stats the model never saw: flattering). Resuming, mid-epoch too, gives the uninterrupted run's losses.
 """
 
 import argparse
@@ -330,8 +327,7 @@ Dist = namedtuple("Dist", "ddp rank local_rank world_size device master dtype")
 
 
 def setup(c, training=True):
-    """This process's device and dtype, its process group under torchrun (NCCL on CUDA, gloo on the CPU), out_dir;
-    training=False (evaluation, --predict, --extract): no training settings checked."""
+    """Device, dtype, torchrun process group (NCCL on CUDA, else gloo), out_dir; training=False: no batch_size check."""
     name = ("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but CUDA is not available; use device=cpu")
@@ -409,9 +405,8 @@ def param_groups(model, weight_decay, layer_decay=1.0, head_lr_scale=1.0):
 # --- the training loop -------------------------------------------------------------------
 def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter, example,
         after_save=lambda iter_num: None, after_epoch=None, extra_state=dict):
-    """Train `model` on `dataset` for c.epochs (or c.max_iters), from `checkpoint` (resume) or the start.
-    after_epoch(epoch, iter_num, last) runs after each epoch (validation), after_save(iter_num) after each checkpoint
-    on rank 0, and extra_state() adds entries to the checkpoint. Returns (epochs done, last logged loss)."""
+    """Train from `checkpoint` (or anew) to c.epochs or c.max_iters; after_epoch(epoch, iter_num, last) runs per epoch,
+    after_save(iter_num) per save (rank 0); extra_state() adds to checkpoints. Returns (epochs, last logged loss)."""
     micro_batch = c.batch_size // (d.world_size * c.grad_accum)
     n_iter_epoch = len(dataset) // (d.world_size * micro_batch * c.grad_accum)
     if n_iter_epoch == 0:
@@ -655,8 +650,7 @@ def run(main, argv, script, doc="", defaults=None):
 
 
 def said_by_rank_0(message, rank):
-    """Whether rank 0 of this torchrun job stopped with the same message (then it alone prints it): it leaves the
-    message in torchrun's store, where the other ranks wait up to 5 s for it."""
+    """Whether rank 0 stopped with this message (then only it prints), posted in torchrun's store; others wait 5 s."""
     with contextlib.suppress(Exception):  # no store (not torchrun), or rank 0 did not stop: say it here
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                               timeout=datetime.timedelta(seconds=5))
