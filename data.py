@@ -999,24 +999,6 @@ def _make_clip(out, seed, clip_id, identity, label, size, num_frames):
     return plan["valence"], plan["arousal"]
 
 
-def write_class_picture(path, seed=0, size=DEMO_SIZE, num_frames=DEMO_FRAMES, columns=4, people=3, magnify=2):
-    """The README's PNG: a row per class of `columns` frames, neutral to apex, per person (light to dark skin)."""
-    candidates = [demo_identity(seed + 1000, i) for i in range(30)]
-    order = np.argsort([-c["skin"].sum() for c in candidates])
-    chosen = [int(order[round(k * (len(order) - 1) / max(people - 1, 1))]) for k in range(people)]
-    rows, frames = [], np.linspace(0, num_frames - 1, columns).round().astype(int)
-    for label in range(len(DEMO_CLASSES)):
-        tiles = []
-        for p in chosen:
-            plan = demo_clip_plan(seed + 1000, label * 100 + p, p, label, num_frames)
-            plan.update(onset=0.1 * num_frames, rise=0.4 * num_frames, intensity=1.0, blinks=[])
-            clip = render_demo_clip(candidates[p], plan, size, num_frames)[frames]  # (columns, S, S, 3)
-            tiles += [np.pad(frame, ((1, 1), (1, 1), (0, 0)), constant_values=255) for frame in clip]
-            tiles.append(np.full((size + 2, 6, 3), 255, np.uint8))
-        rows.append(np.concatenate(tiles[:-1], axis=1))
-    write_png(path, np.concatenate(rows, axis=0).repeat(magnify, 0).repeat(magnify, 1))
-
-
 def make_demo_dataset(out="data/demo", seed=0, train_per_class=50, eval_per_class=20, pretrain_factor=10,
                       size=DEMO_SIZE, num_frames=DEMO_FRAMES, workers=min(2, os.cpu_count() or 1), verbose=True):
     """Write the demo dataset to `out` and return {list name: number of lines}."""
@@ -1040,7 +1022,6 @@ def make_demo_dataset(out="data/demo", seed=0, train_per_class=50, eval_per_clas
     for name, lines in lists.items():
         with open(os.path.join(out, name), "w") as f:
             f.write("\n".join(lines) + "\n")
-    write_class_picture(os.path.join(out, "classes.png"), seed, size, num_frames)
     sizes = {name: len(lines) for name, lines in lists.items()}
     if verbose:
         print(f"demo: wrote {len(jobs)} clips of {num_frames}x{size}x{size} to {out} in {time.time() - t0:.1f}s")

@@ -162,10 +162,11 @@ def main(argv):
             video = random_erasing(video, c.random_erase)
         if c.task == "regression":
             return F.mse_loss(net(video).float(), target.float())
-        soft = smooth_one_hot(target, n_out, c.label_smoothing)
+        soft = F.one_hot(target, n_out).float()  # (b, C) probabilities
         if c.mixup > 0 or c.cutmix > 0:
             video, soft = mixup_cutmix(video, soft, c.mixup, c.cutmix)
-        return F.cross_entropy(net(video).float(), soft)  # soft targets: probabilities
+        # smoothing the mixed targets = mixing smoothed ones (timm's order): both are linear and keep sums of 1
+        return F.cross_entropy(net(video).float(), soft, label_smoothing=c.label_smoothing)
 
     def validate(epoch, iter_num, last):  # best.pt and val_predictions.csv follow the best best_metric
         if epoch % c.eval_every and not last:
@@ -215,12 +216,7 @@ def test_results(c, d, model, test_set, best, last_epoch):
     return results
 
 
-# --- losses: label smoothing, random erasing, mixup and cutmix ---------------------------------------
-def smooth_one_hot(target, num_classes, smoothing):
-    """(B,) class indices -> (B, C) targets: 1 - smoothing + smoothing/C on the class, smoothing/C elsewhere."""
-    return F.one_hot(target, num_classes).float() * (1.0 - smoothing) + smoothing / num_classes
-
-
+# --- augmentations: random erasing, mixup and cutmix --------------------------------------------------
 def mixup_cutmix(video, soft_target, mixup_alpha, cutmix_alpha, switch_prob=0.5, generator=None):
     """Mix each clip with the reversed batch's (timm's Mixup, mode "batch"), lam ~ Beta(alpha, alpha): mixup blends
     pixels lam : 1 - lam, cutmix pastes one box of the partner's frames (the same in every frame), lam = the area kept;
