@@ -218,28 +218,24 @@ class _Video:
 
     def _read_seeking(self, clip):
         """Fill clip decoding from keyframes; False when the decoder contradicts the index."""
-        wanted, i = clip.wanted, 0
-        while True:
-            key = int(self.keys[np.searchsorted(self.keys, wanted[i], "right") - 1])
-            decoded = self._frames(self.packet_of[int(self.pts[key])], clip.wanted)
-            # the first frame not before the keyframe must be it (leading frames of an open GOP come before)
-            frame = next((f for f in decoded if self.position.get(f.pts, math.inf) >= key), None)
-            if frame is None or self.position.get(frame.pts) != key:
-                return False
-            position = key
-            while True:  # decode forward, checking that every frame is where the index says
-                if position == wanted[i]:
-                    clip.put(position, frame)
-                    i += 1
-                    if i == len(wanted):
-                        return True
-                    if self.keys[np.searchsorted(self.keys, wanted[i], "right") - 1] > position + 1:
-                        break  # a keyframe lies between here and the next wanted frame: start from it
+        position = -math.inf  # nothing decoded yet
+        for wanted in clip.wanted:
+            key = int(self.keys[np.searchsorted(self.keys, wanted, "right") - 1])
+            if key > position + 1:  # a keyframe lies between here and the wanted frame: start from it
+                decoded = self._frames(self.packet_of[int(self.pts[key])], clip.wanted)
+                # the first frame not before the keyframe must be it (leading frames of an open GOP come before)
+                frame = next((f for f in decoded if self.position.get(f.pts, math.inf) >= key), None)
+                if frame is None or self.position.get(frame.pts) != key:
+                    return False
+                position = key
+            while position != wanted:  # decode forward, checking that every frame is where the index says
                 frame = next(decoded, None)
                 nxt = None if frame is None else self.position.get(frame.pts)
                 if nxt is None or nxt <= position or any(p not in self.skipped for p in range(position + 1, nxt)):
                     return False
                 position = nxt
+            clip.put(position, frame)
+        return True
 
     def read(self, indices, crop_box=None, size=None):
         """uint8 (T, h, w, 3): the frames at indices (any order, repeats ok); see _Clip for crop_box and size."""
