@@ -303,18 +303,16 @@ class PatchEmbed(nn.Module):
 
     def forward(self, video, visible_idx=None):
         patches = patchify(video, self.cfg.tubelet_size, self.cfg.patch_size)  # (B, N, kt*p*p*c)
-        if visible_idx is not None:
-            patches = gather_tokens(patches, visible_idx)
         weight = self.proj.weight.permute(0, 2, 3, 4, 1).flatten(1)  # (C, kt*p*p*c), patchify's pixel order
-        return F.linear(patches, weight, self.proj.bias)  # (B, N or N_vis, C)
+        return F.linear(gather_tokens(patches, visible_idx), weight, self.proj.bias)  # (B, N or N_vis, C)
 
 def token_order(mask):
     """(B, N) bool -> (B, N) indices, visible then masked, ascending: gathers know shapes without reading the mask."""
     return torch.argsort(mask.to(torch.int8), dim=1, stable=True)
 
 def gather_tokens(x, idx):
-    """x (B, N, D), idx (B, M) -> (B, M, D)."""
-    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """x (B, N, D), idx (B, M) -> (B, M, D); idx None: x, all tokens."""
+    return x if idx is None else x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 class TPSBT(nn.Module):
     """Temporal Pyramid and Spatial Bottleneck Transformer: patch embedding + fixed sinusoidal positions,
@@ -345,19 +343,17 @@ class TPSBT(nn.Module):
                              f"height, width) for this config, got {tuple(video.shape)}")
         B, T, S, C = video.shape[0], cfg.grid[0], cfg.num_spatial, cfg.embed_dim
         pos = self.pos_embed.to(video.dtype).expand(B, -1, -1)  # (B, N, C)
-        if mask is None:
-            x = self.patch_embed(video) + pos  # (B, N, C)
-        else:
+        idx = None  # all tokens
+        if mask is not None:
             if mask.dtype != torch.bool or tuple(mask.shape) != (B, cfg.num_patches):
                 raise ValueError(f"mask must be a bool tube mask ({B}, {cfg.num_patches}), got {mask.dtype} "
                                  f"{tuple(mask.shape)}")
             spatial = mask.view(B, T, S)  # (B, T', S)
             tube = (spatial == spatial[:, :1]).all() & (spatial[:, 0].sum(1) == cfg.num_masked_spatial).all()
             torch._assert_async(tube, "mask must be a tube mask: the same positions in every slice")  # checked unread
-            S = S - cfg.num_masked_spatial
-            idx = token_order(mask)[:, :T * S]
-            x = self.patch_embed(video, idx) + gather_tokens(pos, idx)
-        x = x.view(B, T, S, C)  # (B, T', S_vis, C): a tube mask keeps the same S_vis positions per slice
+            idx = token_order(mask)[:, :T * (S - cfg.num_masked_spatial)]  # the visible ones
+        x = self.patch_embed(video, idx) + gather_tokens(pos, idx)  # (B, N or N_vis, C)
+        x = x.view(B, T, -1, C)  # (B, T', S_vis, C): a tube mask keeps the same S_vis positions per slice
         outputs = []
         for stage in self.stages:
             outputs.append(x := stage(x))
