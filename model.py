@@ -280,17 +280,16 @@ class TPSBTStage(nn.Module):
     def forward(self, x):
         if self.temporal_pyramid is not None:
             x = self.temporal_pyramid(x)  # (B, T/2, S, C)
-        B, T, S, C = x.shape
-        tokens = x.reshape(B, T * S, C)
+        tokens = x.flatten(1, 2)  # (B, T*S, C)
         if self.spatial_attention is None:
             for blk in self.blocks:
                 tokens = blk(tokens)
-            return tokens.view(B, T, S, C)
+            return tokens.view_as(x)
         z = self.spatial_attention(x)  # (B, T*K, C) bottleneck tokens
         for blk in self.blocks:
             z = blk(z, context=tokens)  # the full token set stays fixed as context
         # all tokens from z; in pre-training the visible ones only (the release passed masked ones too, leaking pixels)
-        return self.reverse_block(tokens, context=z).view(B, T, S, C)
+        return self.reverse_block(tokens, context=z).view_as(x)
 
 class PatchEmbed(nn.Module):
     """Tubelet embedding: a Conv3d's weight (C, c, kt, p, p), so release checkpoints load, applied as a Linear over
