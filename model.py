@@ -432,10 +432,9 @@ class SVFAP(nn.Module):
         pixels = patchify(video * self.std + self.mean, cfg.tubelet_size, cfg.patch_size)
         if not cfg.norm_pix_loss:
             return pixels
-        B, N, _ = pixels.shape
-        p = pixels.view(B, N, -1, cfg.in_chans)  # (B, N, kt*p*p, c)
+        p = pixels.unflatten(-1, (-1, cfg.in_chans))  # (B, N, kt*p*p, c)
         p = (p - p.mean(dim=2, keepdim=True)) / (p.var(dim=2, unbiased=True, keepdim=True).sqrt() + 1e-6)
-        return p.view(B, N, -1)
+        return p.flatten(2)
 
     def forward_loss(self, video, pred, mask):
         masked_idx = token_order(mask)[:, -pred.shape[1]:]
@@ -453,12 +452,11 @@ class SVFAP(nn.Module):
         de-normalises pred with the true patch's mean and std, unseen by the model: the picture flatters it."""
         cfg = self.cfg
         pixels = patchify(video.float() * self.std + self.mean, cfg.tubelet_size, cfg.patch_size)
-        B, N, D = pixels.shape
-        masked = pixels[mask].view(-1, D // cfg.in_chans, cfg.in_chans)  # (B*N_masked, kt*p*p, c)
+        masked = pixels[mask].unflatten(-1, (-1, cfg.in_chans))  # (B*N_masked, kt*p*p, c)
         rec = pred.float().reshape(masked.shape)
         if cfg.norm_pix_loss:
             rec = rec * (masked.var(dim=1, unbiased=True, keepdim=True).sqrt() + 1e-6) + masked.mean(1, keepdim=True)
-        pixels[mask] = rec.reshape(-1, D)
+        pixels[mask] = rec.flatten(1)
         return unpatchify(pixels, cfg).clamp(0, 1)
 
 # 7. Fine-tuning: SVFAPClassifier -----------------------------------------------------------------------
