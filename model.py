@@ -613,15 +613,13 @@ def bench_steps(cfg, device, batch, stage, steps=10, compile=False, dtype=torch.
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    def seconds_per_step():
+    def seconds_per_step(n=steps):
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(n):
             step()
         sync(device)
-        return (time.perf_counter() - t0) / steps
-    for _ in range(3 if compile else 1):  # warm-up (and compilation)
-        step()
-    sync(device)
+        return (time.perf_counter() - t0) / n
+    seconds_per_step(3 if compile else 1)  # warm-up (and compilation)
     with (ops := None if compile else OpCount()) or contextlib.nullcontext():  # width and batch leave it unchanged
         step()
     if cuda:
