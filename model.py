@@ -353,9 +353,7 @@ class TPSBT(nn.Module):
             idx = token_order(mask)[:, :T * (S - cfg.num_masked_spatial)]  # the visible ones
         x = self.patch_embed(video, idx) + gather_tokens(pos, idx)  # (B, N or N_vis, C)
         x = x.view(B, T, -1, C)  # (B, T', S_vis, C): a tube mask keeps the same S_vis positions per slice
-        outputs = []
-        for stage in self.stages:
-            outputs.append(x := stage(x))
+        outputs = [x := stage(x) for stage in self.stages]  # x ends as the last stage's
         return outputs if return_all_stages else x
 
 def init_weights(m):
