@@ -125,10 +125,9 @@ def main(argv):
     if (c.predict or c.extract or c.explain or c.eval_only) and not c.ckpt:
         raise ConfigError("--predict, --extract, --explain and eval_only=True need --ckpt=CHECKPOINT")
     apply_fold(c)
-    if c.predict or c.extract or c.explain:
-        return (predict_videos if c.predict else extract_features if c.extract else explain_video)(c)
-    if c.eval_only:
-        return evaluate_checkpoint(c)
+    if c.predict or c.extract or c.explain or c.eval_only:
+        return (predict_videos if c.predict else extract_features if c.extract else explain_video if c.explain
+                else evaluate_checkpoint)(c)
     check_task(c)
     check_lists(c, "train_list", "val_list", "test_list")
     checkpoint = resume_checkpoint(c, init_paths="a pretrain.py or authors' release checkpoint")

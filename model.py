@@ -280,17 +280,16 @@ class TPSBTStage(nn.Module):
     def forward(self, x):
         if self.temporal_pyramid is not None:
             x = self.temporal_pyramid(x)  # (B, T/2, S, C)
-        B, T, S, C = x.shape
-        tokens = x.reshape(B, T * S, C)
+        tokens = x.flatten(1, 2)  # (B, T*S, C)
         if self.spatial_attention is None:
             for blk in self.blocks:
                 tokens = blk(tokens)
-            return tokens.view(B, T, S, C)
+            return tokens.view_as(x)
         z = self.spatial_attention(x)  # (B, T*K, C) bottleneck tokens
         for blk in self.blocks:
             z = blk(z, context=tokens)  # the full token set stays fixed as context
         # all tokens from z; in pre-training the visible ones only (the release passed masked ones too, leaking pixels)
-        return self.reverse_block(tokens, context=z).view(B, T, S, C)
+        return self.reverse_block(tokens, context=z).view_as(x)
 
 class PatchEmbed(nn.Module):
     """Tubelet embedding: a Conv3d's weight (C, c, kt, p, p), so release checkpoints load, applied as a Linear over
@@ -303,18 +302,16 @@ class PatchEmbed(nn.Module):
 
     def forward(self, video, visible_idx=None):
         patches = patchify(video, self.cfg.tubelet_size, self.cfg.patch_size)  # (B, N, kt*p*p*c)
-        if visible_idx is not None:
-            patches = gather_tokens(patches, visible_idx)
         weight = self.proj.weight.permute(0, 2, 3, 4, 1).flatten(1)  # (C, kt*p*p*c), patchify's pixel order
-        return F.linear(patches, weight, self.proj.bias)  # (B, N or N_vis, C)
+        return F.linear(gather_tokens(patches, visible_idx), weight, self.proj.bias)  # (B, N or N_vis, C)
 
 def token_order(mask):
     """(B, N) bool -> (B, N) indices, visible then masked, ascending: gathers know shapes without reading the mask."""
     return torch.argsort(mask.to(torch.int8), dim=1, stable=True)
 
 def gather_tokens(x, idx):
-    """x (B, N, D), idx (B, M) -> (B, M, D)."""
-    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """x (B, N, D), idx (B, M) -> (B, M, D); idx None: x, all tokens."""
+    return x if idx is None else x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 class TPSBT(nn.Module):
     """Temporal Pyramid and Spatial Bottleneck Transformer: patch embedding + fixed sinusoidal positions,
@@ -345,22 +342,18 @@ class TPSBT(nn.Module):
                              f"height, width) for this config, got {tuple(video.shape)}")
         B, T, S, C = video.shape[0], cfg.grid[0], cfg.num_spatial, cfg.embed_dim
         pos = self.pos_embed.to(video.dtype).expand(B, -1, -1)  # (B, N, C)
-        if mask is None:
-            x = self.patch_embed(video) + pos  # (B, N, C)
-        else:
+        idx = None  # all tokens
+        if mask is not None:
             if mask.dtype != torch.bool or tuple(mask.shape) != (B, cfg.num_patches):
                 raise ValueError(f"mask must be a bool tube mask ({B}, {cfg.num_patches}), got {mask.dtype} "
                                  f"{tuple(mask.shape)}")
             spatial = mask.view(B, T, S)  # (B, T', S)
             tube = (spatial == spatial[:, :1]).all() & (spatial[:, 0].sum(1) == cfg.num_masked_spatial).all()
             torch._assert_async(tube, "mask must be a tube mask: the same positions in every slice")  # checked unread
-            S = S - cfg.num_masked_spatial
-            idx = token_order(mask)[:, :T * S]
-            x = self.patch_embed(video, idx) + gather_tokens(pos, idx)
-        x = x.view(B, T, S, C)  # (B, T', S_vis, C): a tube mask keeps the same S_vis positions per slice
-        outputs = []
-        for stage in self.stages:
-            outputs.append(x := stage(x))
+            idx = token_order(mask)[:, :T * (S - cfg.num_masked_spatial)]  # the visible ones
+        x = self.patch_embed(video, idx) + gather_tokens(pos, idx)  # (B, N or N_vis, C)
+        x = x.view(B, T, -1, C)  # (B, T', S_vis, C): a tube mask keeps the same S_vis positions per slice
+        outputs = [x := stage(x) for stage in self.stages]  # x ends as the last stage's
         return outputs if return_all_stages else x
 
 def init_weights(m):
@@ -437,10 +430,9 @@ class SVFAP(nn.Module):
         pixels = patchify(video * self.std + self.mean, cfg.tubelet_size, cfg.patch_size)
         if not cfg.norm_pix_loss:
             return pixels
-        B, N, _ = pixels.shape
-        p = pixels.view(B, N, -1, cfg.in_chans)  # (B, N, kt*p*p, c)
+        p = pixels.unflatten(-1, (-1, cfg.in_chans))  # (B, N, kt*p*p, c)
         p = (p - p.mean(dim=2, keepdim=True)) / (p.var(dim=2, unbiased=True, keepdim=True).sqrt() + 1e-6)
-        return p.view(B, N, -1)
+        return p.flatten(2)
 
     def forward_loss(self, video, pred, mask):
         masked_idx = token_order(mask)[:, -pred.shape[1]:]
@@ -458,12 +450,11 @@ class SVFAP(nn.Module):
         de-normalises pred with the true patch's mean and std, unseen by the model: the picture flatters it."""
         cfg = self.cfg
         pixels = patchify(video.float() * self.std + self.mean, cfg.tubelet_size, cfg.patch_size)
-        B, N, D = pixels.shape
-        masked = pixels[mask].view(-1, D // cfg.in_chans, cfg.in_chans)  # (B*N_masked, kt*p*p, c)
+        masked = pixels[mask].unflatten(-1, (-1, cfg.in_chans))  # (B*N_masked, kt*p*p, c)
         rec = pred.float().reshape(masked.shape)
         if cfg.norm_pix_loss:
             rec = rec * (masked.var(dim=1, unbiased=True, keepdim=True).sqrt() + 1e-6) + masked.mean(1, keepdim=True)
-        pixels[mask] = rec.reshape(-1, D)
+        pixels[mask] = rec.flatten(1)
         return unpatchify(pixels, cfg).clamp(0, 1)
 
 # 7. Fine-tuning: SVFAPClassifier -----------------------------------------------------------------------
@@ -620,15 +611,13 @@ def bench_steps(cfg, device, batch, stage, steps=10, compile=False, dtype=torch.
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    def seconds_per_step():
+    def seconds_per_step(n=steps):
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(n):
             step()
         sync(device)
-        return (time.perf_counter() - t0) / steps
-    for _ in range(3 if compile else 1):  # warm-up (and compilation)
-        step()
-    sync(device)
+        return (time.perf_counter() - t0) / n
+    seconds_per_step(3 if compile else 1)  # warm-up (and compilation)
     with (ops := None if compile else OpCount()) or contextlib.nullcontext():  # width and batch leave it unchanged
         step()
     if cuda:
