@@ -321,11 +321,6 @@ def read_video_clip(path, frame_indices):
 # -----------------------------------------------------------------------------------------------------
 # 3. Sampling: which frame indices make a clip (train: a random window; eval: N uniform ones)
 
-def window_span(num_frames, sampling_rate):
-    """Frames covered by one clip: 16 frames every 4th span 61 frames."""
-    return (num_frames - 1) * sampling_rate + 1
-
-
 def clip_indices(start, num_frames, sampling_rate, total):
     """start, start + rate, ...; past the last frame the last frame repeats: a short video keeps the stride, so
     motion runs at the speed of every other clip (VideoMAE's loader, which the release builds on, pads so too)."""
@@ -436,7 +431,7 @@ class VideoDataset(AnnotationList, torch.utils.data.Dataset):
         self.annotation_file = os.fspath(annotation_file)
         self.mode, self.task, self.seed = mode, task, seed
         self.img_size, self.num_frames, self.sampling_rate = img_size, num_frames, sampling_rate
-        self.span = window_span(num_frames, sampling_rate)
+        self.span = (num_frames - 1) * sampling_rate + 1  # frames one clip covers: 16 every 4th span 61
         self.crop_box = tuple(crop_box) if crop_box is not None else None  # (top, bottom, left, right)
         self.num_clips, self.num_crops, self.repeated_sampling = num_clips, num_crops, repeated_sampling
         if mode == "pretrain":

@@ -185,8 +185,7 @@ def main(argv):
             log_json(os.path.join(c.out_dir, "log.jsonl"), {"iter": iter_num, "epoch": epoch, "val": m})
             tqdm.write(f"epoch {epoch}: val {format_metrics(m)}" + ("  (best so far)" if improved else ""))
 
-    example = (torch.zeros(1, mc.in_chans, mc.num_frames, mc.img_size, mc.img_size, device=d.device),)
-    epochs_done, _ = fit(c, d, model, optimizer, lr, train_set, loss_fn, checkpoint, c.batch_size, example,
+    epochs_done, _ = fit(c, d, model, optimizer, lr, train_set, loss_fn, checkpoint, c.batch_size,
                          after_epoch=validate if "val" in eval_sets else None,
                          extra_state=lambda: {"best": best, "train_videos": len(train_set)})
     results = {"best_metric": c.best_metric, "best_epoch": best["epoch"], "val": best["metrics"],

@@ -96,8 +96,6 @@ def main(argv):
     checkpoint = resume_checkpoint(c)
     mc = (SVFAPConfig.from_dict(checkpoint["model_config"]) if checkpoint  # the shape it was trained with
           else build_model_config(c.model, c.model_args))
-    if c.repeated_sampling < 1:
-        raise ConfigError(f"repeated_sampling={c.repeated_sampling} must be at least 1")
     d = setup(c)
 
     # data: items are (frames uint8 (k, T, 3, S, S), crop boxes (k, 5), tube masks (k, N)), k = repeated_sampling
@@ -126,9 +124,7 @@ def main(argv):
             name = f"recon_iter{iter_num:07d}_{'denorm-with-true-patch-stats' if mc.norm_pix_loss else 'plain'}.mp4"
             write_mp4(os.path.join(c.out_dir, name), reconstruction_frames(model, *vis), fps=6)  # slow enough to watch
 
-    example = (torch.zeros(1, mc.in_chans, mc.num_frames, mc.img_size, mc.img_size, device=d.device),
-               tube_mask(1, mc, generator=torch.Generator()).to(d.device))
-    epochs_done, loss = fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter, example,
+    epochs_done, loss = fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter,
                             after_save=after_save, extra_state=lambda: {"train_videos": len(dataset)})
     if d.master:  # wall time of this process (start-up and training); metrics.py --summary reads it
         write_json(os.path.join(c.out_dir, "results.json"),
@@ -340,8 +336,9 @@ def setup(c, training=True):
         raise ConfigError(f"dtype={c.dtype!r}: valid values are auto, float32, bfloat16, float16")
     if c.compile_mode not in (modes := ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")):
         raise ConfigError(f"compile_mode={c.compile_mode!r}: valid values are {', '.join(modes)}")
-    if bad := [k for k in ("ckpt_every_epochs", "eval_every", "log_interval") if getattr(c, k, 1) < 1]:
-        raise ConfigError(f"{bad[0]}={getattr(c, bad[0])} must be at least 1 (epochs)")
+    at_least_1 = ("log_interval", "ckpt_every_epochs", "eval_every", "repeated_sampling")  # (the keys a script has)
+    if bad := [k for k in at_least_1 if getattr(c, k, 1) < 1]:
+        raise ConfigError(f"{bad[0]}={getattr(c, bad[0])} must be at least 1")
     ddp = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ.get(k, 0)) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp \
         else (0, 0, 1)
@@ -403,7 +400,7 @@ def param_groups(model, weight_decay, layer_decay=1.0, head_lr_scale=1.0):
 
 
 # --- the training loop -------------------------------------------------------------------
-def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter, example,
+def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter,
         after_save=lambda iter_num: None, after_epoch=None, extra_state=dict):
     """Train from `checkpoint` (or anew) to c.epochs or c.max_iters; after_epoch(epoch, iter_num, last) runs per epoch,
     after_save(iter_num) per save (rank 0); extra_state() adds to checkpoints. Returns (epochs, last logged loss)."""
@@ -418,7 +415,9 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
     ckpt_path, log_path = os.path.join(c.out_dir, "ckpt.pt"), os.path.join(c.out_dir, "log.jsonl")
     iter_num = restore(checkpoint, model, optimizer, scaler, c, d, stop_iter)
     peak = c.peak_tflops or device_peak_tflops(d.device)
-    macs_per_clip = count_macs(model.eval(), *example) if peak else 0  # eval: no training randomness drawn
+    clip = torch.zeros(1, model.cfg.in_chans, model.cfg.num_frames, model.cfg.img_size, model.cfg.img_size)
+    example = (clip, tube_mask(1, model.cfg, generator=torch.Generator())) if isinstance(model, SVFAP) else (clip,)
+    macs_per_clip = count_macs(model.eval(), *(x.to(d.device) for x in example)) if peak else 0  # eval: no randomness
     model.train()  # every training step in training mode, whatever ran before
     ddp = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
                                   broadcast_buffers=False) if d.ddp else None  # the buffers are fixed tables

@@ -1328,7 +1328,6 @@ def test_every_label_problem_is_one_line_naming_file_line_and_value(tmp_path, te
 
 
 def test_sampling_rules():
-    assert D.window_span(16, 4) == 61
     assert D.clip_indices(10, 4, 4, 100) == [10, 14, 18, 22]
     # shorter than the window: same stride, the last frame repeats
     assert D.clip_indices(0, 16, 4, 20) == [0, 4, 8, 12, 16] + [19] * 11
@@ -1462,7 +1461,8 @@ def test_repeated_sampling_draws_k_windows_from_one_range(data_inputs, tmp_path)
     listing = data_listing(tmp_path, [(data_inputs["mp4_h264_bframes"], 0)])
     ds = D.VideoDataset(listing, "pretrain", img_size=32, num_frames=8, sampling_rate=2, repeated_sampling=4,
                         mask_cfg=data_mask_cfg())
-    span, g = D.window_span(8, 2), torch.Generator().manual_seed(0)
+    span, g = 15, torch.Generator().manual_seed(0)  # 8 frames, every 2nd
+    assert ds.span == span
     for _ in range(50):
         flat = ds._choose_training(80, g)
         clips = [flat[j:j + 8] for j in range(0, 32, 8)]
