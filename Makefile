@@ -125,7 +125,7 @@ $(DATA)/train_2per_class.txt: | $(DATA)/pretrain.txt
 
 .PRECIOUS: $(PAPER)/%/results.json $(LAST) $(VIT_LAST)
 
-# The one-command GPU check (README, "On a GPU"), on a machine with one CUDA GPU, in under 10 minutes:
+# The one-command GPU check (README, "Scaling out"; docs/model.md, "On a GPU"), on a machine with one CUDA GPU, in under 10 minutes:
 #   make gpu     python model.py --bench --device=cuda (operator calls and host ms per TPSBT-B step, step times at
 #                the recipes' per-GPU batches, eager and compiled), then the demo's pre-training and fine-tuning on
 #                the GPU in bf16, eager and compiled, and pre-training once under torchrun; writes GPU_OUT/report.md

@@ -566,7 +566,7 @@ def write_png(path, image):
         f.write(b"".join(bytes(p) for p in packets))
 
 
-PREPARE_CRFS = (16, 12, 8, 4, 0)  # x264 quality, tried in turn until every kept frame is within 40 dB of its source
+PREPARE_CRFS = (16, 12, 8, 4, 0)  # x264 quality, tried in turn until every kept frame has a PSNR of 40 dB or more
 PREPARE_PSNR = 40  # dB, the target; a clip that misses it at CRF 0 is kept and listed in prepare_warnings.txt
 # tune=fastdecode: CAVLC instead of CABAC, no deblocking; measured 1.7x faster to decode for 10% more bytes.
 # g=16: a keyframe at least every 16 kept frames, so a clip decodes at most 15 frames it does not use.

@@ -447,7 +447,7 @@ def extract_features(c):
 def explain_video(c):
     """Per stage a row per bottleneck token, a column per time slice of the middle clip: its middle frame under the
     token's spatial softmax (dark 0, red max/2, yellow max). Returns frames uint8 (T, S, S, 3), weights (T_s, P, K)."""
-    if not os.path.isfile(c.explain):
+    if not os.path.exists(c.explain):  # a video file or a folder of frames
         raise ConfigError(f"--explain={c.explain}: video not found")
     ckpt = load_checkpoint(c.ckpt)
     if "model_config" not in ckpt:

@@ -3,7 +3,7 @@ prediction files finetune.py writes. Folds are pooled, then measured once (not t
 
   python metrics.py out/dfew/fold1/test_predictions.csv ... out/dfew/fold5/test_predictions.csv
   python metrics.py --video_group='(.*)/[^/]+$' out/finetune_avcaffe_arousal/test_predictions.csv
-  python metrics.py --summary "from scratch=out/compare/scratch_seed*" "pre-trained=out/compare/pre_seed*"
+  python metrics.py --summary "scratch=out/compare/10pct_scratch_seed*" "pre-trained=out/compare/10pct_pretrained_seed*"
       a Markdown table of repeated runs: test UAR and WAR as mean +- sample sd (min..max), wall time
   python metrics.py --paper=out/paper --svg=docs/paper.svg     # `make paper`'s tables and picture
 """

@@ -416,7 +416,7 @@ def fit(c, d, model, optimizer, lr, dataset, loss_fn, checkpoint, clips_per_iter
     iter_num = restore(checkpoint, model, optimizer, scaler, c, d, stop_iter)
     peak = c.peak_tflops or device_peak_tflops(d.device)
     clip = torch.zeros(1, model.cfg.in_chans, model.cfg.num_frames, model.cfg.img_size, model.cfg.img_size)
-    example = (clip, tube_mask(1, model.cfg, generator=torch.Generator())) if isinstance(model, SVFAP) else (clip,)
+    example = (clip, tube_mask(1, model.cfg, generator=torch.Generator())) if hasattr(model, "decoder") else (clip,)
     macs_per_clip = count_macs(model.eval(), *(x.to(d.device) for x in example)) if peak else 0  # eval: no randomness
     model.train()  # every training step in training mode, whatever ran before
     ddp = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
