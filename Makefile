@@ -28,6 +28,8 @@ FEW_ARGS ?= --batch_size=8 --epochs=40 --warmup_epochs=2
 RUNS = $(foreach s,$(SEEDS),pretrain_seed$(s) full_pretrained_seed$(s) full_scratch_seed$(s) \
                             10pct_pretrained_seed$(s) 10pct_scratch_seed$(s))
 
+.DELETE_ON_ERROR:  # a failed command leaves no results file that make would take as done
+
 .PHONY: compare
 compare: $(OUT)/results.md
 	@cat $<
@@ -68,7 +70,7 @@ $(DATA)/pretrain.txt:
 #                        each epoch of EPOCHS; pre-train the ViT baseline (temporal_pyramid and spatial_bottleneck
 #                        off: the baseline `python model.py --bench` times for tiny) on the same schedule up to
 #                        VIT_EPOCH; fine-tune each kept checkpoint, and TPSBT from scratch, on 2 labelled clips per
-#                        class; writes out/paper/results.md and docs/paper.svg. About 100 minutes on 2 free cores.
+#                        class; writes out/paper/results.md and docs/paper.svg. 63 minutes on 2 cores (2026-12-07).
 #
 # 2 labels per class (train_2per_class.txt: the first two of each class in train_10pct.txt): with 5 per class a
 # 10-epoch pre-training already gives 97 UAR, no room to show a trend; with 1 the result hangs on which clip was
@@ -92,7 +94,7 @@ STAGES = mkdir -p $(@D) && echo "== $(@D)" && n=$$(($$(wc -l < $(DATA)/pretrain.
     $(PRETRAIN) $(1) --batch_size=$(BATCH) --epochs=$(lastword $(EPOCHS)) --max_iters=$$((e * n)) --seed=$* \
       --out_dir=$(@D) --init_from=$$([ -f $(@D)/ckpt.pt ] && echo resume || echo scratch) >> $(@D).log 2>&1 \
       || { tail -n 5 $(@D).log; echo "failed: $(@D), log $(@D).log"; exit 1; }; \
-    cp $(@D)/ckpt.pt $(@D)/tmp.pt && mv $(@D)/tmp.pt $(@D)/ckpt_epoch$$e.pt; done
+    cp $(@D)/ckpt.pt $(@D)/tmp.pt && mv $(@D)/tmp.pt $(@D)/ckpt_epoch$$e.pt || exit 1; done
 LAST = $(PAPER)/pretrain_tpsbt_seed%/ckpt_epoch$(lastword $(EPOCHS)).pt
 VIT_LAST = $(PAPER)/pretrain_vit_seed%/ckpt_epoch$(VIT_EPOCH).pt
 
@@ -143,6 +145,7 @@ GPU_ARGS = --device=$(DEVICE) --dtype=$(GPU_DTYPE) --max_iters=$(GPU_ITERS) --nu
 GPU_PRETRAIN ?= pretrain.py config/pretrain_demo.py --vis_clips=0 --train_list=$(DATA)/pretrain.txt --vis_list= $(GPU_ARGS)
 GPU_FINETUNE ?= finetune.py config/finetune_demo.py $(FULL) $(GPU_ARGS) --init_from=$(GPU_OUT)/pretrain_eager/ckpt.pt
 # one step of the report: the command, its wall time and exit status, the end of its output and of its log.jsonl
+GPU_STEPS = bench pretrain_eager pretrain_compiled pretrain_torchrun finetune_eager finetune_compiled  # written below
 GPU_STEP = echo "== $(1)" && t=$$(date +%s) && { $(2) > $(GPU_OUT)/$(1).log 2>&1; s=$$?; } && \
     { printf '\n\#\# %s\n`%s`\n\nexit %s after %s s\n' $(1) '$(subst ','\'',$(strip $(2)))' $$s $$(( $$(date +%s) - t )); \
       [ $$s = 0 ] || echo "FAILED"; echo '```'; tail -n 6 $(GPU_OUT)/$(1).log; \
@@ -150,7 +153,7 @@ GPU_STEP = echo "== $(1)" && t=$$(date +%s) && { $(2) > $(GPU_OUT)/$(1).log 2>&1
 
 .PHONY: gpu
 gpu: | $(DATA)/pretrain.txt
-	@mkdir -p $(GPU_OUT) && rm -rf $(GPU_OUT)/*
+	@mkdir -p $(GPU_OUT) && rm -rf $(GPU_OUT)/report.md $(foreach s,$(GPU_STEPS),$(GPU_OUT)/$(s) $(GPU_OUT)/$(s).log)
 	@{ echo "# make gpu, $$(date -u '+%Y-%m-%d %H:%M UTC')"; nvidia-smi --query-gpu=name,driver_version,memory.total \
 	   --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"; $(PYTHON) -c "import torch; print('torch', \
 	   torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() \

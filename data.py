@@ -584,6 +584,7 @@ def _prepare_one(job):
     number, source, target, crop_box, keep_every, size = job
     try:
         frames = _read_chosen(source, lambda total: range(0, total, keep_every), crop_box, size)
+        frames = frames[:, :frames.shape[1] // 2 * 2, :frames.shape[2] // 2 * 2]  # x264's 4:2:0 needs even sizes
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with atomic_path(target) as tmp:  # the target appears only once its quality is checked
             for crf in PREPARE_CRFS:  # (sources with full-resolution colour noise cannot reach 40 dB in yuv420p)
@@ -603,10 +604,10 @@ def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1, r
         raise ValueError(f"prepare: out={out} must not be the folder of {list_file} (its list would be overwritten)")
     if (size and size % 2) or (crop_box and ((crop_box[1] - crop_box[0]) % 2 or (crop_box[3] - crop_box[2]) % 2)):
         raise ValueError(f"prepare: H.264 needs even frame sizes; crop_box={crop_box} and size={size} give odd ones")
-    lines = open(list_file, encoding="utf-8").read().splitlines()
+    lines = open(list_file, "rb").read().splitlines()  # as AnnotationList splits it, so that line numbers agree
     entries, jobs, line_of, listed = {}, [], {}, AnnotationList(list_file, root, replace_prefix)
     for number, source in zip(listed.line_numbers.tolist(), map(listed.path, range(len(listed)))):
-        name, *labels = lines[number - 1].split(maxsplit=1)  # a path alone (pretraining lists) has no labels
+        name, *labels = map(os.fsdecode, lines[number - 1].split(maxsplit=1))  # a path alone has no labels
         name = name.removeprefix(replace_prefix[0]) if replace_prefix else name  # the part below it names the target
         parts = [p for p in os.path.normpath(name).split(os.sep) if p not in ("", ".", "..")]  # stays under out
         target = os.path.join(out, "clips", *parts[:-1], os.path.splitext(parts[-1])[0] + ".mp4")
@@ -629,7 +630,7 @@ def prepare(list_file, out, crop_box=None, keep_every=4, size=None, workers=1, r
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(settings, f, indent=1)
     context = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
-    with context.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+    with context.Pool(workers) if (workers or 1) > 1 else contextlib.nullcontext() as pool:
         results = pool.imap_unordered(_prepare_one, jobs) if pool else map(_prepare_one, jobs)
         results = sorted(tqdm(results, total=len(jobs), desc=f"prepare {os.path.basename(list_file)}", unit="file"))
     failed = {number: error for number, error, _ in results if error is not None}
@@ -961,7 +962,7 @@ def demo_splits(seed=0, train_per_class=50, eval_per_class=20, pretrain_factor=1
     n_train, n_eval = train_per_class * len(DEMO_CLASSES), eval_per_class * len(DEMO_CLASSES)
     sizes = {"train": n_train, "val": n_eval, "test": n_eval, "pretrain": pretrain_factor * n_train}
     splits, clip_id = {}, 0
-    pool_size = (sizes["pretrain"] + n_train) // clips_per_identity // 2
+    pool_size = max((sizes["pretrain"] + n_train) // clips_per_identity // 2, -(-n_train // clips_per_identity))
     first = {"train": 0, "val": pool_size, "test": pool_size + n_eval // clips_per_identity + 1}  # first identity
     for name, n in sizes.items():
         labels = r.permutation(np.arange(n) % len(DEMO_CLASSES))

@@ -126,6 +126,11 @@ def main(argv):
         raise ConfigError("--predict, --extract, --explain and eval_only=True need --ckpt=CHECKPOINT")
     apply_fold(c)
     if c.predict or c.extract or c.explain or c.eval_only:
+        for key, path in [("predict", p) for p in c.predict] + [("explain", c.explain)] * bool(c.explain):
+            if not os.path.exists(path):  # a video file or a folder of frames
+                raise ConfigError(f"--{key}={path}: file not found")
+            if any(ch.isspace() for ch in os.path.abspath(path)):  # it goes into a list, whose lines split at spaces
+                raise ConfigError(f"--{key}={path}: paths with spaces are not supported; rename or link the file")
         return (predict_videos if c.predict else extract_features if c.extract else explain_video if c.explain
                 else evaluate_checkpoint)(c)
     check_task(c)
@@ -393,11 +398,6 @@ def checkpoint_model(c, encoder_ok=False):
 # --- modes without training ----------------------------------------------------------------------
 def predict_videos(c):
     """Print per-class probabilities (or regression outputs) of each --predict video, averaged over views."""
-    for path in c.predict:
-        if not os.path.exists(path):
-            raise ConfigError(f"--predict={path}: file not found")
-        if any(ch.isspace() for ch in os.path.abspath(path)):  # annotation lines are split at whitespace
-            raise ConfigError(f"--predict={path}: paths with spaces are not supported; rename or link the file")
     model, cc, d = checkpoint_model(c)
     with tempfile.TemporaryDirectory() as tmp:  # a list of absolute paths: the run's replace_prefix must not apply
         cc.predict, cc.replace_prefix, cc.num_workers, cc.eval_batch_size = os.path.join(tmp, "predict.txt"), (), 0, 1
@@ -447,8 +447,6 @@ def extract_features(c):
 def explain_video(c):
     """Per stage a row per bottleneck token, a column per time slice of the middle clip: its middle frame under the
     token's spatial softmax (dark 0, red max/2, yellow max). Returns frames uint8 (T, S, S, 3), weights (T_s, P, K)."""
-    if not os.path.exists(c.explain):  # a video file or a folder of frames
-        raise ConfigError(f"--explain={c.explain}: video not found")
     ckpt = load_checkpoint(c.ckpt)
     if "model_config" not in ckpt:
         raise ConfigError(f"ckpt={c.ckpt}: --explain draws pretrain.py and finetune.py checkpoints")

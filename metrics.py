@@ -304,8 +304,8 @@ def paper_results(out, svg_path):
     groups = {}  # run name less "_seed<N>" -> its seeds
     for d in runs("*_seed*"):
         groups.setdefault(os.path.basename(d).rsplit("_seed", 1)[0], set()).add(d.rsplit("_seed", 1)[1])
-    seeds, epochs = groups.get("pretrain_tpsbt"), sorted(int(g[11:]) for g in groups if g.startswith("few_tpsbt_e"))
-    vit_epochs = [int(g[9:]) for g in groups if g.startswith("few_vit_e")]
+    at = lambda prefix: sorted(int(g.removeprefix(prefix)) for g in groups if g.startswith(prefix))  # their epochs
+    seeds, epochs, vit_epochs = groups.get("pretrain_tpsbt"), at("few_tpsbt_e"), at("few_vit_e")
     if not epochs or "few_scratch" not in groups or len(vit_epochs) != 1 or vit_epochs[0] not in epochs:
         raise ValueError(f"--paper={out}: expected runs few_tpsbt_e<E>_seed<N>, few_scratch_seed<N> and the ViT's "
                          f"at one of the epochs {epochs}, found the ViT's at {vit_epochs} (VIT_EPOCH must be one of "
@@ -354,10 +354,11 @@ def write_svg_plot(path, epochs, panels, w=300, h=220):
     (legend, colour, values): per epoch a list of the seeds' values (drawn as mean ± sd), or one number (a level)."""
     xs, svg, top = np.log(epochs), [], 20 + 16 * max(len(series) for _, series in panels)  # legends above the plots
     for i, (ylabel, series) in enumerate(panels):
-        x0, values = 70 + (w + 90) * i, [x for _, _, s in series for v in ([[s]] if np.isscalar(s) else s) for x in v]
-        lo, hi = min(values), max(values)
-        step = 10 ** np.floor(np.log10((hi - lo) / 2 or 1))  # ticks 1, 2 or 5 x a power of ten apart, 3 to 7 of them
-        step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= 6)
+        x0, values = 70 + (w + 90) * i, [y for _, _, s in series for y in ([s] if np.isscalar(s) else
+                                         [np.mean(v) + k * _sd(v) for v in s if len(v) for k in (-1, 1)])]
+        lo, hi = min(values), max(values)  # the error bars' ends, so that they stay inside the panel
+        step = 10 ** np.floor(np.log10((hi - lo) / 2 or 1))  # ticks 1, 2 or 5 x a power of ten apart, 4 to 8 of them
+        step *= next(m for m in (1, 2, 5) if (hi - lo) / (step * m) <= 6)
         lo, hi = np.floor(lo / step) * step, np.ceil(hi / step) * step
         X = lambda x: x0 + w * (x - xs[0]) / ((xs[-1] - xs[0]) or 1)
         Y = lambda y: top + h * (hi - y) / ((hi - lo) or 1)

@@ -349,7 +349,7 @@ class TPSBT(nn.Module):
                                  f"{tuple(mask.shape)}")
             spatial = mask.view(B, T, S)  # (B, T', S)
             tube = (spatial == spatial[:, :1]).all() & (spatial[:, 0].sum(1) == cfg.num_masked_spatial).all()
-            torch._assert_async(tube, "mask must be a tube mask: the same positions in every slice")  # checked unread
+            torch._assert_async(tube, f"mask must be a tube mask, {cfg.num_masked_spatial} of {S} masked per slice")
             idx = token_order(mask)[:, :T * (S - cfg.num_masked_spatial)]  # the visible ones
         x = self.patch_embed(video, idx) + gather_tokens(pos, idx)  # (B, N or N_vis, C)
         x = x.view(B, T, -1, C)  # (B, T', S_vis, C): a tube mask keeps the same S_vis positions per slice
@@ -544,7 +544,7 @@ VIT_BASELINE = dict(stage_depths=(12, 8, 4), temporal_pyramid=False, spatial_bot
 # (label, preset or overrides of base, the paper's params M, fine-tune GMACs, pre-train GMACs)
 PAPER_TABLE = [
     ("TPSBT-B (base)", {}, 77.6, 43.6, 12.9),
-    ("TPSBT-S (small)", "small", 29.7, 18.0, None),
+    ("TPSBT-S (small)", "small", 30.0, 18.0, None),
     ("ViT baseline (12,8,4)", VIT_BASELINE, 76.4, 76.9, 14.9),
     ("TP only (12,8,4)", dict(stage_depths=(12, 8, 4), spatial_bottleneck=False), 77.5, 53.1, 13.1),
     ("SBT only", dict(temporal_pyramid=False), 76.6, 49.9, 13.5),
@@ -580,7 +580,7 @@ PEAK_TFLOPS = {"H100 PCIe": 756, "A100": 312, "H100": 989, "H200": 989, "L40S": 
 
 def peak_tflops(device):
     """Dense bf16 peak TFLOP/s of a device (torch.device, "cuda:1", or a GPU's name) for MFU: the first key of
-    PEAK_TFLOPS in its name (PCIe H100s clock lower). None for the CPU and unlisted GPUs (give scripts' peak_tflops)."""
+    PEAK_TFLOPS in its name (PCIe H100s clock lower). None for the CPU and unlisted GPUs (set peak_tflops then)."""
     name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else str(device)
     return next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
 

@@ -9,12 +9,12 @@ Pre-trains SVFAP's TPSBT encoder by masked autoencoding of unlabelled face video
         pretrain.py config/pretrain_voxceleb2_base.py
 
 Configuration, nanoGPT style: config files (config/*.py), --key=value and --model_args.FIELD=value (an SVFAPConfig
-field) override the defaults below in order; a list key (`predict`) may repeat. batch_size: videos per optimiser step
-over all processes and micro-steps (one recipe for any GPU count); lr = base_lr * batch_size * repeated_sampling / 256.
-
-out_dir gets ckpt.pt (written atomically), log.jsonl (a line per log step), results.json and, per checkpoint,
-recon_iterNNNNNNN_*.mp4: original | masked input | reconstruction ("denorm-with-true-patch-stats": with norm_pix_loss,
-uses true patch stats the model never saw: flattering). Resuming, mid-epoch too, gives the uninterrupted run's losses.
+field) override the defaults below in order; a list key (finetune's `predict`) may repeat. batch_size: videos per
+optimiser step over all processes and micro-steps (one recipe for any GPU count); lr = base_lr * batch_size *
+repeated_sampling / 256. out_dir gets ckpt.pt (written atomically), log.jsonl (a line per log step and per save),
+results.json and, per checkpoint, recon_iterNNNNNNN_*.mp4: original | masked input | reconstruction
+("denorm-with-true-patch-stats": with norm_pix_loss, uses true patch stats the model never saw: flattering).
+Resuming, mid-epoch too, on as many processes, gives the uninterrupted run's losses step for step.
 """
 
 import argparse
@@ -50,7 +50,7 @@ out_dir = "out/pretrain"
 init_from = "scratch"  # "scratch" | "resume" (continue from out_dir/ckpt.pt) | "auto" (resume if it exists)
 ckpt_every = 0  # also save every N iterations (0: every ckpt_every_epochs epochs and at the end only)
 ckpt_every_epochs = 1  # save at the end of every N-th epoch (and of the run)
-log_interval = 10  # iterations between lines of out_dir/log.jsonl (the only steps that read values back)
+log_interval = 10  # iterations between lines of out_dir/log.jsonl (the steps that read values back, with saves)
 vis_clips = 4  # clips in the reconstruction video written with each checkpoint (0: none)
 # data
 train_list = "data/voxceleb2/pretrain.txt"  # "<path> 0" per line (section 8)
@@ -280,7 +280,7 @@ def resume_checkpoint(c, init_paths=""):
 
 
 def check_resumed(c, checkpoint, train_videos):
-    """A resumed run keeps what fixes its model, data order and lr schedule, or stops with one line."""
+    """A resumed run keeps what fixes its model, data order and lr schedule's steps, or stops with one line."""
     keys = ("batch_size", "epochs", "warmup_epochs", "repeated_sampling", "seed", "model", "model_args")
     now = {k: getattr(c, k) for k in keys if hasattr(c, k)} | dict(train_videos=train_videos)
     saved = {**checkpoint["config"], "train_videos": checkpoint.get("train_videos", train_videos)} if checkpoint else {}
@@ -496,14 +496,14 @@ def restore(checkpoint, model, optimizer, scaler, c, d, stop_iter):
     iter_num, log_path = checkpoint["iter_num"] if checkpoint else 0, os.path.join(c.out_dir, "log.jsonl")
     if checkpoint and iter_num >= stop_iter:  # a finished run started again: its log and results stay as they are
         raise ConfigError(f"{c.out_dir}/ckpt.pt is at iteration {iter_num}, where this run stops ({stop_iter}): "
-                          f"nothing to train; raise epochs or max_iters to go on")
+                          f"nothing to train (a run stopped early by max_iters goes on with a larger max_iters)")
     if d.master and os.path.isfile(log_path):  # a new run empties it unread; a killed run's half-written line goes
         with open(log_path) as f:
             lines = [ln for ln in f if checkpoint and ln.endswith("\n") and json.loads(ln).get("iter", 0) <= iter_num]
         with open(log_path, "w") as f:
             f.writelines(lines)
     for part, obj in (("model", model), ("optimizer", optimizer), ("scaler", scaler)) if checkpoint else ():
-        obj.load_state_dict(checkpoint[part])
+        obj.load_state_dict(checkpoint[part] or obj.state_dict())  # {}: a scaler saved unused (not float16)
     rngs = checkpoint["rng"] if checkpoint else []
     if len(rngs) == d.world_size:
         torch.set_rng_state(rngs[d.rank]["torch"])

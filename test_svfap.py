@@ -1589,6 +1589,13 @@ def test_prepared_frames_match_their_sources_and_broken_inputs_are_listed(tmp_pa
         assert [i for i, f in enumerate(c.decode(video=0)) if f.key_frame] == [0, 16]
     D.prepare(listing, tmp_path / "small", keep_every=4, size=24)
     assert data_reference(str(tmp_path / "small" / "clips" / "frames.mp4")).shape == (4, 24, 24, 3)
+    y, x, t = np.meshgrid(np.arange(33), np.arange(45), np.arange(3), indexing="ij")  # odd sizes: x264 needs even
+    frames = np.stack([4 * y + t, 5 * x, 2 * (x + y)], -1).transpose(2, 0, 1, 3).astype(np.uint8)  # (3, 33, 45, 3)
+    data_write_folder(tmp_path / "odd", frames, ext="png")
+    (tmp_path / "odd.txt").write_text("odd 0\n")
+    D.prepare(tmp_path / "odd.txt", tmp_path / "odd_out", keep_every=1, workers=None)  # the CLI's --workers=0
+    prepared = data_reference(str(tmp_path / "odd_out" / "clips" / "odd.mp4"))
+    assert prepared.shape == (3, 32, 44, 3) and D.psnr(prepared, frames[:, :32, :44]).min() >= 40
 
 
 def test_prepare_interrupted_and_rerun_finishes_without_redoing_a_file(tmp_path, data_broken, monkeypatch):
@@ -1855,8 +1862,14 @@ def test_short_pretraining_lowers_the_loss(train_pretrained):
 
 
 def test_resume_reproduces_the_run(train_data, train_pretrained, tmp_path):
-    """Stop mid-epoch (iteration 4 of 9), resume with another worker count: the same following losses."""
+    """Stop mid-epoch (iteration 4 of 9), resume with another worker count: the same following losses. A float32
+    checkpoint also resumes in float16 (its unused gradient scaler was saved empty)."""
     train_run("pretrain.py", *train_pretrain_args(train_data, tmp_path, "--max_iters=4"))
+    os.makedirs(fp16 := tmp_path / "fp16")
+    os.link(tmp_path / "ckpt.pt", fp16 / "ckpt.pt")
+    train_run("pretrain.py", *train_pretrain_args(train_data, fp16, "--init_from=resume", "--dtype=float16",
+                                                  "--max_iters=5"))
+    assert list(train_losses(fp16)) == [5]
     train_run("pretrain.py", *train_pretrain_args(train_data, tmp_path, "--init_from=resume", "--num_workers=1"))
     full, resumed = train_losses(train_pretrained), train_losses(tmp_path)
     assert sorted(resumed) == list(range(1, 10))
@@ -2101,6 +2114,7 @@ def test_settings_that_would_fail_late_stop_at_start_up_in_one_line(train_data, 
     """A /dev/shm too small for the loaders' batches, a resume with another batch_size or list length, a video_group
     that does not compile or match, a --fold that no path uses: each stops before the first step, in one line."""
     os.makedirs(tmp_path / "resumed")
+    os.makedirs(tmp_path / "my clip")  # a folder of frames, as --explain takes one
     shutil.copy(train_pretrained / "ckpt.pt", tmp_path / "resumed" / "ckpt.pt")
     os.makedirs(tmp_path / "ft_done")  # a finished fine-tuning run, its command given again: it continues, not restarts
     shutil.copy(train_finetuned[0] / "ckpt.pt", tmp_path / "ft_done" / "ckpt.pt")
@@ -2137,6 +2151,9 @@ def test_settings_that_would_fail_late_stop_at_start_up_in_one_line(train_data, 
                      "video_group='clip_(\\\\d+)' does not match the clip"),
         "useless fold": (finetune, [*fine, "--fold=2"], None,
                          "--fold=2, but no path of the config holds {fold} (out_dir, train_list, val_list, test_list)"),
+        "no video": (finetune, [*fine, "--predict=no.mp4", "--ckpt=x.pt"], None, "--predict=no.mp4: file not found"),
+        "a space": (finetune, [*fine, f"--explain={tmp_path / 'my clip'}", "--ckpt=x.pt"], None,
+                    f"--explain={tmp_path / 'my clip'}: paths with spaces are not supported; rename or link the file"),
     }
     for name, (script, args, disk_usage, words) in cases.items():
         with monkeypatch.context() as m:
@@ -3023,6 +3040,9 @@ def test_demo_splits_sizes_balance_and_disjoint_identities():
     assert ids["train"] & ids["pretrain"]  # allowed, as for any unlabeled crawl
     clips = [c for v in splits.values() for c, _, _ in v]
     assert len(set(clips)) == len(clips)  # every clip belongs to one list
+    for factor, per_identity in ((0, 2), (0, 5), (1, 3)):  # fewer pretrain clips than train clips, too
+        ids = {k: {i for _, i, _ in v} for k, v in demo_splits(0, 5, 4, factor, per_identity).items()}
+        assert not ids["val"] & ids["test"] and not (ids["val"] | ids["test"]) & (ids["train"] | ids["pretrain"])
     for name in ("train", "val", "test"):
         counts = np.bincount([y for _, _, y in splits[name]], minlength=len(DEMO_CLASSES))
         assert counts.min() == counts.max(), (name, counts)
