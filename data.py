@@ -874,8 +874,7 @@ def _upper_face(region, ident, plan, act, aa):
         y_top = y_brow - act["brow_inner"] - 0.06
         line = _soft(np.maximum(np.abs(Xr - s * 0.05) - 0.02, np.maximum(y_top - Yr, Yr - y_top - 0.17)), aa)
         _paint(view, bare_r * line * act["glabella"], skin * 0.4)
-    for s in (-1, 1) if act["cheek"].any() else ():
-        # cheeks raised (happy): soft rosy bulges under the eyes
+    for s in (-1, 1) if act["cheek"].any() else ():  # cheeks raised (happy): soft rosy bulges under the eyes
         ccx, ccy = s * (ex_ + 0.04), ey + 0.2
         Xr, Yr, view, _ = region(ccx - 0.25, ccx + 0.25, ccy - 0.18, ccy + 0.18)
         cheek = _ellipse(Xr, Yr, ccx, ccy, 0.16, 0.09, 0.08)

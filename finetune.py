@@ -126,11 +126,6 @@ def main(argv):
         raise ConfigError("--predict, --extract, --explain and eval_only=True need --ckpt=CHECKPOINT")
     apply_fold(c)
     if c.predict or c.extract or c.explain or c.eval_only:
-        for key, path in [("predict", p) for p in c.predict] + [("explain", c.explain)] * bool(c.explain):
-            if not os.path.exists(path):  # a video file or a folder of frames
-                raise ConfigError(f"--{key}={path}: file not found")
-            if any(ch.isspace() for ch in os.path.abspath(path)):  # it goes into a list, whose lines split at spaces
-                raise ConfigError(f"--{key}={path}: paths with spaces are not supported; rename or link the file")
         return (predict_videos if c.predict else extract_features if c.extract else explain_video if c.explain
                 else evaluate_checkpoint)(c)
     check_task(c)
@@ -141,11 +136,10 @@ def main(argv):
     # model first: a pretrain.py checkpoint decides the encoder's shape, and with it the clip size
     model = (SVFAPClassifier(SVFAPConfig.from_dict(checkpoint["model_config"]), n_out) if checkpoint
              else build_classifier(c, d.master)).to(d.device)
-    mc = model.cfg
-    train_set = make_dataset(c, "train_list", "train", mc, task=c.task, num_outputs=n_out)
-    eval_sets = {s: eval_dataset(c, f"{s}_list", mc, d) for s in ("val", "test") if getattr(c, f"{s}_list")}
+    train_set = make_dataset(c, "train_list", "train", model.cfg, task=c.task, num_outputs=n_out)
+    eval_sets = {s: eval_dataset(c, f"{s}_list", model.cfg, d) for s in ("val", "test") if getattr(c, f"{s}_list")}
     check_resumed(c, checkpoint, len(train_set))
-    clip_bytes = mc.num_frames * 3 * mc.img_size ** 2  # uint8 (T, 3, S, S)
+    clip_bytes = model.cfg.num_frames * 3 * model.cfg.img_size ** 2  # uint8 (T, 3, S, S)
     check_shared_memory(c, d, clip_bytes, c.eval_batch_size * c.num_clips * c.num_crops * clip_bytes)
     warning = overlap_warning(eval_sets["val"], eval_sets["test"]) if len(eval_sets) == 2 else ""
     if warning and d.master:
@@ -161,7 +155,7 @@ def main(argv):
 
     def loss_fn(net, batch):
         frames, boxes, target = batch  # (b, T, 3, S, S) uint8, (b, 5), (b,) class indices or (b, D) values
-        video = device_transform(frames, boxes, mc.img_size)  # (b, 3, T, S, S)
+        video = device_transform(frames, boxes, model.cfg.img_size)  # (b, 3, T, S, S)
         if c.random_erase > 0:  # an input augmentation of the release's data pipeline, so before mixup
             video = random_erasing(video, c.random_erase)
         if c.task == "regression":
@@ -184,7 +178,7 @@ def main(argv):
         if d.master:
             if improved:
                 with atomic_path(os.path.join(c.out_dir, "best.pt")) as tmp:  # a crash while saving keeps the last
-                    torch.save({"model": model.state_dict(), "config": vars(c), "model_config": mc.to_dict(),
+                    torch.save({"model": model.state_dict(), "config": vars(c), "model_config": model.cfg.to_dict(),
                                 "best": best}, tmp)
                 write_predictions(os.path.join(c.out_dir, "val_predictions.csv"), eval_sets["val"], idx, scores, c)
             log_json(os.path.join(c.out_dir, "log.jsonl"), {"iter": iter_num, "epoch": epoch, "val": m})
@@ -396,13 +390,24 @@ def checkpoint_model(c, encoder_ok=False):
 
 
 # --- modes without training ----------------------------------------------------------------------
+def video_list(folder, key, videos):
+    """folder/<key>.txt listing the videos' absolute paths, so that the checkpoint run's replace_prefix cannot apply."""
+    for path in videos:
+        if not os.path.exists(path):  # a video file or a folder of frames
+            raise ConfigError(f"--{key}={path}: file not found")
+        if any(ch.isspace() for ch in os.path.abspath(path)):  # list lines split at whitespace
+            raise ConfigError(f"--{key}={path}: paths with spaces are not supported; rename or link the file")
+    with open(listing := os.path.join(folder, f"{key}.txt"), "w") as f:
+        f.writelines(os.path.abspath(p) + "\n" for p in videos)
+    return listing
+
+
 def predict_videos(c):
     """Print per-class probabilities (or regression outputs) of each --predict video, averaged over views."""
     model, cc, d = checkpoint_model(c)
-    with tempfile.TemporaryDirectory() as tmp:  # a list of absolute paths: the run's replace_prefix must not apply
-        cc.predict, cc.replace_prefix, cc.num_workers, cc.eval_batch_size = os.path.join(tmp, "predict.txt"), (), 0, 1
-        with open(cc.predict, "w") as f:
-            f.writelines(os.path.abspath(p) + "\n" for p in c.predict)
+    with tempfile.TemporaryDirectory() as tmp:
+        cc.predict, cc.replace_prefix = video_list(tmp, "predict", c.predict), ()
+        cc.num_workers, cc.eval_batch_size = 0, 1  # a few videos: no worker processes
         _, scores = evaluate(model, eval_dataset(cc, "predict", model.cfg, d), d, cc)
     names = list(cc.class_names) or [str(i) for i in range(num_model_outputs(cc))]
     for path, s in zip(c.predict, scores if d.master else []):
@@ -455,9 +460,7 @@ def explain_video(c):
     encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in ckpt["model"].items()
                              if k.startswith("encoder.")})
     with tempfile.TemporaryDirectory() as tmp:
-        cc.explain, cc.replace_prefix = os.path.join(tmp, "explain.txt"), ()  # an absolute path, as written
-        with open(cc.explain, "w") as f:
-            f.write(os.path.abspath(c.explain) + "\n")
+        cc.explain, cc.replace_prefix = video_list(tmp, "explain", [c.explain]), ()
         views = make_dataset(cc, "explain", "eval", cfg, num_clips=1, num_crops=1)[0][0]  # (1, T, 3, S, S) uint8
     maps = []  # the spatial attention of each bottleneck stage, (T_s, P, K)
     for stage in encoder.stages:  # hooks on this function's own encoder

@@ -2151,8 +2151,10 @@ def test_settings_that_would_fail_late_stop_at_start_up_in_one_line(train_data, 
                      "video_group='clip_(\\\\d+)' does not match the clip"),
         "useless fold": (finetune, [*fine, "--fold=2"], None,
                          "--fold=2, but no path of the config holds {fold} (out_dir, train_list, val_list, test_list)"),
-        "no video": (finetune, [*fine, "--predict=no.mp4", "--ckpt=x.pt"], None, "--predict=no.mp4: file not found"),
-        "a space": (finetune, [*fine, f"--explain={tmp_path / 'my clip'}", "--ckpt=x.pt"], None,
+        "no video": (finetune, [*fine, "--predict=no.mp4", f"--ckpt={train_finetuned[0] / 'ckpt.pt'}"], None,
+                     "--predict=no.mp4: file not found"),
+        "a space": (finetune, [*fine, f"--explain={tmp_path / 'my clip'}", f"--ckpt={train_finetuned[0] / 'ckpt.pt'}"],
+                    None,
                     f"--explain={tmp_path / 'my clip'}: paths with spaces are not supported; rename or link the file"),
     }
     for name, (script, args, disk_usage, words) in cases.items():
