@@ -4,7 +4,7 @@
 #                        then fine-tune on all labels (train.txt) and on 10% of them (train_10pct.txt),
 #                        from the pre-trained encoder and from scratch with the same fine-tuning budget;
 #                        writes out/compare/results.md (the README's table). -j2 runs two at a time, one
-#                        thread each, which uses 2 CPU cores better than one run with two threads.
+#                        thread each (OMP_NUM_THREADS=1), which uses 2 CPU cores better than one run with two.
 #   make -j2 compare SEEDS="0 1 2 3 4" OUT=out/compare5      more seeds, another folder
 #
 # A run is done when its results.json exists (written last), so an interrupted `make` continues where it
@@ -60,9 +60,6 @@ $(OUT)/10pct_scratch_seed%/results.json: | $(DATA)/pretrain.txt
 $(DATA)/pretrain.txt:
 	$(PYTHON) data.py demo --out=$(DATA)
 
-# keep finished runs when a later one fails
-.PRECIOUS: $(OUT)/%/results.json
-
 # The paper's other two claims in miniature: Fig. 5 (longer pre-training: lower loss, better fine-tuning) and
 # Table V (TPSBT against the plain ViT of the same width), with few labels so that the demo does not saturate.
 #
@@ -77,7 +74,7 @@ $(DATA)/pretrain.txt:
 # drawn. No val list: picking the best epoch on its 120 labelled clips would use 10x the training labels; the
 # last epoch's model is tested. A stage stops the one schedule at epoch E (max_iters) and the next resumes it,
 # so a kept checkpoint is the uninterrupted run's (its lr not yet decayed); a stage is done when
-# <run>/ckpt_epoch<E>.pt exists. Changing the last of EPOCHS changes the schedule: start over (delete PAPER).
+# <run>/ckpt_epoch<E>.pt exists. To change EPOCHS (its last is the schedule) start over: delete PAPER.
 PAPER ?= out/paper
 EPOCHS ?= 1 2 5 10 20
 VIT_EPOCH ?= 5
@@ -125,7 +122,7 @@ $(PAPER)/few_scratch_seed%/results.json: $(DATA)/train_2per_class.txt
 $(DATA)/train_2per_class.txt: | $(DATA)/pretrain.txt
 	awk '++n[$$2] <= 2' $(DATA)/train_10pct.txt > $@
 
-.PRECIOUS: $(PAPER)/%/results.json $(LAST) $(VIT_LAST)
+.PRECIOUS: $(LAST) $(VIT_LAST)  # kept when make stops: a stage's checkpoint is not redone
 
 # The one-command GPU check (README, "Scaling out"; docs/model.md, "On a GPU"), on a machine with one CUDA GPU, in under 10 minutes:
 #   make gpu     python model.py --bench --device=cuda (operator calls and host ms per TPSBT-B step, step times at

@@ -11,15 +11,15 @@ or regression (dimensional emotion, personality), as sections 5 and 7 of the ref
     python finetune.py --extract=LIST --ckpt=CKPT --out_dir=DIR  # clip features (linear probe, retrieval)
     python finetune.py --explain=VIDEO --ckpt=CKPT --out=bottleneck.png  # where each stage's K bottleneck tokens look
 
-Configuration as in pretrain.py; "{fold}" in a path becomes --fold's value. init_from: "scratch", "resume"
-(out_dir/ckpt.pt), a pretrain.py checkpoint (its encoder and shape, with this config's model_args such as drop_path
-on top) or a release one (width, depths and heads from the file, printed; the rest from `model` and `model_args`).
+Configuration as in pretrain.py; "{fold}" in out_dir and the lists becomes --fold's value. init_from: "scratch",
+"resume" (out_dir/ckpt.pt), a pretrain.py checkpoint (its encoder and shape, with model_args such as drop_path on top)
+or a release one (width and depths from the file, heads from the preset of that width, printed).
 
 Evaluation averages the softmax probabilities (or regression outputs) of num_clips x num_crops views per video and
 skips no video (val_list and test_list are checked at start-up). val runs every eval_every epochs and after the last;
 best.pt (weights, config) and val_predictions.csv keep the best epoch by `best_metric`. At the end, test scores that
-epoch's model (test_predictions.csv) and the last (test_predictions_last.csv), into results.json; the log is log.jsonl.
-The release picked its best epoch on test (DFEW's val lists are its test lists); a val/test overlap gets a loud warning.
+epoch's model (test_predictions.csv) and, if another, the last (test_predictions_last.csv), into results.json. The
+release picked its best epoch on test (DFEW's val lists are its test lists); a val/test overlap gets a loud warning.
 
 --extract writes DIR/features.npy (float32 (N, C), a row per line of LIST, labels optional: the view-averaged clip
 embedding, fc_norm's output if the checkpoint has fc_norm, else the last-stage tokens' mean) and DIR/features.csv.

@@ -327,8 +327,8 @@ def paper_results(out, svg_path):
     fig5 = [["pre-training epochs", "pre-training loss (the epoch's mean)", "test UAR % mean ± sd (min..max)"]]
     fig5 += [["---:"] * 3] + [[str(e), f"{np.mean(ls):.4f} ± {_sd(ls):.4f}", _spread(u)]
                               for e, ls, u in zip(epochs, loss, pre)] + [["none (from scratch)", "-", _spread(scratch)]]
-    table5 = [["encoder", "test UAR %", "test WAR %", "fine-tuning ms/step (CPU)", "fine-tuning GMACs"],
-              ["---"] + ["---:"] * 4]
+    ms = f"fine-tuning ms/step (CPU, {torch.get_num_threads()} threads)"  # make runs it with one (OMP_NUM_THREADS)
+    table5 = [["encoder", "test UAR %", "test WAR %", ms, "fine-tuning GMACs"], ["---"] + ["---:"] * 4]
     for name, model in (("TPSBT-tiny", "tpsbt"), ("ViT baseline", "vit")):
         pattern = f"few_{model}_e{vit_epoch}_seed*"
         ckpt = torch.load(os.path.join(runs(pattern)[0], "ckpt.pt"), weights_only=True)
